@@ -1,0 +1,362 @@
+"""The typed training config: one pydantic model per table of `train_config.toml`, defaults here only.
+
+`load_config` reads the TOML, applies `--set section.key=value` overrides, resolves relative paths
+against the config file's folder and raises one `ConfigError` listing every problem, each as
+`file: dotted.key = value: what is allowed`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from finetune.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every table: unknown keys are errors, assignments are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Relative paths are relative to the config file's folder, not to the shell's."""
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    value = Path(value).expanduser()
+    return (Path(base) / value).resolve() if base and not value.is_absolute() else value
+
+
+class ModelConfig(Section):
+    pretrained: Path = Field(description="SDXL as a local diffusers folder or a single-file .safetensors.")
+    vae: Path | None = Field(None, description="Optional separate VAE (diffusers folder or .safetensors).")
+    allow_pickle: bool = Field(False, description="Allow pickled .ckpt/.pt files (loaded with weights_only=True).")
+    name: str | None = Field(None, description="Base model name written into adapter metadata (default: folder/file name).")
+
+    _paths = field_validator("pretrained", "vae")(_resolve)
+
+    @model_validator(mode="after")
+    def _exists(self) -> ModelConfig:
+        for key in ("pretrained", "vae"):
+            path = getattr(self, key)
+            if path is not None and not path.exists():
+                raise ValueError(f"{key}: path does not exist: {path} (point it at a local SDXL diffusers folder or .safetensors file)")
+        return self
+
+
+class SubsetConfig(Section):
+    folder: Path | None = Field(None, description="Folder of images (searched recursively).")
+    hf_dataset: Path | None = Field(None, description="A `datasets` dataset saved with save_to_disk, instead of a folder.")
+    image_column: str = Field("image", description="Image column of hf_dataset.")
+    caption_column: str = Field("text", description="Caption column of hf_dataset.")
+    name: str | None = Field(None, description="Subset name in the manifest (default: folder name).")
+    caption_ext: str = Field(".txt", description="Sidecar caption extension: .txt or .caption.")
+    caption_prefix: str = Field("", description="Text put before every caption of this subset.")
+    instance_prompt: str | None = Field(None, description="Caption for images without one (DreamBooth instance prompt).")
+    class_prompt: str | None = Field(None, description="Caption for regularization images (DreamBooth class prompt).")
+    repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
+    is_regularization: bool = Field(False, description="Prior-preservation images, weighted by loss.prior_loss_weight.")
+    recursive: bool = Field(True, description="Look into sub-folders.")
+
+    _paths = field_validator("folder", "hf_dataset")(_resolve)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SubsetConfig:
+        if (self.folder is None) == (self.hf_dataset is None):
+            raise ValueError("folder: give exactly one of folder or hf_dataset")
+        for key in ("folder", "hf_dataset"):
+            path = getattr(self, key)
+            if path is not None and not path.is_dir():
+                raise ValueError(f"{key}: folder does not exist: {path}")
+        if self.caption_ext not in (".txt", ".caption"):
+            raise ValueError(f"caption_ext: must be .txt or .caption, got {self.caption_ext!r}")
+        return self
+
+
+class DatasetConfig(Section):
+    resolution: int = Field(1024, ge=64, description="Pixel budget per image: about resolution² pixels (SDXL: 1024).")
+    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this (64 keeps latents divisible by 8).")
+    min_side: int = Field(512, ge=64, description="Smallest bucket side in pixels.")
+    max_side: int = Field(2048, ge=64, description="Largest bucket side in pixels.")
+    max_aspect: float = Field(4.0, ge=1.0, description="Widest aspect ratio of a bucket (SDXL paper: 512x2048 .. 2048x512).")
+    min_original_side: int = Field(0, ge=0, description="Drop images whose shorter side is below this (0 keeps all; small ones are upscaled).")
+    max_pixels: int = Field(178_956_970, ge=1, description="Refuse images above this many pixels (decompression bombs).")
+    crop: Literal["center", "random"] = Field("center", description="Crop of the resized image to its bucket.")
+    flip: bool = Field(False, description="Also train on horizontally flipped images (micro-conditioning mirrors the crop).")
+    alpha_color: tuple[int, int, int] = Field((255, 255, 255), description="Background for transparent images.")
+    remainder: Literal["drop", "carry"] = Field("carry", description="A bucket's last partial batch: drop it, or carry it into the next epoch.")
+    shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags every step (needs cache.text = false).")
+    keep_tokens: int = Field(0, ge=0, description="With shuffle_tags, the first N tags stay in place.")
+    tag_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Drop each tag with this probability per step (needs cache.text = false).")
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Train on the empty caption with this probability (for CFG).")
+    long_captions: Literal["truncate", "chunk"] = Field("truncate", description="Captions over 75 tokens: truncate (with a warning) or encode in 75-token chunks as A1111/kohya do.")
+    num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
+    subsets: list[SubsetConfig] = Field(min_length=1, description="[[dataset.subsets]] tables: folders of images.")
+
+    @model_validator(mode="after")
+    def _sides(self) -> DatasetConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side: {self.min_side} is larger than max_side {self.max_side}")
+        if self.resolution % self.bucket_step:
+            raise ValueError(f"resolution: must be a multiple of bucket_step ({self.bucket_step}), got {self.resolution}")
+        return self
+
+
+class TrainingConfig(Section):
+    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (peft) or full fine-tuning of the UNet.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(1, ge=1, description="Images per step per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="UNet learning rate (LoRA: 1e-4; full: 1e-6..1e-5).")
+    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder learning rate (default: learning_rate).")
+    train_text_encoder: bool = Field(False, description="Also train both text encoders (needs cache.text = false).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of noise, timesteps, shuffling and dropout.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="Autocast precision; fp16 uses loss scaling.")
+    memory_profile: Literal["auto", "min_vram", "low_vram", "balanced", "fast", "custom"] = Field(
+        "custom", description="A named set of memory/speed settings; 'custom' uses the keys below as written.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: much less memory, ~30% slower.")
+    base_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision of frozen base weights (trained parameters stay fp32).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Full fine-tuning: keep EMA weights with this decay.")
+    max_nan_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
+    allow_cpu: bool = Field(True, description="Run on the CPU when no GPU is found (tests, quickstart).")
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Images per optimizer step on one process."""
+        return self.batch_size * self.gradient_accumulation_steps
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1, description="Adapter rank: 8-32 for styles and characters.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is (alpha/rank)·up@down.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    targets: Literal["attn", "attn_ff", "locon"] = Field("attn", description="attn: attention projections; attn_ff: + feed-forward; locon: + ResNet convs and samplers.")
+    variant: Literal["lora", "dora", "loha", "lokr"] = Field("lora", description="peft adapter type.")
+    text_encoder_rank: int | None = Field(None, ge=1, description="Rank of the text-encoder adapters (default: rank).")
+    block_ranks: dict[str, int] = Field(default_factory=dict, description="Per-block rank overrides, e.g. {\"down_blocks.1\" = 4}.")
+    format: Literal["kohya", "diffusers"] = Field("kohya", description="Adapter file keys: kohya (A1111/Forge/ComfyUI) or diffusers (PEFT).")
+    init_from: Path | None = Field(None, description="Start from an existing LoRA file (kohya, diffusers or OneTrainer naming).")
+
+    _paths = field_validator("init_from")(_resolve)
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = Field(
+        "adamw", description="adamw8bit/lion8bit need bitsandbytes; prodigy needs prodigyopt.")
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999))
+    eps: float = Field(1e-8, gt=0)
+    relative_step: bool = Field(False, description="Adafactor: its own relative step size instead of learning_rate.")
+    scheduler: Literal["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"] = Field("constant")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to the learning rate.")
+    num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: number of restarts.")
+    power: float = Field(1.0, gt=0, description="polynomial: decay power.")
+
+
+class LossConfig(Section):
+    type: Literal["l2", "huber", "smooth_l1"] = Field("l2")
+    huber_c: float = Field(0.1, gt=0, description="Huber/smooth-L1 threshold.")
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-γ weighting (5.0 is the paper's value).")
+    noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0.0357 is common for SDXL).")
+    input_perturbation: float = Field(0.0, ge=0, description="Perturb the noise fed to the model (0.1 in the paper).")
+    zero_terminal_snr: bool = Field(False, description="Rescale betas to zero terminal SNR (v-prediction models).")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="auto: from the scheduler config.")
+    masked: bool = Field(False, description="Weight the loss by mask images found beside the images.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization (prior-preservation) images.")
+
+
+class CacheConfig(Section):
+    latents: bool = Field(True, description="Encode images with the VAE once, before training.")
+    text: bool = Field(True, description="Encode captions with both text encoders once, before training.")
+    dir: Path | None = Field(None, description="Cache folder (default: <output.dir>/cache).")
+    dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Storage precision of cached latents and embeddings.")
+    latent_std: bool = Field(True, description="Store the latent distribution's mean and std and sample each step (as SDXL trains).")
+    in_memory: bool = Field(False, description="Hold the whole cache in RAM (small datasets).")
+    batch_size: int = Field(4, ge=1, description="Images per VAE/text-encoder call while caching.")
+
+    _paths = field_validator("dir")(_resolve)
+
+
+class CheckpointConfig(Section):
+    every_n_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N optimizer steps (and at the end).")
+    keep_last: int = Field(3, ge=1, description="Keep this many checkpoints; older ones are deleted.")
+
+
+class SampleConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="Prompts rendered with the current weights.")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="One image per prompt and seed.")
+    every_n_steps: int = Field(0, ge=0, description="Render samples every N steps (0: only at the end).")
+    steps: int = Field(25, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(5.0, ge=0)
+    height: int | None = Field(None, ge=64, description="Sample height (default: dataset.resolution).")
+    width: int | None = Field(None, ge=64, description="Sample width (default: dataset.resolution).")
+
+
+class ValidationConfig(Section):
+    split: float = Field(0.0, ge=0, lt=1, description="Fraction of images held out for validation loss (0 = off).")
+    every_n_steps: int = Field(100, ge=1, description="Compute validation loss every N steps.")
+    timesteps: list[int] = Field(default_factory=lambda: [100, 300, 500, 700, 900], description="Fixed timesteps of the validation loss.")
+
+
+class OutputConfig(Section):
+    dir: Path = Field(Path("output"), description="Folder for manifest, caches, checkpoints, adapter, samples and logs.")
+    name: str = Field("lora", min_length=1, description="File stem of the final adapter: <dir>/<name>.safetensors.")
+
+    _paths = field_validator("dir")(_resolve)
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.dir / f"{self.name}.safetensors"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.dir / "manifest"
+
+
+class LoggingConfig(Section):
+    report_to: Literal["none", "tensorboard", "wandb"] = Field("none")
+    project: str = Field("sdxl-finetune", description="Tracker project name.")
+    every_n_steps: int = Field(10, ge=1, description="Log metrics every N steps.")
+
+
+class TrainConfig(Section):
+    model: ModelConfig
+    dataset: DatasetConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _caches_can_be_valid(self) -> TrainConfig:
+        # A cached embedding is one fixed text per caption; anything that changes the text or the
+        # encoder per step would make the cache silently wrong.
+        problems = []
+        if self.cache.text:
+            if self.dataset.shuffle_tags:
+                problems.append("dataset.shuffle_tags = true changes captions every step; set cache.text = false to use it")
+            if self.dataset.tag_dropout > 0:
+                problems.append("dataset.tag_dropout > 0 changes captions every step; set cache.text = false to use it")
+            if self.training.train_text_encoder:
+                problems.append("training.train_text_encoder = true changes the embeddings; set cache.text = false to use it")
+        if self.cache.latents and self.dataset.crop == "random":
+            problems.append("dataset.crop = 'random' gives a new crop every epoch; set cache.latents = false or dataset.crop = 'center'")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache.dir or self.output.dir / "cache"
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read, override and validate a TOML config.
+
+    Args:
+        path: the TOML file; relative paths inside it resolve against its folder.
+        overrides: `section.key=value` strings; values are TOML literals (`10`, `true`, `"a"`, `[1, 2]`)
+            or bare strings.
+
+    Raises:
+        ConfigError: listing every problem found, each with its dotted key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found (copy train_config.toml from the project and edit it)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    for item in overrides:
+        apply_override(raw, item, source=str(path))
+    return validate_config(raw, base_dir=path.parent.resolve(), source=path.name)
+
+
+def validate_config(raw: dict[str, Any], base_dir: Path, source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as err:
+        raise ConfigError("\n".join(_describe(e, raw, source) for e in err.errors())) from None
+
+
+def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> None:
+    """Apply one `section.key=value` to the raw TOML dict."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. training.max_steps=10")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word is a string: --set output.name=my_lora
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part} is not a table")
+    node[parts[-1]] = value
+
+
+def _describe(error: dict, raw: dict[str, Any], source: str) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        hint = _suggest(loc)
+        return f"{source}: {key}: unknown key{hint}"
+    if error["type"] == "missing":
+        return f"{source}: {key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and error["type"] != "value_error":
+        return f"{source}: {key} = {_short(error['input'])}: {message}"
+    return f"{source}: {key + ': ' if key else ''}{message}"
+
+
+def _suggest(loc: list[str]) -> str:
+    """' (did you mean learning_rate?)' for a misspelt key, from the fields of its table."""
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return ""
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(model.model_fields)})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The resolved config as TOML (paths absolute), saved next to outputs and in every checkpoint."""
+    import tomli_w
+
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    return tomli_w.dumps(data)

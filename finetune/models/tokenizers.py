@@ -1,0 +1,34 @@
+"""CLIP tokenizers from the BPE files shipped with the package: no hub access, ever."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+MAX_LENGTH = 77
+
+
+def _data_dir() -> Path:
+    return Path(str(resources.files("finetune.models") / "data" / "tokenizer"))
+
+
+def load_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """CLIP ViT-L/14's tokenizer. SDXL's first tokenizer pads with `<|endoftext|>`, the second with `!`."""
+    from transformers import CLIPTokenizer
+
+    data = _data_dir()
+    return CLIPTokenizer(
+        vocab_file=str(data / "vocab.json"),
+        merges_file=str(data / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=MAX_LENGTH,
+    )
+
+
+def save_clip_tokenizer(out: Path, pad_token: str) -> None:
+    """Write a tokenizer folder (`vocab.json`, `merges.txt`, config) that `CLIPTokenizer.from_pretrained` reads."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    load_clip_tokenizer(pad_token).save_pretrained(str(out))
