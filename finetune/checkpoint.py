@@ -1,0 +1,162 @@
+"""Resumable checkpoints: `checkpoints/step-NNNNNN/` written whole or not at all, `latest` last.
+
+A checkpoint holds the Accelerate state (trainable weights, optimizer, LR scheduler, grad scaler,
+RNG of every process), `train_state.json` (the one resume object), the resolved config and a usable
+adapter/model `.safetensors`. It is written into a hidden temp folder and renamed; a folder without
+`train_state.json` (killed mid-save) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from finetune.errors import CheckpointError
+from finetune.io import write_text_atomic
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STATE_FILE = "train_state.json"
+CONFIG_FILE = "config.toml"
+
+
+@dataclass
+class TrainState:
+    """Everything a resume needs beyond the Accelerate state."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # sampler position: batches of this epoch already consumed
+    images_seen: int = 0  # all processes together
+    num_processes: int = 1
+    seed: int = 0
+    nan_steps_skipped: int = 0
+    dataset_hash: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainState:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root`, oldest first, as (step, folder)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The folder named by `latest` if it is complete, else the newest complete one."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str, write_weights) -> Path:
+    """Write `root/step-NNNNNN/` atomically and prune nothing (see `prune_checkpoints`).
+
+    Args:
+        write_weights: callable(folder) that writes the usable adapter/model file into the folder.
+
+    Raises:
+        CheckpointError: the disk is full or not writable; the half-written folder is removed and
+            earlier checkpoints are untouched.
+    """
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".step-{state.step:06d}.tmp"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_weights(tmp)
+            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+            # Written last: its presence marks the folder complete.
+            (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+            _fsync_files(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_text_atomic(root / "latest", final.name)
+        accelerator.wait_for_everyone()
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(root).free / 2**30
+            raise CheckpointError(
+                f"{root}: disk full while saving step {state.step} ({free:.2f} GiB free); the partial "
+                "checkpoint was removed and earlier ones are intact: free some space and rerun with --resume"
+            ) from None
+        raise CheckpointError(f"{final}: could not write checkpoint: {err}") from None
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temp folders."""
+    removed = []
+    for _, folder in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    for stale in root.glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return removed
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+# Changing these between the stopped run and the resume would make "continue exactly" a lie.
+FROZEN_ON_RESUME = ("model", "dataset", "training.method", "training.batch_size",
+                    "training.gradient_accumulation_steps", "training.seed", "training.train_text_encoder",
+                    "lora", "optimizer.name", "loss", "cache.latent_std")
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between the checkpoint's config and the current one."""
+    conflicts = []
+    for key in FROZEN_ON_RESUME:
+        old, new = _get(saved, key), _get(current, key)
+        if old != new:
+            conflicts.extend(_diff(key, old, new))
+    return conflicts
+
+
+def _get(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _diff(prefix: str, old, new) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                out.extend(_diff(f"{prefix}.{key}", old.get(key), new.get(key)))
+        return out
+    return [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]

@@ -1,0 +1,111 @@
+"""Training samples from manifest rows: cached latents/embeddings (or images/captions) + micro-conditioning."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bucketing.assign import add_time_ids
+from bucketing.image import load_bucket_image
+from bucketing.sampler import BucketBatchSampler
+from captions.tags import process_caption
+
+LatentLookup = Callable[[int], dict]  # row index -> {"mean": (4, h, w), "std": (4, h, w) or absent}
+TextLookup = Callable[[str], tuple]  # caption -> (prompt_embeds (77k, C), pooled (P,))
+
+
+class TrainDataset(Dataset):
+    """One sample per manifest row; what it holds depends on which caches exist.
+
+    With a latent cache a sample carries `latents_mean`/`latents_std`, else `pixels` in [-1, 1].
+    With a text cache it carries `prompt_embeds`/`pooled_prompt_embeds`, else the `caption` text
+    after the per-step tag changes. `add_time_ids` always come from the manifest row, never recomputed
+    from the image.
+    """
+
+    def __init__(self, manifest, dataset_cfg, *, seed: int, prior_loss_weight: float = 1.0,
+                 latents: LatentLookup | None = None, text: TextLookup | None = None):
+        self.rows = manifest
+        self.cfg = dataset_cfg
+        self.seed = seed
+        self.prior_loss_weight = prior_loss_weight
+        self.latents = latents
+        self.text = text
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption_for(self, index: int, caption: str) -> str:
+        # One rng per (seed, epoch, row): the same sample gets the same caption on resume.
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        return process_caption(
+            caption, rng,
+            shuffle_tags=self.cfg.shuffle_tags, keep_tokens=self.cfg.keep_tokens,
+            tag_dropout=self.cfg.tag_dropout, caption_dropout=self.cfg.caption_dropout,
+        )
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        sample = {
+            "index": index,
+            "add_time_ids": torch.tensor(
+                add_time_ids(tuple(row["original_size"]), tuple(row["crop_top_left"]), tuple(row["bucket"])),
+                dtype=torch.float32,
+            ),
+            "loss_weight": torch.tensor(self.prior_loss_weight if row["is_regularization"] else 1.0),
+        }
+        if self.latents is not None:
+            cached = self.latents(index)
+            sample["latents_mean"] = cached["mean"]
+            if cached.get("std") is not None:
+                sample["latents_std"] = cached["std"]
+        else:
+            image = load_bucket_image(Path(row["root"]) / row["path"], tuple(row["bucket"]),
+                                      tuple(row["crop_top_left"]), row["flip"], tuple(self.cfg.alpha_color))
+            sample["pixels"] = to_pixels(image)
+        caption = self.caption_for(index, row["caption"])
+        if self.text is not None:
+            sample["prompt_embeds"], sample["pooled_prompt_embeds"] = self.text(caption)
+        else:
+            sample["caption"] = caption
+        return sample
+
+
+def to_pixels(image) -> torch.Tensor:
+    """PIL RGB image -> (3, H, W) float tensor in [-1, 1], the VAE's input range."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def collate(samples: list[dict]) -> dict:
+    batch: dict = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+def build_dataloader(dataset: TrainDataset, manifest, dataset_cfg, *, batch_size: int, seed: int,
+                     num_replicas: int, rank: int) -> tuple[DataLoader, BucketBatchSampler]:
+    """A loader whose every batch comes from one bucket; each process gets its own disjoint batches.
+
+    The loader is not passed through `accelerator.prepare`: the sampler already shards by rank, and
+    its position (epoch, batch) is saved in our checkpoints.
+    """
+    sampler = BucketBatchSampler(
+        [tuple(b) for b in manifest["bucket"]], batch_size=batch_size, seed=seed,
+        repeats=list(manifest["repeats"]), num_replicas=num_replicas, rank=rank,
+        remainder=dataset_cfg.remainder,
+    )
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=dataset_cfg.num_workers, pin_memory=torch.cuda.is_available())
+    return loader, sampler

@@ -1,0 +1,74 @@
+"""From the `[dataset]` config to the manifest on disk: the glue between config and `bucketing`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from bucketing.manifest import BuildOptions, SubsetSpec, build_manifest, load_manifest, save_manifest
+from bucketing.report import format_report
+
+from finetune.errors import DatasetError
+
+
+@dataclass
+class ManifestInfo:
+    dataset: object  # datasets.Dataset, one row per (image, flip variant)
+    report_text: str
+    manifest_dir: Path
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.dataset)
+
+
+def build_options(cfg, seed: int) -> BuildOptions:
+    """The planning options of a `DatasetConfig`."""
+    return BuildOptions(
+        resolution=cfg.resolution,
+        bucket_step=cfg.bucket_step,
+        min_side=cfg.min_side,
+        max_side=cfg.max_side,
+        max_aspect=cfg.max_aspect,
+        min_original_side=cfg.min_original_side,
+        max_pixels=cfg.max_pixels,
+        crop=cfg.crop,
+        flip=cfg.flip,
+        alpha_color=tuple(cfg.alpha_color),
+        seed=seed,
+    )
+
+
+def subset_specs(cfg) -> list[SubsetSpec]:
+    return [SubsetSpec(**subset.model_dump()) for subset in cfg.subsets]
+
+
+def build_dataset(cfg, seed: int, manifest_dir: Path) -> ManifestInfo:
+    """Scan, validate, plan and write the manifest (and its report) to `manifest_dir`.
+
+    Raises:
+        DatasetError: no usable image, or a folder that cannot be read (names the path).
+    """
+    try:
+        result = build_manifest(subset_specs(cfg), build_options(cfg, seed), work_dir=manifest_dir.parent / "dataset-work")
+    except ValueError as err:  # bucketing's own errors subclass ValueError; they name the path
+        raise DatasetError(str(err)) from None
+    save_manifest(result, manifest_dir)
+    return ManifestInfo(load_manifest(manifest_dir), _report_text(result), manifest_dir)
+
+
+def _report_text(result) -> str:
+    from collections import Counter
+
+    counts = Counter(tuple(b) for b in result.dataset["bucket"])
+    return format_report(result.report, result.buckets, counts)
+
+
+def dataset_hash(dataset) -> str:
+    """Identity of the training data: which images (by fingerprint), captions and crops, in order."""
+    digest = hashlib.sha256()
+    for column in ("path", "fingerprint", "caption", "bucket", "crop_top_left", "flip", "repeats"):
+        digest.update(json.dumps(dataset[column]).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,58 @@
+"""The run's usable weight file: a LoRA with its metadata, or the fine-tuned UNet in SGM keys."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from finetune.config import dump_config
+
+
+def save_trained_weights(path: Path, unet, cfg, state, manifest, base_name: str) -> Path:
+    """Write the adapter (method = "lora") or the whole UNet (method = "full") to `path`, atomically."""
+    if cfg.training.method == "lora":
+        from finetune.adapters.save import save_adapter
+
+        return save_adapter(path, unet, None, fmt=cfg.lora.format,
+                            metadata=training_metadata(cfg, state, manifest, base_name))
+    return save_full_unet(path, unet)
+
+
+def save_full_unet(path: Path, unet) -> Path:
+    """The UNet alone, SGM keys (`model.diffusion_model.…`), as ComfyUI's UNet loader and merges read it."""
+    from safetensors.torch import save_file
+
+    from finetune.io import atomic_file
+    from finetune.models.sgm_keys import unet_state_dict_to_sgm
+
+    sgm = unet_state_dict_to_sgm(unet.state_dict(), dict(unet.config))
+    tensors = {f"model.diffusion_model.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in sgm.items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base"})
+    return path
+
+
+def training_metadata(cfg, state, manifest, base_name: str) -> dict[str, str]:
+    from captions.tags import tag_frequencies
+    from finetune.adapters.metadata import adapter_metadata
+
+    buckets = sorted(Counter(tuple(b) for b in manifest["bucket"]))
+    return adapter_metadata(
+        base_model=base_name,
+        base_model_hash=None,
+        method=cfg.training.method,
+        variant=cfg.lora.variant,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        resolution=cfg.dataset.resolution,
+        steps=state.step,
+        epochs=state.epoch,
+        dataset_size=len(manifest),
+        buckets=buckets,
+        tag_frequencies=tag_frequencies(manifest["caption"]),
+        config_hash=hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16],
+        title=cfg.output.name,
+    )

@@ -1,0 +1,279 @@
+"""A training run's state and its steps: what `finetune.trainer` drives, one method per phase."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from finetune import checkpoint as ckpt
+from finetune.config import TrainConfig, dump_config
+from finetune.errors import CheckpointError
+
+log = logging.getLogger("finetune")
+
+
+class Run:
+    """Setup builds everything in order; the loop calls `micro_step`, `after_step`, `save_checkpoint`."""
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig, progress: bool = True) -> Run:
+        from finetune.data import TrainDataset, build_dataloader
+        from finetune.dataset import build_dataset, dataset_hash
+        from finetune.loss import make_noise_scheduler, resolve_prediction_type
+        from finetune.models.load import load_models
+        from finetune.optim import build_lr_scheduler, build_optimizer
+        from finetune.setup import DTYPES, make_accelerator, prepare_caches, prepare_unet, release
+        from finetune.text import encode_prompts
+
+        self = cls()
+        self.cfg, self.progress = cfg, progress
+        self.accelerator = acc = make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
+        acc.print(f"processes: {acc.num_processes} ({acc.device}), mixed precision: {cfg.training.mixed_precision}")
+        # The main process scans and writes the manifest; the others read what it wrote.
+        if acc.is_main_process:
+            info = build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
+            acc.print(info.report_text)
+            from finetune.trainer import write_resolved_config
+
+            write_resolved_config(cfg)
+        acc.wait_for_everyone()
+        from bucketing.manifest import load_manifest
+
+        self.manifest = load_manifest(cfg.output.manifest_dir)
+        self.models = models = load_models(cfg.model, dtype=torch.float32)
+        latents, text, self.cache_stats = prepare_caches(cfg, self.manifest, models, acc, progress=progress)
+        # With both caches, the VAE and text encoders leave the GPU: only the UNet trains there.
+        release(models.vae if latents else None, *(models.text_encoders if text else ()))
+        if latents is None:
+            models.vae.to(acc.device, dtype=torch.float32)
+        if text is None:
+            for encoder in models.text_encoders:
+                encoder.to(acc.device)
+        self.text_encode = lambda captions: encode_prompts(
+            list(captions), models.tokenizers, tuple(e for e in models.text_encoders), cfg.dataset.long_captions)
+
+        self.noise_scheduler = make_noise_scheduler(dict(models.noise_scheduler.config), cfg.loss.zero_terminal_snr)
+        self.prediction_type = resolve_prediction_type(cfg.loss.prediction_type, self.noise_scheduler)
+        self.params = prepare_unet(models.unet, cfg.training, cfg.lora)
+        # The optimizer sees exactly the trained parameters; the LR scheduler needs the optimizer.
+        optimizer = build_optimizer([{"params": self.params, "lr": cfg.training.learning_rate}],
+                                    cfg.optimizer, cfg.training.learning_rate)
+        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, cfg.training.max_steps)
+        # The LR scheduler is stepped by us once per optimizer step, not through `prepare` (which
+        # would step it once per process); it is registered so that save_state includes it.
+        self.unet, self.optimizer = acc.prepare(models.unet, optimizer)
+        acc.register_for_checkpointing(self.lr_scheduler)
+        _register_trainable_only_hooks(acc)
+
+        self.dataset = TrainDataset(self.manifest, cfg.dataset, seed=cfg.training.seed,
+                                    prior_loss_weight=cfg.loss.prior_loss_weight, latents=latents, text=text)
+        self.loader, self.sampler = build_dataloader(
+            self.dataset, self.manifest, cfg.dataset, batch_size=cfg.training.batch_size,
+            seed=cfg.training.seed, num_replicas=acc.num_processes, rank=acc.process_index)
+        self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
+                                     dataset_hash=dataset_hash(self.manifest))
+        self.losses: list[float] = []
+        self.last_checkpoint: Path | None = None
+        self.started = time.time()
+        if acc.is_main_process and cfg.logging.report_to != "none":
+            acc.init_trackers(cfg.logging.project, config=_flat(cfg.model_dump(mode="json")))
+        _print_plan(acc, cfg, len(self.loader), len(self.manifest), self.params)
+        return self
+
+    # --- resume ----------------------------------------------------------------------------------
+
+    def resume(self, resume: str) -> Path | None:
+        """Load a checkpoint's state; with --resume and no checkpoint yet, start from the beginning."""
+        from finetune.trainer import find_resume_folder
+
+        folder = find_resume_folder(self.cfg.output.checkpoints_dir, resume)
+        if folder is None:
+            self.accelerator.print(f"--resume: no complete checkpoint in {self.cfg.output.checkpoints_dir}; starting from step 0")
+            return None
+        self._check_resumable(folder)
+        self.accelerator.load_state(str(folder))
+        saved = ckpt.TrainState.from_file(folder / ckpt.STATE_FILE)
+        self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
+        self.state.images_seen, self.state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
+        self.last_checkpoint = folder
+        self.accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
+        return folder
+
+    def _check_resumable(self, folder: Path) -> None:
+        import tomllib
+
+        saved_cfg = tomllib.loads((folder / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+        current = tomllib.loads(dump_config(self.cfg))
+        problems = ckpt.resume_conflicts(saved_cfg, current)
+        saved = ckpt.TrainState.from_file(folder / ckpt.STATE_FILE)
+        if saved.dataset_hash and saved.dataset_hash != self.state.dataset_hash:
+            problems.append("dataset: the images, captions or crops changed since the checkpoint")
+        if saved.num_processes != self.state.num_processes:
+            problems.append(f"processes: {saved.num_processes} in the checkpoint, {self.state.num_processes} now")
+        if problems:
+            raise CheckpointError(
+                f"{folder}: cannot resume, the config changed in ways that would make the result wrong:\n  "
+                + "\n  ".join(problems)
+                + "\nrestore those settings, or start a new run in another output.dir")
+
+    # --- the step --------------------------------------------------------------------------------
+
+    def start_epoch(self) -> None:
+        self.dataset.set_epoch(self.state.epoch)
+        self.sampler.set_epoch(self.state.epoch)
+        self.sampler.load_state_dict({"epoch": self.state.epoch, "batch_index": self.state.batch_in_epoch})
+
+    def micro_step(self, batch: dict, micro: int) -> float | None:
+        """Forward, backward and (on the last micro-batch) the optimizer step. None if the loss was not finite."""
+        from finetune.step import batch_latents, batch_text, diffusion_step_loss, step_generator
+
+        acc, cfg = self.accelerator, self.cfg
+        generator = step_generator(cfg.training.seed, self.state.step, micro, acc.process_index, acc.device)
+        latents = batch_latents(_to(batch, acc.device), self.models.vae, generator)  # (B, 4, H/8, W/8)
+        prompt_embeds, pooled = batch_text(batch, self.text_encode)
+        with acc.autocast():
+            loss = diffusion_step_loss(
+                self.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device), pooled.to(acc.device),
+                batch["add_time_ids"].to(acc.device), batch["loss_weight"], cfg.loss, self.prediction_type, generator)
+        # Every process must agree to skip, or DDP's gradient sync would wait forever.
+        finite = bool(acc.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        acc.backward(loss)
+        if acc.sync_gradients and cfg.training.max_grad_norm > 0:
+            self.grad_norm = acc.clip_grad_norm_(self.params, cfg.training.max_grad_norm)
+        self.optimizer.step()
+        if acc.sync_gradients:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.images_seen += len(batch["add_time_ids"]) * acc.num_processes
+        return loss.detach().item()  # a host sync, once per micro-step: the progress bar needs it
+
+    def after_step(self, loss: float, bar) -> None:
+        """Log, sample and checkpoint on their cadences."""
+        cfg, state = self.cfg, self.state
+        self.losses.append(loss)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+        if state.step % cfg.logging.every_n_steps == 0 and cfg.logging.report_to != "none":
+            self.accelerator.log(self._metrics(loss), step=state.step)
+        if cfg.sample.every_n_steps and state.step % cfg.sample.every_n_steps == 0 and cfg.sample.prompts:
+            self.render_samples()
+        if state.step % cfg.checkpoint.every_n_steps == 0 and state.step < cfg.training.max_steps:
+            self.save_checkpoint()
+
+    def _metrics(self, loss: float) -> dict:
+        metrics = {"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
+                   "images_per_s": self.state.images_seen / max(time.time() - self.started, 1e-6)}
+        if getattr(self, "grad_norm", None) is not None:
+            metrics["grad_norm"] = float(self.grad_norm)
+        if torch.cuda.is_available():
+            metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
+
+    # --- outputs ---------------------------------------------------------------------------------
+
+    def write_weights(self, path: Path) -> Path:
+        """The usable file: the LoRA in the configured format, or the full UNet (SGM keys)."""
+        from finetune.outputs import save_trained_weights
+
+        unet = self.accelerator.unwrap_model(self.unet)
+        return save_trained_weights(path, unet, self.cfg, self.state, self.manifest, self.models.name)
+
+    def save_checkpoint(self) -> Path:
+        cfg = self.cfg
+        folder = ckpt.save_checkpoint(
+            self.accelerator, cfg.output.checkpoints_dir, self.state, dump_config(cfg),
+            lambda tmp: self.write_weights(tmp / f"{cfg.output.name}.safetensors"))
+        if self.accelerator.is_main_process:
+            ckpt.prune_checkpoints(cfg.output.checkpoints_dir, cfg.checkpoint.keep_last)
+        self.last_checkpoint = folder
+        return folder
+
+    def render_samples(self) -> list[Path]:
+        from finetune.sample import render_training_samples
+
+        if not self.accelerator.is_main_process:
+            return []
+        return render_training_samples(self.accelerator.unwrap_model(self.unet), self.models, self.cfg,
+                                       self.state.step, self.accelerator.device)
+
+    def progress_bar(self):
+        if not (self.progress and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.training.max_steps, initial=self.state.step, desc="train", unit="step")
+
+    def finish(self, interrupted: bool, resumed_from: Path | None):
+        from finetune.trainer import TrainResult
+
+        cfg, acc = self.cfg, self.accelerator
+        if not interrupted:
+            self.save_checkpoint()
+            if acc.is_main_process:
+                self.write_weights(cfg.output.adapter_path)
+                if cfg.sample.prompts:
+                    self.render_samples()
+        acc.wait_for_everyone()
+        acc.end_training()
+        return TrainResult(output_path=cfg.output.adapter_path, step=self.state.step, losses=self.losses,
+                           checkpoint=self.last_checkpoint, manifest_dir=cfg.output.manifest_dir,
+                           log_dir=cfg.output.dir / "logs", interrupted=interrupted)
+
+
+def _register_trainable_only_hooks(acc) -> None:
+    """Checkpoints hold the trained parameters only (a LoRA checkpoint is MBs, not the 5 GB UNet)."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trained, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        weights.clear()  # accelerate must not write the full state dicts as well
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            trained = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
+            params = dict(model.named_parameters())
+            expected = {n for n, p in params.items() if p.requires_grad}
+            if expected != set(trained):
+                raise CheckpointError(f"{input_dir}: its trained weights do not match this model's "
+                                      f"({len(expected ^ set(trained))} names differ)")
+            with torch.no_grad():
+                for name, value in trained.items():
+                    params[name].copy_(value)
+        models.clear()  # loaded here; accelerate must not look for full state dicts
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def _print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params) -> None:
+    per_epoch = math.ceil(batches / cfg.training.gradient_accumulation_steps)
+    trained = sum(p.numel() for p in params)
+    acc.print(
+        f"{rows} samples, {batches} batches per epoch per process, {per_epoch} optimizer steps per epoch; "
+        f"effective batch {cfg.training.effective_batch_size * acc.num_processes} images; "
+        f"{trained / 1e6:.2f} M trained parameters; {cfg.training.max_steps} steps"
+    )

@@ -1,0 +1,126 @@
+"""The trainer's builders: each takes its slice of the config and returns one object."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from finetune.errors import ConfigError
+
+log = logging.getLogger("finetune")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_accelerator(training, logging_cfg, output_dir: Path):
+    """The run's `Accelerator`: devices, mixed precision, accumulation, trackers."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not training.allow_cpu:
+        raise ConfigError("training.allow_cpu = false and no CUDA GPU was found")
+    if not cuda and training.mixed_precision == "fp16":
+        raise ConfigError("training.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
+    report_to = None if logging_cfg.report_to == "none" else logging_cfg.report_to
+    if report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no key, no network: log locally, sync later
+    return Accelerator(
+        # Without cpu=True, `accelerate launch --multi_gpu` on a CPU machine starts processes that
+        # each train alone; with it they form a gloo group.
+        cpu=not cuda,
+        mixed_precision=training.mixed_precision,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def prepare_unet(unet, training, lora_cfg):
+    """Freeze or unfreeze the UNet, add adapters, cast; return the trainable parameters.
+
+    LoRA: base weights in `training.base_dtype`, adapter weights fp32. Full: every UNet weight is
+    trained and kept fp32 (the master copy); autocast gives the bf16/fp16 speed.
+    """
+    unet.requires_grad_(False)
+    if training.method == "lora":
+        from finetune.adapters.inject import add_unet_adapter
+
+        unet.to(dtype=DTYPES[training.base_dtype])
+        add_unet_adapter(unet, lora_cfg)
+        if lora_cfg.init_from is not None:
+            from finetune.adapters.load import load_adapter_weights
+
+            load_adapter_weights(unet, None, lora_cfg.init_from)
+    else:
+        unet.to(dtype=torch.float32)
+        unet.requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # trained parameters stay fp32 whatever the base precision
+    if training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return params
+
+
+def prepare_caches(cfg, manifest, models, accelerator, progress: bool = True):
+    """Build (or reuse) the latent and text caches; return row/caption lookups and build stats.
+
+    Returns:
+        (latent_lookup or None, text_lookup or None, [CacheStats...])
+    """
+    from finetune.cache import (
+        LatentCache,
+        TextCache,
+        build_latent_cache,
+        build_text_cache,
+        latent_keys_for_manifest,
+    )
+
+    stats = []
+    latent_lookup = text_lookup = None
+    device = accelerator.device
+    if cfg.cache.latents:
+        models.vae.to(device)
+        stats.append(build_latent_cache(
+            manifest, models.vae, cfg.cache_dir / "latents", dtype=cfg.cache.dtype, store_std=cfg.cache.latent_std,
+            batch_size=cfg.cache.batch_size, alpha_color=tuple(cfg.dataset.alpha_color),
+            accelerator=accelerator, progress=progress,
+        ))
+        keys = latent_keys_for_manifest(manifest, models.vae, dtype=cfg.cache.dtype, store_std=cfg.cache.latent_std)
+        cache = LatentCache(cfg.cache_dir / "latents", in_memory=cfg.cache.in_memory)
+        latent_lookup = _RowLookup(cache, keys)
+    if cfg.cache.text:
+        for encoder in models.text_encoders:
+            encoder.to(device)
+        captions = sorted(set(manifest["caption"]) | {""})
+        stats.append(build_text_cache(
+            captions, models.tokenizers, models.text_encoders, cfg.cache_dir / "text",
+            dtype=cfg.cache.dtype, long_captions=cfg.dataset.long_captions, batch_size=cfg.cache.batch_size,
+            accelerator=accelerator, progress=progress,
+        ))
+        text_lookup = TextCache(cfg.cache_dir / "text", in_memory=cfg.cache.in_memory).get
+    return latent_lookup, text_lookup, stats
+
+
+class _RowLookup:
+    """Picklable row-index -> cached latents (DataLoader workers need to pickle it)."""
+
+    def __init__(self, cache, keys: list[str]):
+        self.cache, self.keys = cache, keys
+
+    def __call__(self, index: int) -> dict:
+        return self.cache.get(self.keys[index])
+
+
+def release(*modules) -> None:
+    """Move models off the GPU once their work is cached: training needs only the UNet there."""
+    for module in modules:
+        if module is not None:
+            module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
