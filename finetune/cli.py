@@ -28,9 +28,10 @@ def cmd_tiny_model(args) -> None:
 
 
 def cmd_train(args) -> None:
+    cfg = _config(args)  # config errors first, before the heavy imports
     from finetune.trainer import train
 
-    result = train(_config(args), resume=args.resume)
+    result = train(cfg, resume=args.resume)
     if result.interrupted:
         print(f"stopped at step {result.step}; checkpoint: {result.checkpoint}\nresume with: finetune train {args.config} --resume")
     else:
@@ -38,25 +39,26 @@ def cmd_train(args) -> None:
 
 
 def cmd_dataset_build(args) -> None:
+    cfg = _config(args)
     from finetune.dataset import build_dataset
 
-    cfg = _config(args)
     info = build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
     print(info.report_text)
     print(f"manifest: {info.manifest_dir} ({info.num_rows} rows)")
 
 
 def cmd_dataset_inspect(args) -> None:
+    cfg = _config(args)
     from finetune.dataset import inspect_dataset
 
-    cfg = _config(args)
     print(inspect_dataset(cfg.dataset, cfg.training.seed, cfg.output.dir / "inspect"))
 
 
 def cmd_cache(args) -> None:
+    cfg = _config(args)
     from finetune.cache_cli import build_caches
 
-    for line in build_caches(_config(args)):
+    for line in build_caches(cfg):
         print(line)
 
 

@@ -205,7 +205,7 @@ class ValidationConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: Path = Field(Path("output"), description="Folder for manifest, caches, checkpoints, adapter, samples and logs.")
+    dir: Path = Field(Path("output"), validate_default=True, description="Folder for manifest, caches, checkpoints, adapter, samples and logs.")
     name: str = Field("lora", min_length=1, description="File stem of the final adapter: <dir>/<name>.safetensors.")
 
     _paths = field_validator("dir")(_resolve)
@@ -242,6 +242,14 @@ class TrainConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tables_present(cls, data: Any) -> Any:
+        # Validate omitted tables too, so their defaults see the context (paths resolve the same way).
+        if isinstance(data, dict):
+            data = {**{name: {} for name in cls.model_fields if name not in ("model", "dataset")}, **data}
+        return data
 
     @model_validator(mode="after")
     def _caches_can_be_valid(self) -> TrainConfig:

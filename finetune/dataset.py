@@ -72,3 +72,12 @@ def dataset_hash(dataset) -> str:
     for column in ("path", "fingerprint", "caption", "bucket", "crop_top_left", "flip", "repeats"):
         digest.update(json.dumps(dataset[column]).encode())
     return digest.hexdigest()[:16]
+
+
+def inspect_dataset(cfg, seed: int, work_dir: Path) -> str:
+    """Validate every file and plan the buckets without writing a manifest; the report as text."""
+    try:
+        result = build_manifest(subset_specs(cfg), build_options(cfg, seed), work_dir=work_dir)
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
+    return _report_text(result)

@@ -18,9 +18,11 @@ def load_clip_tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     data = _data_dir()
+    # Positional: transformers 5 ignores the `vocab_file=`/`merges_file=` keywords here and builds
+    # an empty vocabulary without a word of warning.
     return CLIPTokenizer(
-        vocab_file=str(data / "vocab.json"),
-        merges_file=str(data / "merges.txt"),
+        str(data / "vocab.json"),
+        str(data / "merges.txt"),
         pad_token=pad_token,
         model_max_length=MAX_LENGTH,
     )

@@ -1,0 +1,140 @@
+"""Config loading: one clear line per problem, naming the key; overrides; relative paths; shipped TOMLs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.config import dump_config, load_config
+from finetune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = """
+[model]
+pretrained = "model"
+[dataset]
+resolution = 256
+[[dataset.subsets]]
+folder = "images"
+"""
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "images").mkdir()
+    return tmp_path
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_minimal_config_resolves_paths_against_its_folder(project, monkeypatch):
+    monkeypatch.chdir("/")
+    cfg = load_config(write(project, MINIMAL))
+    assert cfg.model.pretrained == (project / "model").resolve()
+    assert cfg.dataset.subsets[0].folder == (project / "images").resolve()
+    assert cfg.output.dir == (project / "output").resolve()
+    assert cfg.output.adapter_path == cfg.output.dir / "lora.safetensors"
+
+
+def test_unknown_key_suggests_the_closest(project):
+    message = error_of(write(project, MINIMAL + "[training]\nlearning_rat = 1e-4\n"))
+    assert "training.learning_rat: unknown key (did you mean learning_rate?)" in message
+
+
+def test_bad_type_and_bad_value_name_the_key(project):
+    message = error_of(write(project, MINIMAL + '[training]\nbatch_size = "two"\nlearning_rate = -1\n'))
+    assert "training.batch_size = 'two'" in message
+    assert "training.learning_rate = -1" in message and "greater than 0" in message
+    assert len(message.splitlines()) == 2  # every problem reported at once
+
+
+def test_missing_model_path_is_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    message = error_of(write(tmp_path, MINIMAL))
+    assert "model" in message and str(tmp_path / "model") in message and "does not exist" in message
+
+
+def test_missing_image_folder_is_named(tmp_path):
+    (tmp_path / "model").mkdir()
+    message = error_of(write(tmp_path, MINIMAL))
+    assert "dataset.subsets.0" in message and str(tmp_path / "images") in message
+
+
+def test_set_overrides_pass_the_same_validation(project):
+    path = write(project, MINIMAL)
+    cfg = load_config(path, ["training.max_steps=10", "output.name=my_lora", "lora.rank=4"])
+    assert (cfg.training.max_steps, cfg.output.name, cfg.lora.rank) == (10, "my_lora", 4)
+    assert "training.learning_rate = -1" in error_of(path, ["training.learning_rate=-1"])
+    assert "unknown key" in error_of(path, ["training.max_step=10"])
+
+
+def test_caption_changes_exclude_the_text_cache(project):
+    message = error_of(write(project, MINIMAL.replace("resolution = 256", "resolution = 256\nshuffle_tags = true")))
+    assert "shuffle_tags" in message and "cache.text = false" in message
+    cfg = load_config(write(project, MINIMAL), ["dataset.shuffle_tags=true", "cache.text=false"])
+    assert cfg.dataset.shuffle_tags
+
+
+def test_random_crop_excludes_the_latent_cache(project):
+    assert "cache.latents = false" in error_of(write(project, MINIMAL), ["dataset.crop=random"])
+
+
+def test_resolved_config_round_trips(project):
+    cfg = load_config(write(project, MINIMAL))
+    again = write(project, dump_config(cfg))
+    assert load_config(again) == cfg
+
+
+def test_every_shipped_toml_is_valid(tmp_path):
+    """train_config.toml (and any other TOML we ship) parses against the config the trainer consumes."""
+    shipped = [ROOT / "train_config.toml", *sorted((ROOT / "configs").glob("*.toml"))]
+    for source in shipped:
+        if not source.exists():
+            continue
+        work = tmp_path / source.stem
+        work.mkdir()
+        shutil.copy(source, work / source.name)
+        cfg_text = source.read_text(encoding="utf-8")
+        import tomllib
+
+        raw = tomllib.loads(cfg_text)
+        (work / raw["model"]["pretrained"]).mkdir(parents=True)
+        for subset in raw["dataset"]["subsets"]:
+            (work / subset["folder"]).mkdir(parents=True, exist_ok=True)
+        cfg = load_config(work / source.name)
+        assert cfg.training.method in ("lora", "full")
+
+
+def test_quickstart_toml_is_valid(tmp_path):
+    from finetune.quickstart import QUICKSTART_TOML
+
+    (tmp_path / "tiny-sdxl").mkdir()
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "train_config.toml"
+    path.write_text(QUICKSTART_TOML.format(steps=5), encoding="utf-8")
+    assert load_config(path).training.max_steps == 5
+
+
+def test_cli_config_error_is_one_line_without_traceback(project):
+    path = write(project, MINIMAL + "[training]\nlearning_rate = -1\n")
+    proc = subprocess.run([sys.executable, "-m", "finetune", "dataset", "build", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "training.learning_rate = -1" in proc.stderr
+    assert "Traceback" not in proc.stderr
