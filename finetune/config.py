@@ -118,9 +118,10 @@ class TrainingConfig(Section):
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of noise, timesteps, shuffling and dropout.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="Autocast precision; fp16 uses loss scaling.")
     memory_profile: Literal["auto", "min_vram", "low_vram", "balanced", "fast", "custom"] = Field(
-        "custom", description="A named set of memory/speed settings; 'custom' uses the keys below as written.")
+        "custom", description="A named set of memory/speed settings (finetune/profiles.py); keys you set yourself win. 'custom': none.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: much less memory, ~30% slower.")
     base_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision of frozen base weights (trained parameters stay fp32).")
+    compile: bool = Field(False, description="torch.compile the UNet once per bucket shape (CUDA only; ignored on CPU).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Full fine-tuning: keep EMA weights with this decay.")
     max_nan_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")

@@ -29,10 +29,15 @@ class Run:
         from finetune.setup import DTYPES, make_accelerator, prepare_caches, prepare_unet, release
         from finetune.text import encode_prompts
 
+        from finetune.profiles import apply_memory_profile
+
         self = cls()
+        cfg, profile_message = apply_memory_profile(cfg)
         self.cfg, self.progress = cfg, progress
         self.accelerator = acc = make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
         acc.print(f"processes: {acc.num_processes} ({acc.device}), mixed precision: {cfg.training.mixed_precision}")
+        if profile_message:
+            acc.print(profile_message)
         # The main process scans and writes the manifest; the others read what it wrote.
         if acc.is_main_process:
             info = build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
@@ -65,7 +70,14 @@ class Run:
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, cfg.training.max_steps)
         # The LR scheduler is stepped by us once per optimizer step, not through `prepare` (which
         # would step it once per process); it is registered so that save_state includes it.
-        self.unet, self.optimizer = acc.prepare(models.unet, optimizer)
+        unet = models.unet
+        if cfg.training.compile and acc.device.type == "cuda":
+            # Buckets make shapes static: one compiled graph per bucket shape, reused every epoch.
+            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+            unet = torch.compile(unet)
+        elif cfg.training.compile:
+            acc.print("training.compile is CUDA-only: running eagerly on the CPU")
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
         acc.register_for_checkpointing(self.lr_scheduler)
         _register_trainable_only_hooks(acc)
 
@@ -81,7 +93,7 @@ class Run:
         self.started = time.time()
         if acc.is_main_process and cfg.logging.report_to != "none":
             acc.init_trackers(cfg.logging.project, config=_flat(cfg.model_dump(mode="json")))
-        _print_plan(acc, cfg, len(self.loader), len(self.manifest), self.params)
+        _print_plan(acc, cfg, len(self.loader), len(self.manifest), self.params, models.unet)
         return self
 
     # --- resume ----------------------------------------------------------------------------------
@@ -269,9 +281,20 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def _print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params) -> None:
+def _print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) -> None:
+    from finetune.profiles import estimate_peak_gib, free_gpu_gib
+
     per_epoch = math.ceil(batches / cfg.training.gradient_accumulation_steps)
     trained = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in unet.parameters())
+    estimate = estimate_peak_gib(
+        total - trained if cfg.training.method == "lora" else 0, trained,
+        base_bytes=2 if cfg.training.base_dtype in ("bf16", "fp16") else 4, optimizer=cfg.optimizer.name,
+        pixels=cfg.dataset.resolution**2, batch_size=cfg.training.batch_size,
+        checkpointing=cfg.training.gradient_checkpointing)
+    free = free_gpu_gib()
+    warning = f"  WARNING: more than the {free:.1f} GiB free on the GPU" if free is not None and estimate > free else ""
+    acc.print(f"estimated peak GPU memory: {estimate:.1f} GiB{warning}")
     acc.print(
         f"{rows} samples, {batches} batches per epoch per process, {per_epoch} optimizer steps per epoch; "
         f"effective batch {cfg.training.effective_batch_size * acc.num_processes} images; "

@@ -1,0 +1,49 @@
+"""Memory profiles fill only what the user left unset; auto picks by free memory and says why."""
+
+from __future__ import annotations
+
+from finetune.config import validate_config
+from finetune.profiles import apply_memory_profile, estimate_peak_gib, pick_auto
+
+
+def config(tmp_path, **training):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "i").mkdir(exist_ok=True)
+    raw = {"model": {"pretrained": "m"}, "dataset": {"resolution": 256, "subsets": [{"folder": "i"}]},
+           "training": training}
+    return validate_config(raw, base_dir=tmp_path)
+
+
+def test_profile_fills_unset_keys_and_keeps_the_users(tmp_path):
+    cfg = config(tmp_path, memory_profile="low_vram", base_dtype="fp32")
+    out, message = apply_memory_profile(cfg)
+    assert out.training.gradient_checkpointing is True
+    assert out.optimizer.name == "adamw8bit"
+    assert out.training.base_dtype == "fp32"  # written by the user: the profile leaves it
+    assert "low_vram" in message and "training.base_dtype" not in message
+    assert cfg.training.gradient_checkpointing is False  # the original is not modified
+
+
+def test_custom_changes_nothing(tmp_path):
+    cfg = config(tmp_path)
+    assert apply_memory_profile(cfg) == (cfg, None)
+
+
+def test_auto_picks_by_free_memory_and_says_why(tmp_path):
+    assert pick_auto(None)[0] == "balanced"
+    assert pick_auto(7.5)[0] == "min_vram"
+    assert pick_auto(11.0)[0] == "low_vram"
+    assert pick_auto(15.0)[0] == "balanced"
+    name, why = pick_auto(70.0)
+    assert name == "fast" and "70.0 GiB free" in why
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="auto"), free_gib=11.0)
+    assert out.training.gradient_checkpointing and "low_vram" in message and "11.0 GiB" in message
+
+
+def test_estimate_orders_the_profiles():
+    common = dict(num_base_params=2_567_000_000, num_trained_params=23_000_000, pixels=1024 * 1024, batch_size=1)
+    fast = estimate_peak_gib(base_bytes=2, optimizer="adamw", checkpointing=False, **common)
+    low = estimate_peak_gib(base_bytes=2, optimizer="adamw8bit", checkpointing=True, **common)
+    fp32 = estimate_peak_gib(base_bytes=4, optimizer="adamw", checkpointing=False, **common)
+    assert low < fast < fp32
+    assert 5 < low < 8 and 12 < fast < 18
