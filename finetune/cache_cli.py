@@ -19,9 +19,4 @@ def build_caches(cfg) -> list[str]:
     manifest = load_manifest(cfg.output.manifest_dir)
     models = load_models(cfg.model, dtype=torch.float32)
     _, _, stats = prepare_caches(cfg, manifest, models, accelerator)
-    lines = [f"{name}: {s}" for name, s in zip(_names(cfg), stats)]
-    return lines
-
-
-def _names(cfg) -> list[str]:
-    return [name for name, on in (("latents", cfg.cache.latents), ("text", cfg.cache.text)) if on]
+    return [str(s) for s in stats]  # "latents: E encoded, R reused", "text: E encoded, R reused"

@@ -11,12 +11,15 @@ import torch
 from finetune.config import dump_config
 
 
-def save_trained_weights(path: Path, unet, cfg, state, manifest, base_name: str) -> Path:
-    """Write the adapter (method = "lora") or the whole UNet (method = "full") to `path`, atomically."""
+def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, base_name: str) -> Path:
+    """Write the adapter (method = "lora") or the whole UNet (method = "full") to `path`, atomically.
+
+    `text_encoders` is the trained pair, or None when only the UNet trained.
+    """
     if cfg.training.method == "lora":
         from finetune.adapters.save import save_adapter
 
-        return save_adapter(path, unet, None, fmt=cfg.lora.format,
+        return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format,
                             metadata=training_metadata(cfg, state, manifest, base_name))
     return save_full_unet(path, unet)
 

@@ -26,7 +26,7 @@ class Run:
         from finetune.loss import make_noise_scheduler, resolve_prediction_type
         from finetune.models.load import load_models
         from finetune.optim import build_lr_scheduler, build_optimizer
-        from finetune.setup import DTYPES, make_accelerator, prepare_caches, prepare_unet, release
+        from finetune.setup import make_accelerator, prepare_caches, prepare_text_encoders, prepare_unet, release
         from finetune.text import encode_prompts
 
         from finetune.profiles import apply_memory_profile
@@ -64,9 +64,13 @@ class Run:
         self.noise_scheduler = make_noise_scheduler(dict(models.noise_scheduler.config), cfg.loss.zero_terminal_snr)
         self.prediction_type = resolve_prediction_type(cfg.loss.prediction_type, self.noise_scheduler)
         self.params = prepare_unet(models.unet, cfg.training, cfg.lora)
+        groups = [{"params": self.params, "lr": cfg.training.learning_rate}]
+        if cfg.training.train_text_encoder:
+            te_params = prepare_text_encoders(models.text_encoders, cfg.training, cfg.lora)
+            groups.append({"params": te_params, "lr": cfg.training.text_encoder_lr or cfg.training.learning_rate})
+            self.params = self.params + te_params
         # The optimizer sees exactly the trained parameters; the LR scheduler needs the optimizer.
-        optimizer = build_optimizer([{"params": self.params, "lr": cfg.training.learning_rate}],
-                                    cfg.optimizer, cfg.training.learning_rate)
+        optimizer = build_optimizer(groups, cfg.optimizer, cfg.training.learning_rate)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, cfg.training.max_steps)
         # The LR scheduler is stepped by us once per optimizer step, not through `prepare` (which
         # would step it once per process); it is registered so that save_state includes it.
@@ -78,6 +82,8 @@ class Run:
         elif cfg.training.compile:
             acc.print("training.compile is CUDA-only: running eagerly on the CPU")
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        if cfg.training.train_text_encoder:
+            models.text_encoder, models.text_encoder_2 = acc.prepare(models.text_encoder, models.text_encoder_2)
         acc.register_for_checkpointing(self.lr_scheduler)
         _register_trainable_only_hooks(acc)
 
@@ -195,8 +201,12 @@ class Run:
         """The usable file: the LoRA in the configured format, or the full UNet (SGM keys)."""
         from finetune.outputs import save_trained_weights
 
-        unet = self.accelerator.unwrap_model(self.unet)
-        return save_trained_weights(path, unet, self.cfg, self.state, self.manifest, self.models.name)
+        acc = self.accelerator
+        unet = acc.unwrap_model(self.unet)
+        encoders = None
+        if self.cfg.training.train_text_encoder:
+            encoders = tuple(acc.unwrap_model(e) for e in self.models.text_encoders)
+        return save_trained_weights(path, unet, encoders, self.cfg, self.state, self.manifest, self.models.name)
 
     def save_checkpoint(self) -> Path:
         cfg = self.cfg

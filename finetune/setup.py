@@ -67,6 +67,27 @@ def prepare_unet(unet, training, lora_cfg):
     return params
 
 
+def prepare_text_encoders(text_encoders, training, lora_cfg) -> list:
+    """Make both text encoders trainable (LoRA adapters, or every weight for full); return their parameters."""
+    for encoder in text_encoders:
+        encoder.requires_grad_(False)
+    if training.method == "lora":
+        from finetune.adapters.inject import add_text_encoder_adapters
+
+        add_text_encoder_adapters(text_encoders, lora_cfg)
+    else:
+        for encoder in text_encoders:
+            encoder.requires_grad_(True)
+    params = [p for encoder in text_encoders for p in encoder.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    for encoder in text_encoders:
+        if training.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+        encoder.train()
+    return params
+
+
 def prepare_caches(cfg, manifest, models, accelerator, progress: bool = True):
     """Build (or reuse) the latent and text caches; return row/caption lookups and build stats.
 
@@ -91,7 +112,8 @@ def prepare_caches(cfg, manifest, models, accelerator, progress: bool = True):
             batch_size=cfg.cache.batch_size, alpha_color=tuple(cfg.dataset.alpha_color),
             accelerator=accelerator, progress=progress,
         ))
-        keys = latent_keys_for_manifest(manifest, models.vae, dtype=cfg.cache.dtype, store_std=cfg.cache.latent_std)
+        keys = latent_keys_for_manifest(manifest, models.vae, dtype=cfg.cache.dtype, store_std=cfg.cache.latent_std,
+                                        alpha_color=tuple(cfg.dataset.alpha_color))
         cache = LatentCache(cfg.cache_dir / "latents", in_memory=cfg.cache.in_memory)
         latent_lookup = _RowLookup(cache, keys)
     if cfg.cache.text:
