@@ -85,16 +85,36 @@ class Run:
         if cfg.training.train_text_encoder:
             models.text_encoder, models.text_encoder_2 = acc.prepare(models.text_encoder, models.text_encoder_2)
         acc.register_for_checkpointing(self.lr_scheduler)
+        self.ema = None
+        if cfg.training.method == "full" and cfg.training.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            # The EMA copy lives beside the trained weights and is saved/restored with them.
+            self.ema = EMAModel(self.params, decay=cfg.training.ema_decay)
+            acc.register_for_checkpointing(self.ema)
         _register_trainable_only_hooks(acc)
 
-        self.dataset = TrainDataset(self.manifest, cfg.dataset, seed=cfg.training.seed,
-                                    prior_loss_weight=cfg.loss.prior_loss_weight, latents=latents, text=text)
+        from finetune.validation import split_rows
+
+        # Held-out rows (validation.split) get their own dataset; the sampler never sees them.
+        full = self.manifest
+        train_rows, val_rows = split_rows(list(full["fingerprint"]), cfg.validation.split, cfg.training.seed)
+        self.manifest = full.select(train_rows) if val_rows else full
+
+        def dataset_for(rows):
+            return TrainDataset(full.select(rows), cfg.dataset, seed=cfg.training.seed,
+                                prior_loss_weight=cfg.loss.prior_loss_weight,
+                                latents=latents.subset(rows) if latents else None, text=text)
+
+        self.dataset = dataset_for(train_rows)
+        self.val_dataset = dataset_for(val_rows) if val_rows else None
         self.loader, self.sampler = build_dataloader(
             self.dataset, self.manifest, cfg.dataset, batch_size=cfg.training.batch_size,
             seed=cfg.training.seed, num_replicas=acc.num_processes, rank=acc.process_index)
         self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
                                      dataset_hash=dataset_hash(self.manifest))
         self.losses: list[float] = []
+        self.val_losses: list[tuple[int, float]] = []
         self.last_checkpoint: Path | None = None
         self.started = time.time()
         if acc.is_main_process and cfg.logging.report_to != "none":
@@ -168,6 +188,8 @@ class Run:
         self.optimizer.step()
         if acc.sync_gradients:
             self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.images_seen += len(batch["add_time_ids"]) * acc.num_processes
         return loss.detach().item()  # a host sync, once per micro-step: the progress bar needs it
@@ -183,8 +205,25 @@ class Run:
             self.accelerator.log(self._metrics(loss), step=state.step)
         if cfg.sample.every_n_steps and state.step % cfg.sample.every_n_steps == 0 and cfg.sample.prompts:
             self.render_samples()
+        if self.val_dataset is not None and state.step % cfg.validation.every_n_steps == 0:
+            self.log_validation_loss()
         if state.step % cfg.checkpoint.every_n_steps == 0 and state.step < cfg.training.max_steps:
             self.save_checkpoint()
+
+    def log_validation_loss(self) -> float | None:
+        from finetune.validation import validation_loss
+
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return None
+        value = validation_loss(acc.unwrap_model(self.unet), self.val_dataset, self.cfg.validation.timesteps,
+                                self.noise_scheduler, self.prediction_type, vae=self.models.vae,
+                                text_encode=self.text_encode, device=acc.device, seed=self.cfg.training.seed)
+        self.val_losses.append((self.state.step, value))
+        acc.print(f"step {self.state.step}: validation loss {value:.5f}")
+        if self.cfg.logging.report_to != "none":
+            acc.log({"val_loss": value}, step=self.state.step)
+        return value
 
     def _metrics(self, loss: float) -> dict:
         metrics = {"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0],
@@ -206,7 +245,15 @@ class Run:
         encoders = None
         if self.cfg.training.train_text_encoder:
             encoders = tuple(acc.unwrap_model(e) for e in self.models.text_encoders)
-        return save_trained_weights(path, unet, encoders, self.cfg, self.state, self.manifest, self.models.name)
+        if self.ema is None:
+            return save_trained_weights(path, unet, encoders, self.cfg, self.state, self.manifest, self.models.name)
+        # Full fine-tuning with EMA: the file holds the averaged weights; training continues on its own.
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            return save_trained_weights(path, unet, encoders, self.cfg, self.state, self.manifest, self.models.name)
+        finally:
+            self.ema.restore(self.params)
 
     def save_checkpoint(self) -> Path:
         cfg = self.cfg

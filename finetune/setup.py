@@ -138,6 +138,10 @@ class _RowLookup:
     def __call__(self, index: int) -> dict:
         return self.cache.get(self.keys[index])
 
+    def subset(self, indices) -> _RowLookup:
+        """The lookup for `manifest.select(indices)`."""
+        return _RowLookup(self.cache, [self.keys[i] for i in indices])
+
 
 def release(*modules) -> None:
     """Move models off the GPU once their work is cached: training needs only the UNet there."""
