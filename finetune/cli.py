@@ -185,6 +185,12 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("bitsandbytes", "diffusers", "transformers", "accelerate", "datasets", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()  # manifest saves are instant; their bars are noise
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,7 +89,7 @@ class DatasetConfig(Section):
     crop: Literal["center", "random"] = Field("center", description="Crop of the resized image to its bucket.")
     flip: bool = Field(False, description="Also train on horizontally flipped images (micro-conditioning mirrors the crop).")
     alpha_color: tuple[int, int, int] = Field((255, 255, 255), description="Background for transparent images.")
-    remainder: Literal["drop", "carry"] = Field("carry", description="A bucket's last partial batch: drop it, or carry it into the next epoch.")
+    remainder: Literal["drop", "carry"] = Field("carry", description="A bucket's last partial batch: drop it, or keep it as a smaller batch.")
     shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags every step (needs cache.text = false).")
     keep_tokens: int = Field(0, ge=0, description="With shuffle_tags, the first N tags stay in place.")
     tag_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Drop each tag with this probability per step (needs cache.text = false).")
@@ -264,6 +264,9 @@ class TrainConfig(Section):
                 problems.append("dataset.tag_dropout > 0 changes captions every step; set cache.text = false to use it")
             if self.training.train_text_encoder:
                 problems.append("training.train_text_encoder = true changes the embeddings; set cache.text = false to use it")
+        if self.training.base_dtype != "fp32" and self.training.mixed_precision == "no":
+            problems.append(f"training.base_dtype = '{self.training.base_dtype}' needs autocast: set "
+                            "training.mixed_precision = 'bf16' (or 'fp16'), or base_dtype = 'fp32'")
         if self.cache.latents and self.dataset.crop == "random":
             problems.append("dataset.crop = 'random' gives a new crop every epoch; set cache.latents = false or dataset.crop = 'center'")
         if problems:

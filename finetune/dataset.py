@@ -70,7 +70,7 @@ def dataset_hash(dataset) -> str:
     """Identity of the training data: which images (by fingerprint), captions and crops, in order."""
     digest = hashlib.sha256()
     for column in ("path", "fingerprint", "caption", "bucket", "crop_top_left", "flip", "repeats"):
-        digest.update(json.dumps(dataset[column]).encode())
+        digest.update(json.dumps(list(dataset[column])).encode())
     return digest.hexdigest()[:16]
 
 

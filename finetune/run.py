@@ -175,7 +175,9 @@ class Run:
         prompt_embeds, pooled = batch_text(batch, self.text_encode)
         with acc.autocast():
             loss = diffusion_step_loss(
-                self.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device), pooled.to(acc.device),
+                # Cached embeddings are stored fp16; compute starts in fp32 and autocast takes it from there.
+                self.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device, torch.float32),
+                pooled.to(acc.device, torch.float32),
                 batch["add_time_ids"].to(acc.device), batch["loss_weight"], cfg.loss, self.prediction_type, generator)
         # Every process must agree to skip, or DDP's gradient sync would wait forever.
         finite = bool(acc.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
@@ -350,8 +352,9 @@ def _print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) ->
         pixels=cfg.dataset.resolution**2, batch_size=cfg.training.batch_size,
         checkpointing=cfg.training.gradient_checkpointing)
     free = free_gpu_gib()
-    warning = f"  WARNING: more than the {free:.1f} GiB free on the GPU" if free is not None and estimate > free else ""
-    acc.print(f"estimated peak GPU memory: {estimate:.1f} GiB{warning}")
+    if free is not None:
+        warning = f"  WARNING: more than the {free:.1f} GiB free on the GPU" if estimate > free else ""
+        acc.print(f"estimated peak GPU memory: {estimate:.1f} GiB{warning}")
     acc.print(
         f"{rows} samples, {batches} batches per epoch per process, {per_epoch} optimizer steps per epoch; "
         f"effective batch {cfg.training.effective_batch_size * acc.num_processes} images; "

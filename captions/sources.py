@@ -1,0 +1,182 @@
+"""An image's caption: sidecar file, then metadata.jsonl, then the subset's prompt, then the folder name."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+# A prefix ending in one of these is joined to the caption with a space instead of ", ".
+PREFIX_SEPARATORS = ",;:."
+# kohya's folder convention: "<repeats>_<caption>", e.g. "10_sks dog".
+_REPEATS_FOLDER = re.compile(r"^\d+_(.*)$")
+
+
+class CaptionError(ValueError):
+    """A caption source cannot be read; names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    text: str
+    source: str  # "sidecar", "metadata", "prompt", "folder" or "empty"
+    note: str | None = None
+
+
+def clean_caption(text: str) -> str:
+    """One line: newlines, tabs and runs of spaces become single spaces; a stray BOM is dropped."""
+    return " ".join(text.replace("\ufeff", "").split())
+
+
+def decode_caption_bytes(raw: bytes) -> tuple[str, str | None]:
+    """(text, None) for UTF-8 (BOM or not) and BOM-marked UTF-16; else (cp1252 text, "cp1252")."""
+    # Windows Notepad's "Unicode" is UTF-16 with a BOM; read as cp1252 it would be NUL-riddled noise.
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16"), None
+    try:
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        # cp1252 leaves five bytes undefined; they become U+FFFD rather than failing the whole dataset.
+        return raw.decode("cp1252", errors="replace"), "cp1252"
+
+
+def read_sidecar(image_path: Path, caption_ext: str = ".txt") -> tuple[str | None, str | None]:
+    """The caption in the file beside `image_path` ("img.png" -> "img.txt") and a note, or (None, None).
+
+    UTF-8 (a BOM is stripped); a file that is not UTF-8 is read as cp1252 and the note says so.
+    Whitespace and newlines collapse to single spaces. An empty file gives ("", note).
+    """
+    path = Path(image_path).with_suffix(caption_ext)
+    if not path.is_file():
+        return None, None
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise CaptionError(f"{path}: caption file cannot be read ({err.strerror or err})") from None
+    text, encoding = decode_caption_bytes(raw)
+    text = clean_caption(text)
+    if encoding is not None:
+        return text, f"{path}: not UTF-8, read as {encoding}; save it as UTF-8 to be sure of the characters"
+    if not text:
+        return "", f"{path}: caption file is empty"
+    return text, None
+
+
+def read_metadata_jsonl(folder: Path, text_column: str = "text") -> dict[str, str]:
+    """Captions from `folder/metadata.jsonl` (the `datasets` imagefolder convention), or {} without one.
+
+    Each line is a JSON object with `file_name` (relative to `folder`) and `text_column`.
+    Returns {posix path relative to folder: caption}.
+
+    Raises:
+        CaptionError: a line is not such an object, or names a file twice; the message has file:line.
+    """
+    path = Path(folder) / "metadata.jsonl"
+    if not path.is_file():
+        return {}
+    captions: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise CaptionError(f"{where}: not UTF-8; save metadata.jsonl as UTF-8") from None
+        if not line.strip():
+            continue
+        name, text = _metadata_entry(line, where, text_column)
+        if name in first_line:
+            raise CaptionError(f"{where}: {name!r} already has a caption on line {first_line[name]}; keep one")
+        first_line[name] = number
+        captions[name] = text
+    return captions
+
+
+def _metadata_entry(line: str, where: str, text_column: str) -> tuple[str, str]:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise CaptionError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(entry, dict):
+        raise CaptionError(f"{where}: expected a JSON object with file_name and {text_column}")
+    name = entry.get("file_name")
+    if not isinstance(name, str) or not name.strip():
+        raise CaptionError(f"{where}: no file_name (the image path relative to the folder)")
+    if text_column not in entry:
+        keys = ", ".join(sorted(entry)) or "none"
+        raise CaptionError(f"{where}: no {text_column!r} key (keys: {keys})")
+    text = entry[text_column]
+    if text is not None and not isinstance(text, (str, int, float)):
+        raise CaptionError(f"{where}: {text_column} must be a string, got {type(text).__name__}")
+    # Paths written on Windows use backslashes; keys are always posix.
+    return Path(name.replace("\\", "/")).as_posix(), clean_caption("" if text is None else str(text))
+
+
+def folder_caption(image_path: Path, root: Path) -> str:
+    """kohya's folder convention: the nearest folder named "<repeats>_<caption>" ("10_sks dog" -> "sks dog"),
+    looking from the image's folder up to `root` (included); else the image's folder name."""
+    image_path, root = Path(image_path), Path(root)
+    folder = image_path.parent
+    levels_below_root = len(Path(_relative_key(image_path, root)).parts) - 1
+    for candidate in (folder, *folder.parents[:levels_below_root]):
+        match = _REPEATS_FOLDER.match(candidate.name)
+        if match:
+            return match.group(1).strip()
+    return folder.name.strip()
+
+
+def join_prefix(prefix: str, text: str) -> str:
+    """`prefix` put before `text`: "prefix, text", or "prefix text" when the prefix ends in a separator.
+
+    A caption that already starts with the prefix (say, one written by `finetune caption --prefix`)
+    is not given it twice.
+    """
+    prefix = prefix.strip()
+    core = prefix.rstrip(PREFIX_SEPARATORS).strip()
+    if not core:
+        return text
+    if not text:
+        return core
+    if text.startswith(core) and text[len(core):][:1] in ("", *PREFIX_SEPARATORS):
+        return text
+    return f"{prefix} {text}" if prefix[-1] in PREFIX_SEPARATORS else f"{prefix}, {text}"
+
+
+def resolve_caption(image_path: Path, root: Path, *, caption_ext: str = ".txt", metadata: dict[str, str] | None = None,
+                    instance_prompt: str | None = None, class_prompt: str | None = None,
+                    is_regularization: bool = False, caption_prefix: str = "") -> CaptionResult:
+    """The caption of one image from the first source that has one, with the subset's prefix in front.
+
+    Order: sidecar file, `metadata` (from read_metadata_jsonl, keyed by path relative to `root`), the
+    subset prompt (class_prompt for regularization images, instance_prompt otherwise), the folder name.
+    An empty sidecar or metadata caption is kept as the empty caption (source "empty"), with a note.
+    """
+    image_path, root = Path(image_path), Path(root)
+    text, note = read_sidecar(image_path, caption_ext)
+    source = "sidecar"
+    if text is None and metadata:
+        text = metadata.get(_relative_key(image_path, root))
+        source = "metadata"
+        if text == "":
+            note = f"{root / 'metadata.jsonl'}: empty caption for {_relative_key(image_path, root)}"
+    if text is None:
+        prompt = class_prompt if is_regularization else instance_prompt
+        text, source = (clean_caption(prompt), "prompt") if prompt else (folder_caption(image_path, root), "folder")
+    if not text:
+        text, source = "", "empty"
+    if caption_prefix:
+        text = join_prefix(caption_prefix, text)
+    return CaptionResult(text, source, note)
+
+
+def _relative_key(image_path: Path, root: Path) -> str:
+    try:
+        return image_path.relative_to(root).as_posix()
+    except ValueError:
+        # One path absolute and the other relative (or via a symlink): compare them resolved.
+        try:
+            return image_path.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            raise CaptionError(f"{image_path}: not inside the dataset folder {root}") from None
