@@ -114,7 +114,6 @@ def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
         "manifest": cfg.output.manifest_dir,
         "checkpoints": cfg.output.checkpoints_dir,
         "resolved config": cfg.output.dir / "config.resolved.toml",
-        "logs": cfg.output.dir / "logs",
     }
     losses = result.losses
     print(f"\nquickstart finished in {time.time() - start:.0f} s; loss {losses[0]:.4f} (first step) -> "
