@@ -35,6 +35,9 @@ class Run:
         cfg, profile_message = apply_memory_profile(cfg)
         self.cfg, self.progress = cfg, progress
         self.accelerator = acc = make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
         acc.print(f"processes: {acc.num_processes} ({acc.device}), mixed precision: {cfg.training.mixed_precision}")
         if profile_message:
             acc.print(profile_message)
@@ -165,12 +168,14 @@ class Run:
         self.sampler.set_epoch(self.state.epoch)
         self.sampler.load_state_dict({"epoch": self.state.epoch, "batch_index": self.state.batch_in_epoch})
 
-    def micro_step(self, batch: dict, micro: int) -> float | None:
+    def micro_step(self, batch: dict) -> float | None:
         """Forward, backward and (on the last micro-batch) the optimizer step. None if the loss was not finite."""
         from finetune.step import batch_latents, batch_text, diffusion_step_loss, step_generator
 
         acc, cfg = self.accelerator, self.cfg
-        generator = step_generator(cfg.training.seed, self.state.step, micro, acc.process_index, acc.device)
+        # Keyed by the micro-batch's place in the data order, which a resume restores exactly.
+        generator = step_generator(cfg.training.seed, self.state.epoch, self.state.batch_in_epoch,
+                                   acc.process_index, acc.device)
         latents = batch_latents(_to(batch, acc.device), self.models.vae, generator)  # (B, 4, H/8, W/8)
         prompt_embeds, pooled = batch_text(batch, self.text_encode)
         with acc.autocast():

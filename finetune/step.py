@@ -16,13 +16,13 @@ from finetune.loss import (
 )
 
 
-def step_generator(seed: int, step: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
-    """A generator owned by one micro-step of one process.
+def step_generator(seed: int, epoch: int, batch: int, rank: int, device: torch.device) -> torch.Generator:
+    """A generator owned by one micro-batch (epoch, batch index) of one process.
 
     Noise, timesteps and latent sampling draw only from it, so a resumed run draws exactly what the
     uninterrupted run drew, whatever happened to the global RNG in between.
     """
-    digest = hashlib.sha256(f"{seed}:{step}:{micro_step}:{rank}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{epoch}:{batch}:{rank}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 

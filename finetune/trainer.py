@@ -77,10 +77,10 @@ def _loop(run, stop: StopFlag) -> bool:
     nan_in_a_row = 0
     while state.step < cfg.training.max_steps:
         run.start_epoch()
-        for micro, batch in enumerate(run.loader):
+        for batch in run.loader:
             state.batch_in_epoch += 1
             with accelerator.accumulate(run.unet):
-                loss = run.micro_step(batch, micro)
+                loss = run.micro_step(batch)
             if not accelerator.sync_gradients:
                 continue
             if loss is None:  # non-finite on some process: the step was skipped

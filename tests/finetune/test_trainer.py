@@ -1,0 +1,193 @@
+"""The trainer end to end on the tiny model: it learns, saves, resumes exactly, and never loses a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_image
+from finetune.config import load_config
+from finetune.errors import CheckpointError, FinetuneError
+from finetune.trainer import train
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+[model]
+pretrained = "{model}"
+[dataset]
+resolution = 128
+min_side = 64
+max_side = 256
+[[dataset.subsets]]
+folder = "{images}"
+[training]
+max_steps = {steps}
+batch_size = 2
+learning_rate = 2e-3
+mixed_precision = "no"
+seed = 3
+[lora]
+rank = 4
+alpha = 4
+[checkpoint]
+every_n_steps = {every}
+keep_last = 5
+[output]
+dir = "out"
+name = "lora"
+"""
+
+
+def write_config(folder: Path, model: Path, images: Path, steps: int = 8, every: int = 4, extra: str = "") -> Path:
+    path = folder / "train.toml"
+    path.write_text(CONFIG.format(model=model, images=images, steps=steps, every=every) + extra, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    for i, (h, w) in enumerate([(96, 160), (160, 96), (128, 128), (112, 144)]):
+        make_image(folder / f"{i}.png", h, w, color=(200, 30 * i, 40))
+        (folder / f"{i}.txt").write_text(f"a red drawing number {i}", encoding="utf-8")
+    return folder
+
+
+def adapter_tensors(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def test_lora_run_writes_a_kohya_lora_that_changes_the_unet(tmp_path, tiny_model_dir, shapes_folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=12, every=6))
+    result = train(cfg, progress=False)
+    assert result.step == 12 and result.output_path.is_file()
+    tensors = adapter_tensors(result.output_path)
+    ups = [k for k in tensors if k.endswith(".lora_up.weight")]
+    assert ups and all(k.startswith("lora_unet_") for k in ups)
+    assert any(tensors[k].abs().sum() > 0 for k in ups)  # trained: up weights left zero-init
+    assert all(float(tensors[k]) == 4.0 for k in tensors if k.endswith(".alpha"))
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = {"encoder_hidden_states": torch.randn(1, 77, pipe.unet.config.cross_attention_dim),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, 64), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}}
+    with torch.no_grad():
+        before = pipe.unet(sample, torch.tensor([400]), **cond).sample
+        pipe.load_lora_weights(str(result.output_path))
+        after = pipe.unet(sample, torch.tensor([400]), **cond).sample
+    assert (after - before).abs().max() > 1e-4
+
+    # Outputs beside the adapter: manifest, resolved config, checkpoints with their own usable file.
+    assert (cfg.output.manifest_dir / "dataset_info.json").exists() or any(cfg.output.manifest_dir.iterdir())
+    assert (cfg.output.dir / "config.resolved.toml").is_file()
+    state = json.loads((result.checkpoint / "train_state.json").read_text())
+    assert state["step"] == 12 and state["images_seen"] == 24 and state["num_processes"] == 1
+    assert (result.checkpoint / "lora.safetensors").is_file()
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_model_dir, shapes_folder):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    full = train(load_config(write_config(whole, tiny_model_dir, shapes_folder, steps=6, every=3)), progress=False)
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    path = write_config(parts, tiny_model_dir, shapes_folder, steps=6, every=3)
+    first = train(load_config(path, ["training.max_steps=3"]), progress=False)
+    assert first.step == 3
+    resumed = train(load_config(path), resume="latest", progress=False)
+    assert resumed.step == 6
+    a, b = adapter_tensors(full.output_path), adapter_tensors(resumed.output_path)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.losses[3:] == resumed.losses
+
+
+def test_resume_without_checkpoint_starts_fresh_and_refuses_changed_config(tmp_path, tiny_model_dir, shapes_folder, capsys):
+    path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=1)
+    result = train(load_config(path), resume="latest", progress=False)
+    assert result.step == 2
+    assert "starting from step 0" in capsys.readouterr().out
+    with pytest.raises(CheckpointError) as info:
+        train(load_config(path, ["lora.rank=8", "training.max_steps=4"]), resume="latest", progress=False)
+    assert "lora.rank" in str(info.value)
+
+
+def test_nan_loss_is_skipped_then_stops(tmp_path, tiny_model_dir, shapes_folder, monkeypatch):
+    import finetune.step as step
+
+    monkeypatch.setattr(step, "diffusion_step_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=20, every=10),
+                      ["training.max_nan_steps=3"])
+    with pytest.raises(FinetuneError) as info:
+        train(cfg, progress=False)
+    assert "NaN/inf 3 steps in a row" in str(info.value)
+
+
+def _start(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "finetune", "train", str(config), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_kill_9_then_resume_finishes(tmp_path, tiny_model_dir, shapes_folder):
+    path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=400, every=2)
+    proc = _start(path)
+    _wait_for(tmp_path / "out" / "checkpoints" / "latest", proc)
+    time.sleep(0.5)  # likely mid-step or mid-save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run([sys.executable, "-m", "finetune", "train", str(path), "--resume",
+                           "--set", "training.max_steps=6"], capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 2), done.stdout + done.stderr
+    if done.returncode == 2:  # killed after step 6 was already saved: nothing left to do is also fine
+        pytest.skip("the killed run had already passed step 6")
+    assert (tmp_path / "out" / "lora.safetensors").is_file()
+    assert "resumed from" in done.stdout
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, shapes_folder):
+    path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=400, every=1000)
+    proc = _start(path)
+    deadline = time.time() + 240
+    for line in proc.stdout:  # wait until training has started
+        if "optimizer steps per epoch" in line or time.time() > deadline:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "resume with" in out
+    assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
+
+
+def test_two_processes_train_as_one_group(tmp_path, tiny_model_dir, shapes_folder):
+    path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=3, every=3)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "finetune", "train", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "processes: 2" in done.stdout
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-000003" / "train_state.json").read_text())
+    assert state["num_processes"] == 2 and state["images_seen"] == 3 * 2 * 2
