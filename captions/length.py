@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+EXAMPLE_CHARS = 60  # an example is shortened to this many characters, enough to recognise it
+
 
 def check_caption_lengths(captions: Iterable[str], count_tokens: Callable[[str], int], limit: int = 75,
                           examples: int = 3) -> str | None:
-    """A warning text when captions exceed `limit` tokens, else None."""
-    long = [(caption, n) for caption in dict.fromkeys(captions) if (n := count_tokens(caption)) > limit]
-    if not long:
+    """One warning text when captions exceed `limit` tokens, else None.
+
+    `count_tokens` counts a caption's tokens without the start/end tokens (the lead passes a CLIP
+    tokenizer; tests a fake). Each distinct caption is counted once; the total counts every caption.
+    """
+    lengths: dict[str, int] = {}
+    total = over = 0
+    for caption in captions:
+        total += 1
+        if caption not in lengths:
+            lengths[caption] = count_tokens(caption)
+        over += lengths[caption] > limit
+    if not over:
         return None
-    shown = "; ".join(f"{c[:60]!r}{'...' if len(c) > 60 else ''} ({n} tokens)" for c, n in long[:examples])
-    return (f"{len(long)} caption(s) are longer than {limit} CLIP tokens and will be truncated "
-            f"(or set dataset.long_captions = 'chunk'): {shown}")
+    long = sorted(((n, c) for c, n in lengths.items() if n > limit), key=lambda item: -item[0])
+    shown = "; ".join(f"{_shorten(c)!r} ({n} tokens)" for n, c in long[:examples])
+    return (f"{over} of {total} captions are longer than {limit} CLIP tokens; the rest is cut off unless "
+            f"dataset.long_captions = 'chunk'. Longest: {shown}")
+
+
+def _shorten(caption: str) -> str:
+    return caption if len(caption) <= EXAMPLE_CHARS else caption[:EXAMPLE_CHARS - 3].rstrip() + "..."

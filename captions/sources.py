@@ -160,7 +160,8 @@ def resolve_caption(image_path: Path, root: Path, *, caption_ext: str = ".txt", 
         text = metadata.get(_relative_key(image_path, root))
         source = "metadata"
         if text == "":
-            note = f"{root / 'metadata.jsonl'}: empty caption for {_relative_key(image_path, root)}"
+            key = _relative_key(image_path, root)
+            note = f"{key}: its metadata caption (metadata.jsonl or dataset column) is empty"
     if text is None:
         prompt = class_prompt if is_regularization else instance_prompt
         text, source = (clean_caption(prompt), "prompt") if prompt else (folder_caption(image_path, root), "folder")
