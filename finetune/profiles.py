@@ -9,14 +9,16 @@ from __future__ import annotations
 import torch
 
 # (table, key) -> value. Ordered from least to most memory.
+# Every profile keeps frozen base weights in bf16, which needs bf16 autocast.
+_BF16 = {("training", "mixed_precision"): "bf16", ("training", "base_dtype"): "bf16"}
 PROFILES: dict[str, dict[tuple[str, str], object]] = {
-    "min_vram": {("training", "gradient_checkpointing"): True, ("training", "base_dtype"): "bf16",
+    "min_vram": {**_BF16, ("training", "gradient_checkpointing"): True,
                  ("optimizer", "name"): "adamw8bit", ("training", "batch_size"): 1, ("training", "compile"): False},
-    "low_vram": {("training", "gradient_checkpointing"): True, ("training", "base_dtype"): "bf16",
+    "low_vram": {**_BF16, ("training", "gradient_checkpointing"): True,
                  ("optimizer", "name"): "adamw8bit", ("training", "compile"): False},
-    "balanced": {("training", "gradient_checkpointing"): False, ("training", "base_dtype"): "bf16",
+    "balanced": {**_BF16, ("training", "gradient_checkpointing"): False,
                  ("optimizer", "name"): "adamw8bit", ("training", "compile"): False},
-    "fast": {("training", "gradient_checkpointing"): False, ("training", "base_dtype"): "bf16",
+    "fast": {**_BF16, ("training", "gradient_checkpointing"): False,
              ("optimizer", "name"): "adamw", ("training", "compile"): True},
 }
 

@@ -191,3 +191,14 @@ def test_two_processes_train_as_one_group(tmp_path, tiny_model_dir, shapes_folde
     assert "processes: 2" in done.stdout
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-000003" / "train_state.json").read_text())
     assert state["num_processes"] == 2 and state["images_seen"] == 3 * 2 * 2
+
+
+@pytest.mark.parametrize("profile", ["min_vram", "low_vram", "balanced", "fast"])
+def test_every_memory_profile_trains_on_cpu(tmp_path, tiny_model_dir, shapes_folder, profile, capsys):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
+                      ["training.mixed_precision=no", f"training.memory_profile={profile}"])
+    result = train(cfg, progress=False)
+    assert f"memory profile {profile}" in capsys.readouterr().out
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    tensors = adapter_tensors(result.output_path)
+    assert any(tensors[k].abs().sum() > 0 for k in tensors if k.endswith(".lora_up.weight"))

@@ -1,0 +1,320 @@
+"""Benchmark the toolkit's own SDXL training step per memory profile against a diffusers-style baseline.
+
+Builds the UNet from the bundled SDXL config (or the tiny model with --tiny) with random weights,
+directly on the device, and times the same code `finetune train` runs (`prepare_unet`,
+`build_optimizer`, `diffusion_step_loss`) on synthetic cached latents and embeddings. Prints one
+JSON line per row, then the data-side rows (bucket planning and cache build throughput).
+
+    python scripts/benchmark.py                      # all rows, 1024², batch 1 (GPU)
+    python scripts/benchmark.py --profile fast --batch-size 4
+    python scripts/benchmark.py --vram-gib 12        # behave like a 12 GiB card
+    python scripts/benchmark.py --tiny               # CPU, tiny model, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+# bf16 dense matrix peak, for MFU. Unknown devices report mfu = null rather than a guess.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
+
+PROFILE_ROWS = ("fast", "balanced", "low_vram", "min_vram")
+
+
+def build_unet(tiny: bool, device: torch.device):
+    from diffusers import UNet2DConditionModel
+
+    from finetune.models.configs import sdxl_unet_config
+    from finetune.models.tiny import tiny_unet_config
+
+    config = tiny_unet_config() if tiny else {k: v for k, v in sdxl_unet_config().items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    with torch.device(device):  # random init directly on the device: no 10 GB host copy
+        return UNet2DConditionModel(**config)
+
+
+def synthetic_batch(unet, batch_size: int, resolution: int, device: torch.device) -> dict:
+    """What the cache hands the trainer: latents, both text embeddings, micro-conditioning."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    side = resolution // 8
+    return {
+        "latents": torch.randn(batch_size, 4, side, side, generator=g).to(device),
+        "prompt_embeds": torch.randn(batch_size, 77, unet.config.cross_attention_dim, generator=g).to(device),
+        "pooled": torch.randn(batch_size, pooled_dim, generator=g).to(device),
+        "add_time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size,
+                                     dtype=torch.float32, device=device),
+        "loss_weight": torch.ones(batch_size, device=device),
+    }
+
+
+def toolkit_step(profile: str, unet, args, device):
+    """The training step `finetune train` runs, set up as the profile says. Returns (step_fn, note)."""
+    from finetune.config import LoraConfig, LossConfig, OptimizerConfig, TrainingConfig
+    from finetune.loss import make_noise_scheduler
+    from finetune.models.configs import sdxl_scheduler_config
+    from finetune.optim import build_optimizer
+    from finetune.profiles import PROFILES
+    from finetune.setup import prepare_unet
+    from finetune.step import diffusion_step_loss, step_generator
+
+    method = "full" if profile == "full" else "lora"
+    settings = PROFILES["low_vram" if profile == "full" else profile]
+    training = TrainingConfig(method=method, learning_rate=1e-4,
+                              **{k: v for (t, k), v in settings.items() if t == "training"})
+    optim = OptimizerConfig(name=settings[("optimizer", "name")])
+    note = None
+    if device.type != "cuda" and optim.name != "adamw":
+        # bitsandbytes' CPU fallback takes seconds per step: a number that says nothing about a GPU.
+        note = f"{optim.name} is timed on CUDA only; AdamW here"
+        optim.name = "adamw"
+    if device.type != "cuda" and training.compile:
+        training.compile, note = False, "torch.compile skipped on the CPU"
+    params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"))
+    optimizer = build_optimizer([{"params": params}], optim, training.learning_rate)
+    model = torch.compile(unet) if training.compile else unet
+    scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=False)
+    loss_cfg = LossConfig()
+    batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    counter = iter(range(10**9))
+
+    def step():
+        generator = step_generator(0, next(counter), 0, 0, device)
+        with autocast:
+            loss = diffusion_step_loss(model, scheduler, batch["latents"], batch["prompt_embeds"], batch["pooled"],
+                                       batch["add_time_ids"], batch["loss_weight"], loss_cfg, "epsilon", generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, note
+
+
+def baseline_step(unet, args, device):
+    """The step as diffusers' train_dreambooth_lora_sdxl.py sets it up, in a few lines.
+
+    UNet weights in the mixed-precision dtype, peft LoRA on to_q/to_k/to_v/to_out.0 (fp32), bf16
+    autocast, SDPA (diffusers' default), AdamW; its optional flags --gradient_checkpointing and
+    --use_8bit_adam are --baseline-checkpointing and --baseline-8bit here.
+    """
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    from finetune.models.configs import sdxl_scheduler_config
+
+    weight_dtype = torch.bfloat16
+    unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if args.baseline_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.baseline_8bit:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = DDPMScheduler.from_config(sdxl_scheduler_config())
+    batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def step():
+        latents = batch["latents"]
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with autocast:
+            pred = unet(noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs={
+                "text_embeds": batch["pooled"], "time_ids": batch["add_time_ids"]}).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, None
+
+
+def measure(step, args, device) -> dict:
+    """Median step time after warm-up, peak memory, and FLOPs of one step (forward + backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    row = {"step_ms": round(statistics.median(times), 2)}
+    if device.type == "cuda":
+        row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    else:
+        row["peak_allocated_gib"] = row["peak_reserved_gib"] = None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    row["tflop_per_step"] = round(flops / 1e12, 4)
+    row["tflops"] = round(flops / 1e12 / (row["step_ms"] / 1000), 3)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    row["mfu"] = round(row["tflops"] / peak, 4) if peak else None
+    return row
+
+
+def run_row(name: str, args, device) -> dict:
+    unet = build_unet(args.tiny, device)
+    try:
+        step, note = baseline_step(unet, args, device) if name == "baseline" else toolkit_step(name, unet, args, device)
+        row = {"profile": name, **measure(step, args, device)}
+    except torch.OutOfMemoryError:
+        row = {"profile": name, "error": "out of memory", "vram_gib": args.vram_gib}
+        note = None
+    finally:
+        del unet
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if note:
+        row["note"] = note
+    return row
+
+
+def make_synthetic_folder(folder: Path, count: int, max_side: int = 160) -> None:
+    """`count` small, distinct PNGs of many aspect ratios (distinct bytes: no duplicates to drop)."""
+    import random
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        h, w = rng.randint(max_side // 4, max_side), rng.randint(max_side // 4, max_side)
+        info = PngInfo()
+        info.add_text("id", str(i))
+        Image.new("RGB", (w, h), (i % 256, (i // 256) % 256, 90)).save(folder / f"{i:06d}.png", pnginfo=info)
+        (folder / f"{i:06d}.txt").write_text(f"synthetic image {i % 50}", encoding="utf-8")
+
+
+def planning_throughput(count: int, work: Path) -> dict:
+    """Bucket planning of `count` images: first build (validates, decodes each file once) and re-plan (headers only)."""
+    from bucketing.manifest import BuildOptions, SubsetSpec, build_manifest
+
+    folder = work / "images"
+    make_synthetic_folder(folder, count)
+    options = BuildOptions(resolution=1024)
+    start = time.perf_counter()
+    build_manifest([SubsetSpec(folder=folder)], options, work_dir=work / "plan")
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    result = build_manifest([SubsetSpec(folder=folder)], options, work_dir=work / "plan")
+    again = time.perf_counter() - start
+    return {"row": "bucket_planning", "images": len(result.dataset), "first_build_images_per_s": round(count / first, 1),
+            "replan_images_per_s": round(count / again, 1)}
+
+
+def cache_throughput(count: int, work: Path, device: torch.device) -> dict:
+    """Latent cache build for `count` images with the tiny model's VAE (full-size VAE on a GPU)."""
+    from diffusers import AutoencoderKL
+
+    from bucketing.manifest import BuildOptions, SubsetSpec, build_manifest
+    from finetune.cache import build_latent_cache
+    from finetune.models.configs import sdxl_vae_config
+    from finetune.models.tiny import tiny_vae_config
+
+    folder = work / "cache-images"
+    make_synthetic_folder(folder, count, max_side=512)
+    tiny = device.type != "cuda"
+    options = BuildOptions(resolution=256 if tiny else 1024, min_side=128 if tiny else 512)
+    manifest = build_manifest([SubsetSpec(folder=folder)], options, work_dir=work / "cache-plan").dataset
+    config = tiny_vae_config() if tiny else {k: v for k, v in sdxl_vae_config().items() if not k.startswith("_")}
+    with torch.device(device):
+        vae = AutoencoderKL(**config).eval()
+    stats = build_latent_cache(manifest, vae, work / "cache", batch_size=4, progress=False)
+    return {"row": "latent_cache_build", "model": "tiny" if tiny else "sdxl-vae", "resolution": options.resolution,
+            "images": stats.encoded, "images_per_s": round(stats.items_per_second, 2)}
+
+
+def data_rows(args, device) -> list[dict]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return [planning_throughput(args.planning_images, Path(tmp)),
+                cache_throughput(args.cache_images, Path(tmp), device)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--profile", default="all", help="all, baseline, full, or one of " + ", ".join(PROFILE_ROWS))
+    p.add_argument("--resolution", type=int, default=None, help="square side in pixels (default 1024; --tiny 256)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 20; --tiny 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; --tiny 1)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--vram-gib", type=float, default=None, help="cap this process's GPU memory, like a smaller card")
+    p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a test runs this)")
+    p.add_argument("--baseline-checkpointing", action="store_true")
+    p.add_argument("--baseline-8bit", action="store_true")
+    p.add_argument("--planning-images", type=int, default=None, help="synthetic images for the planning row (default 20000; --tiny 2000)")
+    p.add_argument("--cache-images", type=int, default=None, help="images for the cache row (default 64; --tiny 16)")
+    p.add_argument("--no-data", action="store_true", help="skip the planning and cache rows")
+    args = p.parse_args(argv)
+    args.resolution = args.resolution or (128 if args.tiny else 1024)
+    args.steps = args.steps or (2 if args.tiny else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    args.cache_images = args.cache_images or (16 if args.tiny else 64)
+    args.planning_images = args.planning_images or (2000 if args.tiny else 20000)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if args.vram_gib:
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_gib / total))
+    header = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "resolution": args.resolution, "batch_size": args.batch_size, "rank": args.rank,
+              "model": "tiny" if args.tiny else "sdxl-base-1.0 (random weights)", "vram_gib": args.vram_gib}
+    print(json.dumps({"benchmark": header}), flush=True)
+    names = ["baseline", *PROFILE_ROWS, "full"] if args.profile == "all" else [args.profile]
+    baseline_ms = None
+    for name in names:
+        row = run_row(name, args, device)
+        if name == "baseline":
+            baseline_ms = row.get("step_ms")
+        row["ratio_vs_baseline"] = round(row["step_ms"] / baseline_ms, 3) if baseline_ms and "step_ms" in row else None
+        print(json.dumps(row), flush=True)
+    if not args.no_data:
+        for row in data_rows(args, device):
+            print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
