@@ -62,6 +62,12 @@ def apply_memory_profile(cfg, free_gib: float | None = None) -> tuple[object, st
         if key not in section.model_fields_set:
             setattr(section, key, value)
             applied.append(f"{table}.{key}={value}")
+    training = cfg.training
+    profile_set_base = any(a.startswith("training.base_dtype") for a in applied)
+    if training.mixed_precision == "no" and training.base_dtype != "fp32" and profile_set_base:
+        # bf16 base weights need autocast; the user turned it off, so the base stays fp32.
+        training.base_dtype = "fp32"
+        applied = [a for a in applied if not a.startswith("training.base_dtype")] + ["training.base_dtype=fp32 (no autocast)"]
     return cfg, f"memory profile {name} ({reason}): {', '.join(applied) or 'every key already set'}"
 
 

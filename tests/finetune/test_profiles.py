@@ -47,3 +47,9 @@ def test_estimate_orders_the_profiles():
     fp32 = estimate_peak_gib(base_bytes=4, optimizer="adamw", checkpointing=False, **common)
     assert low < fast < fp32
     assert 5 < low < 8 and 12 < fast < 18
+
+
+def test_profile_keeps_fp32_base_when_the_user_turned_autocast_off(tmp_path):
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", mixed_precision="no"))
+    assert out.training.mixed_precision == "no" and out.training.base_dtype == "fp32"
+    assert "no autocast" in message
