@@ -41,13 +41,14 @@ def validation_loss(unet, dataset, timesteps: list[int], noise_scheduler, predic
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             latents = batch_latents(batch, vae, step_generator(seed, -1, start, 0, device))
             prompt_embeds, pooled = batch_text(batch, text_encode)
+            prompt_embeds, pooled = prompt_embeds.to(device, torch.float32), pooled.to(device, torch.float32)
             for t in timesteps:
                 g = step_generator(seed, -2, start, t, device)
                 noise = torch.randn(latents.shape, generator=g, device=device)
                 steps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
                 noisy = noisy_latents(noise_scheduler, latents, noise, steps)
-                pred = unet(noisy, steps, encoder_hidden_states=prompt_embeds.to(device), added_cond_kwargs={
-                    "text_embeds": pooled.to(device), "time_ids": batch["add_time_ids"]}).sample
+                pred = unet(noisy, steps, encoder_hidden_states=prompt_embeds, added_cond_kwargs={
+                    "text_embeds": pooled, "time_ids": batch["add_time_ids"]}).sample
                 target = training_target(noise_scheduler, latents, noise, steps, prediction_type)
                 total += diffusion_loss(pred.float(), target.float()).item() * latents.shape[0]
                 count += latents.shape[0]
