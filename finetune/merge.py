@@ -1,7 +1,13 @@
-"""Merging LoRAs into a checkpoint in the checkpoint's own layout and dtype (single file or diffusers folder)."""
+"""Merging LoRAs into a checkpoint in the checkpoint's own layout and dtype (single file or diffusers folder).
+
+The base is streamed tensor by tensor: untouched tensors are copied as raw bytes (byte-identical,
+never decoded), merged ones are computed in fp32 and cast back, so memory stays near one tensor
+plus the LoRAs rather than a second copy of the model.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +19,15 @@ from finetune.io import atomic_dir, atomic_file
 
 OPENCLIP_QKV = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
 OPENCLIP_RENAMES = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+FOLDER_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+COPY_CHUNK = 16 << 20  # bytes per read when copying an untouched tensor
 
 
 def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float, scale: float = 1.0) -> torch.Tensor:
@@ -27,110 +42,240 @@ def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float, scale: float 
 @dataclass
 class MergeReport:
     out: Path
-    merged: dict[str, int] = field(default_factory=dict)  # LoRA file -> modules merged
+    merged: dict[str, list[str]] = field(default_factory=dict)  # LoRA file -> "component:module" merged
 
     def __str__(self) -> str:
         lines = [f"merged into {self.out}:"]
-        lines += [f"  {name}: {count} modules" for name, count in self.merged.items()]
+        lines += [f"  {name}: {len(modules)} modules" for name, modules in self.merged.items()]
         return "\n".join(lines)
+
+
+@dataclass
+class _Add:
+    lora: str  # file name, for error messages
+    module: object  # finetune.adapters.read.LoraModule
+    scale: float
+
+
+@dataclass
+class _Edit:
+    """What to add to one stored tensor: whole, or one row block (a third of OpenCLIP's fused qkv)."""
+    parts: list[tuple[slice | None, list[_Add]]] = field(default_factory=list)
 
 
 def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype: torch.dtype | None = None) -> MergeReport:
     """Add every LoRA (at its scale) to `base` and write the result to `out` in base's layout.
 
+    Args:
+        base: a diffusers folder or a single-file SGM `.safetensors`.
+        loras: (LoRA file, scale) pairs, any format `finetune.adapters.read.read_lora` reads.
+        dtype: cast every floating tensor written to this dtype (default: keep each tensor's own).
+
     Raises:
-        ModelError: a LoRA module matches no weight, or its shape does not fit (names both).
+        ModelError: base unreadable, a LoRA module matches no weight, a shape does not fit, or a
+            merged tensor is not finite (nothing is written at `out` in any of these cases).
     """
     from finetune.adapters.read import read_lora
 
     base, out = Path(base), Path(out)
     if not base.exists():
         raise ModelError(f"{base}: base model not found")
-    unet_config = _unet_config(base)
-    deltas: dict[tuple[str, str], list] = {}
+    if base.is_file() and base.suffix != ".safetensors":
+        raise ModelError(f"{base}: merging needs a .safetensors single file or a diffusers folder")
+    unet_config = base_unet_config(base)
+    wanted: dict[tuple[str, str], list[_Add]] = {}
     report = MergeReport(out)
     for path, scale in loras:
         lora = read_lora(Path(path), unet_config=unet_config)
         for key, module in lora.modules.items():
-            deltas.setdefault(key, []).append((Path(path).name, module, scale))
-        report.merged[Path(path).name] = len(lora.modules)
+            wanted.setdefault(key, []).append(_Add(Path(path).name, module, float(scale)))
+        report.merged[str(path)] = [f"{c}:{p}" for c, p in lora.modules]
     if base.is_dir():
-        _merge_folder(base, out, deltas, unet_config, dtype)
+        _merge_folder(base, out, wanted, dtype)
     else:
-        _merge_single_file(base, out, deltas, unet_config, dtype)
+        _merge_single_file(base, out, wanted, unet_config, dtype)
     return report
 
 
-def _unet_config(base: Path) -> dict:
-    import json
-
+def base_unet_config(base: Path) -> dict:
+    """The UNet config of a diffusers folder; SDXL base's for a single file (its names decode the same)."""
     from finetune.models.configs import sdxl_unet_config
 
     config = base / "unet" / "config.json"
     return json.loads(config.read_text()) if base.is_dir() and config.is_file() else sdxl_unet_config()
 
 
-def _apply(name: str, weight: torch.Tensor, adds: list, rows: slice | None = None) -> torch.Tensor:
-    """weight + Σ deltas, computed in fp32, checked finite, cast back to the weight's dtype."""
+# --- safetensors streaming -----------------------------------------------------------------------
+
+def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
+    """(tensor entries, metadata, byte offset of the data) of a .safetensors file, reading only its header."""
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        try:
+            header = json.loads(fh.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelError(f"{path}: not a readable .safetensors file (bad header)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata, 8 + size
+
+
+def _target_shape(entry: dict, rows: slice | None) -> tuple[int, ...]:
+    shape = tuple(entry["shape"])
+    if rows is None:
+        return shape
+    return (rows.stop - rows.start, *shape[1:])
+
+
+def _check_shape(key: str, entry: dict, rows: slice | None, adds: list[_Add]) -> None:
+    target = _target_shape(entry, rows)
+    for add in adds:
+        up, down = add.module.up, add.module.down
+        shape = (up.shape[0], *down.shape[1:])
+        if shape != target and _squeezed(shape) != _squeezed(target):
+            raise ModelError(f"{add.lora}: {key} has shape {target} in the base but the LoRA's update is {shape} "
+                             "(a LoRA for another architecture, e.g. SD1.5 on SDXL?)")
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # A linear LoRA on a weight stored as a 1x1 conv (or the reverse) fits: trailing 1s don't matter.
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _merged_tensor(key: str, weight: torch.Tensor, edit: _Edit) -> torch.Tensor:
+    """weight + Σ deltas, computed in fp32 and checked finite (the caller casts it back)."""
     merged = weight.float().clone()
-    target = merged[rows] if rows is not None else merged
-    for lora_name, module, scale in adds:
-        delta = lora_delta(module.up, module.down, module.alpha, scale)
-        if delta.shape != target.shape:
-            raise ModelError(f"{lora_name}: {name} has shape {tuple(target.shape)} in the base but the LoRA's update is "
-                             f"{tuple(delta.shape)} (a LoRA for another architecture, e.g. SD1.5 on SDXL?)")
-        target += delta
+    for rows, adds in edit.parts:
+        target = merged[rows] if rows is not None else merged
+        for add in adds:
+            target += lora_delta(add.module.up, add.module.down, add.module.alpha, add.scale).reshape(target.shape)
     if not torch.isfinite(merged).all():
-        raise ModelError(f"{', '.join(a[0] for a in adds)}: merging into {name} gives non-finite values")
-    return merged.to(weight.dtype)
+        names = sorted({add.lora for _, adds in edit.parts for add in adds})
+        raise ModelError(f"{', '.join(names)}: merging into {key} gives non-finite values (scale too large or a broken LoRA)")
+    return merged
+
+
+def stream_rewrite(src: Path, dst: Path, edits: dict[str, _Edit], dtype: torch.dtype | None = None,
+                   metadata: dict[str, str] | None = None) -> None:
+    """Write `src` to `dst` tensor by tensor, same order, keys and metadata; `edits` change some tensors.
+
+    Untouched tensors are copied as raw bytes unless `dtype` asks for a cast.
+    """
+    from safetensors import safe_open
+
+    header, src_metadata, data_start = read_header(src)
+    metadata = src_metadata if metadata is None else metadata
+    order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
+    out_code = SAFETENSORS_DTYPES[dtype] if dtype is not None else None
+    new_header, offset = {}, 0
+    for key in order:
+        entry = header[key]
+        code = out_code if (out_code and entry["dtype"] in FLOAT_CODES) else entry["dtype"]
+        nbytes = _nbytes(entry, code)
+        new_header[key] = {"dtype": code, "shape": entry["shape"], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps({"__metadata__": metadata, **new_header} if metadata else new_header, separators=(",", ":"))
+    blob = blob.encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data start to 8 bytes
+    with safe_open(str(src), framework="pt") as reader, open(src, "rb") as raw, open(dst, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for key in order:
+            entry = header[key]
+            if key not in edits and new_header[key]["dtype"] == entry["dtype"]:
+                begin, end = entry["data_offsets"]
+                _copy_range(raw, fh, data_start + begin, end - begin)
+                continue
+            tensor = reader.get_tensor(key)
+            if key in edits:
+                tensor = _merged_tensor(key, tensor, edits[key]).to(dtype or tensor.dtype)
+            else:
+                tensor = tensor.to(dtype)
+            fh.write(_tensor_bytes(tensor))
+
+
+def _nbytes(entry: dict, code: str) -> int:
+    sizes = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+    count = 1
+    for side in entry["shape"]:
+        count *= side
+    if code == entry["dtype"]:
+        return entry["data_offsets"][1] - entry["data_offsets"][0]
+    return count * sizes.get(code, 1)
+
+
+def _copy_range(src, dst, start: int, length: int) -> None:
+    src.seek(start)
+    while length > 0:
+        chunk = src.read(min(COPY_CHUNK, length))
+        if not chunk:
+            raise ModelError(f"{src.name}: file ends early (truncated .safetensors?)")
+        dst.write(chunk)
+        length -= len(chunk)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    # safetensors stores little-endian row-major data, which is the CPU's own layout here.
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 # --- diffusers folder ----------------------------------------------------------------------------
 
-FOLDER_COMPONENTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-
-
-def _merge_folder(base: Path, out: Path, deltas: dict, unet_config: dict, dtype) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    pending = dict(deltas)
-    with atomic_dir(out) as tmp:
-        shutil.copytree(base, tmp, dirs_exist_ok=True)
-        for component, folder in FOLDER_COMPONENTS.items():
-            wanted = {path: adds for (c, path), adds in deltas.items() if c == component}
-            if not wanted:
-                continue
-            for file in sorted((tmp / folder).glob("*.safetensors")):
-                with safe_open(str(file), framework="pt") as fh:
-                    keys, metadata = list(fh.keys()), fh.metadata()
-                    hits = {_folder_key(path, component, keys): path for path in wanted}
-                    hits.pop(None, None)
-                    if not hits:
-                        continue
-                    tensors = {k: fh.get_tensor(k) for k in keys}
-                for key, path in hits.items():
-                    tensors[key] = _apply(key, tensors[key], wanted[path])
-                    pending.pop((component, path), None)
-                save_file(tensors, str(file), metadata=metadata)
-        _refuse_unmatched(pending)
-
-
-def _folder_key(path: str, component: str, keys: list[str]) -> str | None:
+def _folder_key(path: str, component: str, keys) -> str | None:
     candidates = [f"{path}.weight"]
     if component != "unet":  # transformers 5 writes CLIPTextModel without the text_model level
-        candidates += [f"{path.removeprefix('text_model.')}.weight"]
+        candidates.append(f"{path.removeprefix('text_model.')}.weight")
     return next((k for k in candidates if k in keys), None)
+
+
+def _plan_folder(base: Path, wanted: dict) -> dict[Path, dict[str, _Edit]]:
+    """Relative weight file -> edits, checked against the headers before anything is written."""
+    plan: dict[Path, dict[str, _Edit]] = {}
+    pending = dict(wanted)
+    for component, folder in FOLDER_COMPONENTS.items():
+        paths = {p: adds for (c, p), adds in wanted.items() if c == component}
+        if not paths:
+            continue
+        files = sorted((base / folder).glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"{base / folder}: no .safetensors weights to merge into (convert .bin weights first)")
+        for file in files:
+            header, _, _ = read_header(file)
+            for path, adds in paths.items():
+                key = _folder_key(path, component, header)
+                if key is None:
+                    continue
+                _check_shape(f"{folder}/{key}", header[key], None, adds)
+                plan.setdefault(file.relative_to(base), {}).setdefault(key, _Edit()).parts.append((None, adds))
+                pending.pop((component, path), None)
+    _refuse_unmatched(base, pending)
+    return plan
+
+
+def _merge_folder(base: Path, out: Path, wanted: dict, dtype) -> None:
+    plan = _plan_folder(base, wanted)
+    if dtype is not None:  # a cast rewrites every weight file, edited or not
+        for folder in (*FOLDER_COMPONENTS.values(), "vae"):
+            for file in sorted((base / folder).glob("*.safetensors")):
+                plan.setdefault(file.relative_to(base), {})
+    rewritten = {base / rel for rel in plan}
+    with atomic_dir(out) as tmp:
+        # Untouched files are copied as they are; only the weight files with edits are rewritten.
+        shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=lambda d, names: [n for n in names if Path(d) / n in rewritten])
+        for rel, edits in plan.items():
+            stream_rewrite(base / rel, tmp / rel, edits, dtype)
 
 
 # --- single file (SGM keys) ----------------------------------------------------------------------
 
-def single_file_key(component: str, path: str, unet_config: dict) -> tuple[str, slice | None]:
-    """The SGM checkpoint key (and row slice, for OpenCLIP's fused qkv) of one module's weight."""
+def single_file_key(component: str, path: str, unet_config: dict) -> tuple[str, int | None]:
+    """The SGM checkpoint key of one module's weight, and which third of OpenCLIP's fused qkv (or None)."""
     from finetune.models.sgm_keys import unet_module_map
 
     if component == "unet":
-        return f"model.diffusion_model.{unet_module_map(unet_config, [path])[path]}.weight", None
+        sgm = unet_module_map(unet_config, [path]).get(path)
+        return f"model.diffusion_model.{sgm or path}.weight", None
     if component == "te1":
         return f"conditioner.embedders.0.transformer.{path}.weight", None
     layer_path = path.removeprefix("text_model.encoder.layers.")
@@ -141,31 +286,29 @@ def single_file_key(component: str, path: str, unet_config: dict) -> tuple[str, 
     return f"{prefix}.{OPENCLIP_RENAMES.get(sub, sub)}.weight", None
 
 
-def _merge_single_file(base: Path, out: Path, deltas: dict, unet_config: dict, dtype) -> None:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(base), framework="pt") as fh:
-        keys, metadata = set(fh.keys()), fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+def _merge_single_file(base: Path, out: Path, wanted: dict, unet_config: dict, dtype) -> None:
+    header, _, _ = read_header(base)
+    edits: dict[str, _Edit] = {}
     pending = {}
-    for (component, path), adds in deltas.items():
+    for (component, path), adds in wanted.items():
         key, third = single_file_key(component, path, unet_config)
-        if key not in keys:
+        if key not in header:
             pending[(component, path)] = adds
             continue
-        weight = tensors[key]
         rows = None
-        if third is not None:  # q, k, v are thirds of OpenCLIP's in_proj_weight
-            size = weight.shape[0] // 3
+        if third is not None:  # q, k, v are stacked thirds of OpenCLIP's in_proj_weight
+            size = header[key]["shape"][0] // 3
             rows = slice(third * size, (third + 1) * size)
-        tensors[key] = _apply(key, weight, adds, rows)
-    _refuse_unmatched(pending)
+        _check_shape(key, header[key], rows, adds)
+        edits.setdefault(key, _Edit()).parts.append((rows, adds))
+    _refuse_unmatched(base, pending)
     with atomic_file(out) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        stream_rewrite(base, tmp, edits, dtype)
 
 
-def _refuse_unmatched(pending: dict) -> None:
+def _refuse_unmatched(base: Path, pending: dict) -> None:
     if pending:
         shown = ", ".join(f"{c}:{p}" for c, p in sorted(pending)[:8])
-        raise ModelError(f"{len(pending)} LoRA module(s) match no weight in the base model (nothing was written): {shown}")
+        loras = sorted({add.lora for adds in pending.values() for add in adds})
+        raise ModelError(f"{', '.join(loras)}: {len(pending)} LoRA module(s) match no weight in {base} "
+                         f"(nothing was written; is the LoRA for this model?): {shown}")

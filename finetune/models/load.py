@@ -51,6 +51,8 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
         ModelError: naming the path when it is not a model we can read.
     """
     path = Path(cfg.pretrained)
+    if not path.exists():
+        raise ModelError(f"{path}: model not found (model.pretrained must be a local diffusers folder or .safetensors)")
     if path.is_file():
         from finetune.models.single_file import load_single_file_pipeline
 
@@ -59,7 +61,7 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
         check_diffusers_folder(path)
         pipe = _load_diffusers_folder(path, dtype)
     vae = pipe.vae
-    if cfg.vae is not None:
+    if cfg.vae is not None:  # e.g. the fp16-safe SDXL VAE in place of the checkpoint's own
         from finetune.models.single_file import load_vae
 
         vae = load_vae(Path(cfg.vae), dtype=dtype, allow_pickle=cfg.allow_pickle)
