@@ -29,13 +29,14 @@ class TrainDataset(Dataset):
     """
 
     def __init__(self, manifest, dataset_cfg, *, seed: int, prior_loss_weight: float = 1.0,
-                 latents: LatentLookup | None = None, text: TextLookup | None = None):
+                 latents: LatentLookup | None = None, text: TextLookup | None = None, masked: bool = False):
         self.rows = manifest
         self.cfg = dataset_cfg
         self.seed = seed
         self.prior_loss_weight = prior_loss_weight
         self.latents = latents
         self.text = text
+        self.masked = masked
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -72,6 +73,8 @@ class TrainDataset(Dataset):
             image = load_bucket_image(Path(row["root"]) / row["path"], tuple(row["bucket"]),
                                       tuple(row["crop_top_left"]), row["flip"], tuple(self.cfg.alpha_color))
             sample["pixels"] = to_pixels(image)
+        if self.masked:
+            sample["mask"] = load_mask(row)
         caption = self.caption_for(index, row["caption"])
         if self.text is not None:
             sample["prompt_embeds"], sample["pooled_prompt_embeds"] = self.text(caption)
@@ -84,6 +87,15 @@ def to_pixels(image) -> torch.Tensor:
     """PIL RGB image -> (3, H, W) float tensor in [-1, 1], the VAE's input range."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_mask(row: dict) -> torch.Tensor:
+    """(1, H, W) loss weights in [0, 1], cropped and flipped like the image; all ones when it has no mask."""
+    height, width = row["bucket"]
+    if not row.get("mask_path"):
+        return torch.ones(1, height, width)
+    mask = load_bucket_image(Path(row["mask_path"]), (height, width), tuple(row["crop_top_left"]), row["flip"])
+    return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None]
 
 
 def collate(samples: list[dict]) -> dict:

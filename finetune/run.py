@@ -106,7 +106,7 @@ class Run:
 
         def dataset_for(rows):
             return TrainDataset(full.select(rows), cfg.dataset, seed=cfg.training.seed,
-                                prior_loss_weight=cfg.loss.prior_loss_weight,
+                                prior_loss_weight=cfg.loss.prior_loss_weight, masked=cfg.loss.masked,
                                 latents=latents.subset(rows) if latents else None, text=text)
 
         self.dataset = dataset_for(train_rows)
@@ -183,7 +183,8 @@ class Run:
                 # Cached embeddings are stored fp16; compute starts in fp32 and autocast takes it from there.
                 self.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device, torch.float32),
                 pooled.to(acc.device, torch.float32),
-                batch["add_time_ids"].to(acc.device), batch["loss_weight"], cfg.loss, self.prediction_type, generator)
+                batch["add_time_ids"].to(acc.device), batch["loss_weight"], cfg.loss, self.prediction_type, generator,
+                mask=batch["mask"].to(acc.device) if "mask" in batch else None)
         # Every process must agree to skip, or DDP's gradient sync would wait forever.
         finite = bool(acc.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
         if not finite:

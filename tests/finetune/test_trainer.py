@@ -202,3 +202,24 @@ def test_every_memory_profile_trains_on_cpu(tmp_path, tiny_model_dir, shapes_fol
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     tensors = adapter_tensors(result.output_path)
     assert any(tensors[k].abs().sum() > 0 for k in tensors if k.endswith(".lora_up.weight"))
+
+
+def test_masked_loss_reads_the_mask_beside_the_image(tmp_path, tiny_model_dir):
+    from bucketing.manifest import load_manifest
+    from finetune.data import load_mask
+
+    folder = tmp_path / "masked"
+    for i in range(2):
+        make_image(folder / f"{i}.png", 128, 128, color=(200, 100 * i, 40))
+        half = torch.zeros(128, 128, dtype=torch.uint8)
+        half[:, :64] = 255
+        from PIL import Image
+
+        Image.fromarray(half.numpy()).save(folder / f"{i}_mask.png")
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, folder, steps=2, every=10), ["loss.masked=true"])
+    result = train(cfg, progress=False)
+    assert result.step == 2
+    manifest = load_manifest(cfg.output.manifest_dir)
+    assert len(manifest) == 2 and all(manifest["mask_path"])  # masks are not training images
+    mask = load_mask(manifest[0])
+    assert mask.shape == (1, 128, 128) and mask[0, :, :60].min() == 1 and mask[0, :, 68:].max() == 0
