@@ -106,7 +106,7 @@ def _read_peft(path, tensors, metadata) -> dict:
     for (component, module), parts in grouped.items():
         prefix = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}[component]
         rank = parts["down"].shape[0]
-        alpha = float(configs.get(f"{prefix}.lora_alpha", rank))
+        alpha = float(configs.get(f"{prefix}.alpha_pattern", {}).get(module, configs.get(f"{prefix}.lora_alpha", rank)))
         modules[(component, module)] = LoraModule(parts["down"], parts["up"], alpha)
     _refuse_unknown(path, unknown)
     return modules
