@@ -63,7 +63,19 @@ def _report_text(result) -> str:
     from collections import Counter
 
     counts = Counter(tuple(b) for b in result.dataset["bucket"])
-    return format_report(result.report, result.buckets, counts)
+    text = format_report(result.report, result.buckets, counts)
+    warning = long_caption_warning(list(result.dataset["caption"]))
+    return f"{text}\nwarning: {warning}" if warning else text
+
+
+def long_caption_warning(captions: list[str]) -> str | None:
+    """One warning for captions over CLIP's 75 tokens (SDXL's tokenizers share CLIP's vocabulary)."""
+    from captions.length import check_caption_lengths
+    from finetune.models.tokenizers import load_clip_tokenizer
+    from finetune.text import count_tokens
+
+    tokenizer = load_clip_tokenizer()
+    return check_caption_lengths(captions, lambda c: count_tokens(tokenizer, c))
 
 
 def dataset_hash(dataset) -> str:

@@ -1,0 +1,32 @@
+"""The config-to-manifest glue: report text, long-caption warning, the inspect command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import make_image
+from finetune.dataset import long_caption_warning
+
+
+def test_long_captions_are_counted_in_clip_tokens():
+    long = ", ".join(f"tag{i}" for i in range(60))
+    warning = long_caption_warning(["a short caption", long, long])
+    assert warning is not None and "2 of 3 captions" in warning and "75" in warning
+    assert long_caption_warning(["a short caption"]) is None
+
+
+def test_inspect_prints_buckets_problems_and_totals(tmp_path):
+    folder = tmp_path / "imgs"
+    make_image(folder / "a.png", 200, 300)
+    (folder / "b.jpg").write_text("nope")
+    model = tmp_path / "model"
+    model.mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\npretrained = "model"\n[dataset]\nresolution = 256\nmin_side = 128\n'
+                      f'[[dataset.subsets]]\nfolder = "imgs"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "finetune", "dataset", "inspect", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "bucket (h x w)" in done.stdout and "b.jpg: not an image" in done.stdout and "images: 1" in done.stdout
+    assert not (tmp_path / "output" / "manifest").exists()  # inspect writes no manifest
