@@ -223,3 +223,31 @@ def test_masked_loss_reads_the_mask_beside_the_image(tmp_path, tiny_model_dir):
     assert len(manifest) == 2 and all(manifest["mask_path"])  # masks are not training images
     mask = load_mask(manifest[0])
     assert mask.shape == (1, 128, 128) and mask[0, :, :60].min() == 1 and mask[0, :, 68:].max() == 0
+
+
+def test_full_fine_tune_with_ema_writes_a_unet_file(tmp_path, tiny_model_dir, shapes_folder):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=3, every=10),
+                      ["training.method=full", "training.learning_rate=1e-4", "training.ema_decay=0.9"])
+    result = train(cfg, progress=False)
+    tensors = adapter_tensors(result.output_path)
+    assert all(k.startswith("model.diffusion_model.") for k in tensors)
+    from diffusers import UNet2DConditionModel
+
+    from finetune.models.sgm_keys import unet_state_dict_to_sgm
+
+    base = unet_state_dict_to_sgm(UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").state_dict(),
+                                  dict(UNet2DConditionModel.load_config(tiny_model_dir / "unet")))
+    assert set(tensors) == {f"model.diffusion_model.{k}" for k in base}
+    changed = [k for k in base if not torch.equal(tensors[f"model.diffusion_model.{k}"], base[k].half())]
+    assert changed  # trained (EMA-averaged) weights differ from the base
+
+
+def test_training_from_caches_matches_training_from_images(tmp_path, tiny_model_dir, shapes_folder):
+    losses = []
+    for cached in (True, False):
+        work = tmp_path / str(cached)
+        work.mkdir()
+        cfg = load_config(write_config(work, tiny_model_dir, shapes_folder, steps=2, every=10),
+                          ["cache.dtype=fp32", f"cache.latents={str(cached).lower()}", f"cache.text={str(cached).lower()}"])
+        losses.append(train(cfg, progress=False).losses)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
