@@ -21,39 +21,57 @@ class Run:
 
     @classmethod
     def setup(cls, cfg: TrainConfig, progress: bool = True) -> Run:
-        from finetune.data import TrainDataset, build_dataloader
-        from finetune.dataset import build_dataset, dataset_hash
-        from finetune.loss import make_noise_scheduler, resolve_prediction_type
-        from finetune.models.load import load_models
-        from finetune.optim import build_lr_scheduler, build_optimizer
-        from finetune.setup import make_accelerator, prepare_caches, prepare_text_encoders, prepare_unet, release
-        from finetune.text import encode_prompts
+        """Build the run; each step needs what the step before it made."""
+        from accelerate.utils import set_seed
 
         from finetune.profiles import apply_memory_profile
+        from finetune.setup import make_accelerator
 
         self = cls()
         cfg, profile_message = apply_memory_profile(cfg)
         self.cfg, self.progress = cfg, progress
         self.accelerator = acc = make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
-        from accelerate.utils import set_seed
-
         set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
         acc.print(f"processes: {acc.num_processes} ({acc.device}), mixed precision: {cfg.training.mixed_precision}")
         if profile_message:
             acc.print(profile_message)
-        # The main process scans and writes the manifest; the others read what it wrote.
+        self._setup_manifest()
+        latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
+        self._setup_optimization()  # needs the models; the LR schedule needs the optimizer
+        self._setup_data(latents, text)  # needs the cache lookups
+        self.losses: list[float] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self.last_checkpoint: Path | None = None
+        self.started = time.time()
+        if acc.is_main_process and cfg.logging.report_to != "none":
+            acc.init_trackers(cfg.logging.project, config=_flat(cfg.model_dump(mode="json")))
+        _print_plan(acc, cfg, len(self.loader), len(self.manifest), self.params, self.models.unet)
+        return self
+
+    def _setup_manifest(self) -> None:
+        """The main process scans and writes the manifest; the others read what it wrote."""
+        from bucketing.manifest import load_manifest
+        from finetune.dataset import build_dataset
+        from finetune.trainer import write_resolved_config
+
+        cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             info = build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
             acc.print(info.report_text)
-            from finetune.trainer import write_resolved_config
-
             write_resolved_config(cfg)
         acc.wait_for_everyone()
-        from bucketing.manifest import load_manifest
-
         self.manifest = load_manifest(cfg.output.manifest_dir)
+
+    def _setup_models(self):
+        """Load SDXL, build the caches, and keep on the GPU only what training still needs."""
+        from finetune.loss import make_noise_scheduler, resolve_prediction_type
+        from finetune.models.load import load_models
+        from finetune.setup import prepare_caches, release
+        from finetune.text import encode_prompts
+
+        cfg, acc = self.cfg, self.accelerator
         self.models = models = load_models(cfg.model, dtype=torch.float32)
-        latents, text, self.cache_stats = prepare_caches(cfg, self.manifest, models, acc, progress=progress)
+        latents, text, self.cache_stats = prepare_caches(cfg, self.manifest, models, acc, progress=self.progress)
         # With both caches, the VAE and text encoders leave the GPU: only the UNet trains there.
         release(models.vae if latents else None, *(models.text_encoders if text else ()))
         if latents is None:
@@ -62,21 +80,28 @@ class Run:
             for encoder in models.text_encoders:
                 encoder.to(acc.device)
         self.text_encode = lambda captions: encode_prompts(
-            list(captions), models.tokenizers, tuple(e for e in models.text_encoders), cfg.dataset.long_captions)
-
+            list(captions), models.tokenizers, tuple(models.text_encoders), cfg.dataset.long_captions)
         self.noise_scheduler = make_noise_scheduler(dict(models.noise_scheduler.config), cfg.loss.zero_terminal_snr)
         self.prediction_type = resolve_prediction_type(cfg.loss.prediction_type, self.noise_scheduler)
+        return latents, text
+
+    def _setup_optimization(self) -> None:
+        """Adapters (or full weights), optimizer, LR schedule, EMA; then Accelerate wraps them."""
+        from finetune.optim import build_lr_scheduler, build_optimizer
+        from finetune.setup import prepare_text_encoders, prepare_unet
+
+        cfg, acc, models = self.cfg, self.accelerator, self.models
         self.params = prepare_unet(models.unet, cfg.training, cfg.lora)
         groups = [{"params": self.params, "lr": cfg.training.learning_rate}]
         if cfg.training.train_text_encoder:
             te_params = prepare_text_encoders(models.text_encoders, cfg.training, cfg.lora)
             groups.append({"params": te_params, "lr": cfg.training.text_encoder_lr or cfg.training.learning_rate})
             self.params = self.params + te_params
-        # The optimizer sees exactly the trained parameters; the LR scheduler needs the optimizer.
+        # The optimizer sees exactly the trained parameters.
         optimizer = build_optimizer(groups, cfg.optimizer, cfg.training.learning_rate)
+        # We step the LR scheduler once per optimizer step ourselves; `prepare` would step it once
+        # per process. Registered, it is still saved and restored with the Accelerate state.
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, cfg.training.max_steps)
-        # The LR scheduler is stepped by us once per optimizer step, not through `prepare` (which
-        # would step it once per process); it is registered so that save_state includes it.
         unet = models.unet
         if cfg.training.compile and acc.device.type == "cuda":
             # Buckets make shapes static: one compiled graph per bucket shape, reused every epoch.
@@ -97,8 +122,13 @@ class Run:
             acc.register_for_checkpointing(self.ema)
         _register_trainable_only_hooks(acc)
 
+    def _setup_data(self, latents, text) -> None:
+        """Train/validation split, datasets, the bucket loader, and the resume state."""
+        from finetune.data import TrainDataset, build_dataloader
+        from finetune.dataset import dataset_hash
         from finetune.validation import split_rows
 
+        cfg, acc = self.cfg, self.accelerator
         # Held-out rows (validation.split) get their own dataset; the sampler never sees them.
         full = self.manifest
         train_rows, val_rows = split_rows(list(full["fingerprint"]), cfg.validation.split, cfg.training.seed)
@@ -116,14 +146,6 @@ class Run:
             seed=cfg.training.seed, num_replicas=acc.num_processes, rank=acc.process_index)
         self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
                                      dataset_hash=dataset_hash(self.manifest))
-        self.losses: list[float] = []
-        self.val_losses: list[tuple[int, float]] = []
-        self.last_checkpoint: Path | None = None
-        self.started = time.time()
-        if acc.is_main_process and cfg.logging.report_to != "none":
-            acc.init_trackers(cfg.logging.project, config=_flat(cfg.model_dump(mode="json")))
-        _print_plan(acc, cfg, len(self.loader), len(self.manifest), self.params, models.unet)
-        return self
 
     # --- resume ----------------------------------------------------------------------------------
 

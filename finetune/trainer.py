@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,14 +110,6 @@ def write_resolved_config(cfg: TrainConfig) -> Path:
     path = cfg.output.dir / "config.resolved.toml"
     write_text_atomic(path, dump_config(cfg))
     return path
-
-
-def steps_per_epoch(num_batches: int, accumulation: int) -> int:
-    return max(1, math.ceil(num_batches / accumulation))
-
-
-def format_seconds(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def find_resume_folder(root: Path, resume: str) -> Path | None:

@@ -23,8 +23,8 @@ def test_inspect_prints_buckets_problems_and_totals(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     config = tmp_path / "c.toml"
-    config.write_text(f'[model]\npretrained = "model"\n[dataset]\nresolution = 256\nmin_side = 128\n'
-                      f'[[dataset.subsets]]\nfolder = "imgs"\n', encoding="utf-8")
+    config.write_text('[model]\npretrained = "model"\n[dataset]\nresolution = 256\nmin_side = 128\n'
+                      '[[dataset.subsets]]\nfolder = "imgs"\n', encoding="utf-8")
     done = subprocess.run([sys.executable, "-m", "finetune", "dataset", "inspect", str(config)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
