@@ -251,3 +251,30 @@ def test_training_from_caches_matches_training_from_images(tmp_path, tiny_model_
                           ["cache.dtype=fp32", f"cache.latents={str(cached).lower()}", f"cache.text={str(cached).lower()}"])
         losses.append(train(cfg, progress=False).losses)
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_text_encoder_lora_trains_and_is_saved_with_kohya_names(tmp_path, tiny_model_dir, shapes_folder):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
+                      ["training.train_text_encoder=true", "cache.text=false", "training.text_encoder_lr=1e-3"])
+    result = train(cfg, progress=False)
+    keys = adapter_tensors(result.output_path).keys()
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
+    assert any(k.startswith("lora_unet_") for k in keys)
+
+
+def test_regularization_images_carry_the_prior_loss_weight(tmp_path, tiny_model_dir, shapes_folder):
+    from finetune.data import TrainDataset
+    from bucketing.manifest import load_manifest
+
+    reg = tmp_path / "reg"
+    make_image(reg / "r.png", 128, 128, color=(10, 200, 10))
+    extra = f'\n[[dataset.subsets]]\nfolder = "{reg}"\nis_regularization = true\nclass_prompt = "a drawing"\n'
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=1, every=10, extra=extra),
+                      ["loss.prior_loss_weight=0.25"])
+    train(cfg, progress=False)
+    manifest = load_manifest(cfg.output.manifest_dir)
+    dataset = TrainDataset(manifest, cfg.dataset, seed=0, prior_loss_weight=0.25, latents=lambda i: {"mean": None})
+    weights = {manifest[i]["subset"]: float(dataset[i]["loss_weight"]) for i in range(len(manifest))}
+    assert weights["reg"] == 0.25 and weights[shapes_folder.name] == 1.0
+    assert [r["caption"] for r in manifest if r["is_regularization"]] == ["a drawing"]
