@@ -1,0 +1,56 @@
+"""The command line: one clear line for bad input, summary lines for the cache command, help texts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_image
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_config(tmp_path, model, images) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[model]\npretrained = "{model}"\n[dataset]\nresolution = 128\nmin_side = 64\n'
+                    f'[[dataset.subsets]]\nfolder = "{images}"\n[training]\nmixed_precision = "no"\n', encoding="utf-8")
+    return path
+
+
+def test_help_explains_every_subcommand():
+    done = run("--help")
+    for command in ("quickstart", "tiny-model", "train", "dataset", "cache", "merge", "convert", "extract", "caption"):
+        assert command in done.stdout
+    assert "--resume" in run("train", "--help").stdout
+
+
+def test_not_an_sdxl_folder_and_empty_image_folder_are_one_line_errors(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "images").mkdir()
+    done = run("train", write_config(tmp_path, tmp_path / "model", tmp_path / "images"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no usable image" in done.stderr and str(tmp_path / "images") in done.stderr
+    make_image(tmp_path / "images" / "a.png", 64, 64)
+    done = run("train", write_config(tmp_path, tmp_path / "model", tmp_path / "images"))
+    assert done.returncode == 2 and "not an SDXL diffusers folder" in done.stderr and str(tmp_path / "model") in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_cache_command_prints_encoded_and_reused(tmp_path, tiny_model_dir):
+    images = tmp_path / "images"
+    for i in range(3):
+        make_image(images / f"{i}.png", 64, 64 + 32 * i, color=(50 * i, 10, 10))
+    config = write_config(tmp_path, tiny_model_dir, images)
+    first = run("cache", config)
+    assert first.returncode == 0, first.stderr
+    assert "latents: 3 encoded, 0 reused" in first.stdout and "text: 2 encoded, 0 reused" in first.stdout
+    second = run("cache", config)
+    assert "latents: 0 encoded, 3 reused" in second.stdout and "text: 0 encoded, 2 reused" in second.stdout
+    shutil.rmtree(tmp_path / "output")
