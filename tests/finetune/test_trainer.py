@@ -278,3 +278,16 @@ def test_regularization_images_carry_the_prior_loss_weight(tmp_path, tiny_model_
     weights = {manifest[i]["subset"]: float(dataset[i]["loss_weight"]) for i in range(len(manifest))}
     assert weights["reg"] == 0.25 and weights[shapes_folder.name] == 1.0
     assert [r["caption"] for r in manifest if r["is_regularization"]] == ["a drawing"]
+
+
+def test_samples_and_tensorboard_logs_are_written(tmp_path, tiny_model_dir, shapes_folder):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10), [
+        'sample.prompts=["a red drawing"]', "sample.seeds=[0, 1]", "sample.every_n_steps=1", "sample.steps=2",
+        "sample.height=64", "sample.width=64", "logging.report_to=tensorboard", "logging.every_n_steps=1"])
+    train(cfg, progress=False)
+    from PIL import Image
+
+    grid = Image.open(cfg.output.dir / "samples" / "step-000001.png")
+    assert grid.size == (128, 64)  # one row: the prompt, one column per seed
+    assert (cfg.output.dir / "samples" / "step-000002.png").is_file()
+    assert list((cfg.output.dir / "logs").rglob("events.out.tfevents*"))
