@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bucketing.assign import add_time_ids
+from bucketing.assign import add_time_ids, assign
+from bucketing.buckets import Bucket
 from bucketing.image import load_bucket_image
 from bucketing.sampler import BucketBatchSampler
 from captions.tags import process_caption
@@ -54,14 +55,21 @@ class TrainDataset(Dataset):
             tag_dropout=self.cfg.tag_dropout, caption_dropout=self.cfg.caption_dropout,
         )
 
+    def crop_for(self, index: int, row: dict) -> tuple[int, int]:
+        """The row's crop; with `crop = "random"` (no latent cache) a new one each epoch, reproducibly."""
+        if self.cfg.crop != "random" or self.latents is not None:
+            return tuple(row["crop_top_left"])
+        bucket = Bucket(*row["bucket"])
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}:crop")
+        return assign(tuple(row["original_size"]), [bucket], "random", row["flip"], rng).crop_top_left
+
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
+        crop = self.crop_for(index, row)
         sample = {
             "index": index,
             "add_time_ids": torch.tensor(
-                add_time_ids(tuple(row["original_size"]), tuple(row["crop_top_left"]), tuple(row["bucket"])),
-                dtype=torch.float32,
-            ),
+                add_time_ids(tuple(row["original_size"]), crop, tuple(row["bucket"])), dtype=torch.float32),
             "loss_weight": torch.tensor(self.prior_loss_weight if row["is_regularization"] else 1.0),
         }
         if self.latents is not None:
@@ -70,11 +78,11 @@ class TrainDataset(Dataset):
             if cached.get("std") is not None:
                 sample["latents_std"] = cached["std"]
         else:
-            image = load_bucket_image(Path(row["root"]) / row["path"], tuple(row["bucket"]),
-                                      tuple(row["crop_top_left"]), row["flip"], tuple(self.cfg.alpha_color))
+            image = load_bucket_image(Path(row["root"]) / row["path"], tuple(row["bucket"]), crop, row["flip"],
+                                      tuple(self.cfg.alpha_color))
             sample["pixels"] = to_pixels(image)
         if self.masked:
-            sample["mask"] = load_mask(row)
+            sample["mask"] = load_mask(row, crop)
         caption = self.caption_for(index, row["caption"])
         if self.text is not None:
             sample["prompt_embeds"], sample["pooled_prompt_embeds"] = self.text(caption)
@@ -89,12 +97,13 @@ def to_pixels(image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_mask(row: dict) -> torch.Tensor:
+def load_mask(row: dict, crop: tuple[int, int] | None = None) -> torch.Tensor:
     """(1, H, W) loss weights in [0, 1], cropped and flipped like the image; all ones when it has no mask."""
     height, width = row["bucket"]
     if not row.get("mask_path"):
         return torch.ones(1, height, width)
-    mask = load_bucket_image(Path(row["mask_path"]), (height, width), tuple(row["crop_top_left"]), row["flip"])
+    crop = crop if crop is not None else tuple(row["crop_top_left"])
+    mask = load_bucket_image(Path(row["mask_path"]), (height, width), crop, row["flip"])
     return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None]
 
 

@@ -291,3 +291,24 @@ def test_samples_and_tensorboard_logs_are_written(tmp_path, tiny_model_dir, shap
     assert grid.size == (128, 64)  # one row: the prompt, one column per seed
     assert (cfg.output.dir / "samples" / "step-000002.png").is_file()
     assert list((cfg.output.dir / "logs").rglob("events.out.tfevents*"))
+
+
+def test_random_crop_changes_per_epoch_and_is_reproducible(tmp_path, tiny_model_dir, shapes_folder):
+    from bucketing.manifest import load_manifest
+    from finetune.data import TrainDataset
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=1, every=10),
+                      ["dataset.crop=random", "cache.latents=false"])
+    train(cfg, progress=False)
+    manifest = load_manifest(cfg.output.manifest_dir)
+    wide = next(i for i, r in enumerate(manifest) if r["original_size"] == [96, 160])
+    dataset = TrainDataset(manifest, cfg.dataset, seed=3, text=lambda c: (None, None))
+    crops = []
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        sample = dataset[wide]
+        crops.append(tuple(sample["add_time_ids"][2:4].tolist()))
+        assert sample["pixels"].shape[1:] == tuple(manifest[wide]["bucket"])
+    assert len(set(crops)) > 1
+    dataset.set_epoch(2)
+    assert tuple(dataset[wide]["add_time_ids"][2:4].tolist()) == crops[2]
