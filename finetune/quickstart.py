@@ -118,6 +118,7 @@ def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
     losses = result.losses
     print(f"\nquickstart finished in {time.time() - start:.0f} s; loss {losses[0]:.4f} (first step) -> "
           f"{sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)")
+    print("(the tiny model has random weights: the sample is noise; the point is that every stage ran offline)")
     width = max(len(k) for k in files)
     for role, path in files.items():
         print(f"  {role:<{width}}  {path}")
