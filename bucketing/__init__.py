@@ -5,7 +5,7 @@ Plain Python + Pillow (+ `datasets` for the manifest): usable by any trainer.
 
 from bucketing.assign import Assignment, add_time_ids, assign, resized_size
 from bucketing.buckets import Bucket, format_bucket_table, make_buckets, nearest_bucket
-from bucketing.manifest import DatasetError
+from bucketing.errors import DatasetError, ImageError
 
-__all__ = ["Assignment", "Bucket", "DatasetError", "add_time_ids", "assign", "format_bucket_table",
+__all__ = ["Assignment", "Bucket", "DatasetError", "ImageError", "add_time_ids", "assign", "format_bucket_table",
            "make_buckets", "nearest_bucket", "resized_size"]

@@ -23,10 +23,11 @@ class Assignment:
         return (self.crop_top, self.crop_left)
 
 
-def resized_size(original_size: tuple[int, int], bucket) -> tuple[int, int]:
+def resized_size(original_size: tuple[int, int], bucket: Bucket | Sequence[int]) -> tuple[int, int]:
     """(h, w) after scaling by max(bucket_h / h, bucket_w / w); each side at least the bucket's."""
     h, w = original_size
-    bh, bw = bucket if isinstance(bucket, tuple) else bucket.size
+    bh, bw = bucket.size if isinstance(bucket, Bucket) else tuple(bucket)
+    # Float error can leave a side a hair under the bucket's; clamp so the crop never runs off the image.
     scale = max(bh / h, bw / w)
     return (max(bh, round(h * scale)), max(bw, round(w * scale)))
 

@@ -26,21 +26,33 @@ def make_buckets(resolution: int, step: int = 64, min_side: int = 512, max_side:
                  max_aspect: float = 4.0) -> tuple[Bucket, ...]:
     """For each height (multiple of `step`), the widest width (multiple of `step`) within resolution².
 
-    Both sides stay within [min_side, max_side] and the aspect ratio within [1/max_aspect, max_aspect].
-    The result is sorted by aspect ratio (portrait first) and is the same for the same arguments.
+    The width is also bounded by `max_side` and by `max_aspect` × height; a bucket whose sides fall
+    outside [min_side, max_side] or whose aspect is under 1/max_aspect is left out. Each bucket's
+    transpose is added, so both orientations exist. Buckets of equal aspect ratio keep only the
+    largest (a smaller one could never be nearest). Sorted portrait first; deterministic.
+
+    Raises:
+        ValueError: non-positive arguments, or no bucket fits.
     """
+    if min(resolution, step, min_side, max_side) <= 0 or max_aspect < 1:
+        raise ValueError(f"make_buckets: resolution {resolution}, step {step}, min_side {min_side}, "
+                         f"max_side {max_side} must be positive and max_aspect {max_aspect} at least 1")
     budget = resolution * resolution
-    buckets = set()
-    height = _round_up(min_side, step)
-    while height <= max_side:
-        width = min(max_side, (budget // height) // step * step)
-        if width >= min_side and 1 / max_aspect <= width / height <= max_aspect:
-            buckets.add(Bucket(height, width))
-        height += step
-    if not buckets:
+    largest: dict[tuple[int, int], Bucket] = {}  # reduced aspect ratio -> largest bucket with it
+    for height in range(_round_up(min_side, step), max_side + 1, step):
+        width_limit = min(budget // height, max_side, math.floor(max_aspect * height))
+        width = width_limit // step * step
+        if width < min_side or width * max_aspect < height:
+            continue
+        for bucket in (Bucket(height, width), Bucket(width, height)):
+            ratio = math.gcd(bucket.height, bucket.width)
+            key = (bucket.height // ratio, bucket.width // ratio)
+            if key not in largest or bucket.height > largest[key].height:
+                largest[key] = bucket
+    if not largest:
         raise ValueError(f"no bucket fits resolution {resolution} with sides in [{min_side}, {max_side}] "
                          f"(step {step}, max aspect {max_aspect}): widen min_side/max_side")
-    return tuple(sorted(buckets, key=lambda b: (b.aspect, b.height)))
+    return tuple(sorted(largest.values(), key=lambda b: (b.aspect, b.height)))
 
 
 def _round_up(value: int, step: int) -> int:
@@ -48,20 +60,27 @@ def _round_up(value: int, step: int) -> int:
 
 
 def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> Bucket:
-    """The bucket whose aspect ratio is nearest in log space (ties: the larger bucket)."""
+    """The bucket whose aspect ratio is nearest in log space (ties: the larger bucket, then the taller)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"nearest_bucket: image size must be positive, got (h, w) = ({height}, {width})")
+    if not buckets:
+        raise ValueError("nearest_bucket: no buckets to choose from")
     target = math.log(width / height)
-    return min(buckets, key=lambda b: (abs(math.log(b.aspect) - target), -b.height * b.width))
+    return min(buckets, key=lambda b: (abs(math.log(b.aspect) - target), -b.height * b.width, -b.height))
 
 
 def format_bucket_table(buckets: Sequence[Bucket], counts: Mapping) -> str:
-    """The plan as a table: bucket, aspect ratio, image count (counts keyed by Bucket or (h, w))."""
+    """The plan as a table: bucket, aspect ratio, image count (counts keyed by Bucket or (h, w)).
+
+    Only buckets with images are listed; the last line says how many of the planned buckets are used.
+    """
+    def count_of(bucket: Bucket) -> int:
+        return int(counts.get(bucket, counts.get(bucket.size, 0)))
+
     lines = [f"{'bucket (h x w)':>16}  {'aspect':>6}  {'images':>6}"]
-    total = 0
-    for bucket in buckets:
-        count = counts.get(bucket, counts.get(bucket.size, 0))
-        if count:
-            lines.append(f"{bucket.height:>7} x {bucket.width:<6}  {bucket.aspect:>6.2f}  {count:>6}")
-            total += count
-    used = sum(1 for b in buckets if counts.get(b, counts.get(b.size, 0)))
-    lines.append(f"{used} of {len(buckets)} buckets used, {total} images")
+    used = [b for b in buckets if count_of(b)]
+    for bucket in used:
+        lines.append(f"{bucket.height:>7} x {bucket.width:<6}  {bucket.aspect:>6.2f}  {count_of(bucket):>6}")
+    total = sum(count_of(b) for b in used)
+    lines.append(f"{len(used)} of {len(buckets)} buckets used, {total} images")
     return "\n".join(lines)

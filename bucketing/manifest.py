@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -12,13 +13,14 @@ from pathlib import Path
 
 from bucketing.assign import assign
 from bucketing.buckets import Bucket, make_buckets
+from bucketing.errors import DatasetError
+from bucketing.export import export_hf_dataset
 from bucketing.report import DatasetReport
-from bucketing.scan import scan_folder
+from bucketing.scan import ImageRecord, ValidationCache, scan_folder
 from captions.sources import read_metadata_jsonl, resolve_caption
 
-
-class DatasetError(ValueError):
-    """The dataset cannot be used at all (no usable image, unreadable folder); names the path."""
+__all__ = ["BuildOptions", "BuildResult", "DatasetError", "SubsetSpec", "build_manifest", "load_manifest",
+           "save_manifest"]
 
 
 @dataclass
@@ -50,8 +52,8 @@ class BuildOptions:
     max_pixels: int = 178_956_970
     crop: str = "center"
     flip: bool = False
-    alpha_color: tuple[int, int, int] = (255, 255, 255)
-    seed: int = 0
+    alpha_color: tuple[int, int, int] = (255, 255, 255)  # applied when images are loaded (load_bucket_image)
+    seed: int = 0  # random crops: one rng per image, seeded by (seed, fingerprint)
 
 
 @dataclass
@@ -64,43 +66,94 @@ class BuildResult:
 def build_manifest(subsets: list[SubsetSpec], options: BuildOptions, work_dir: Path) -> BuildResult:
     """Scan every subset, caption and bucket each usable image; rows in a stable order.
 
+    Nothing is written into the subsets' folders; `work_dir` receives the validation cache
+    (`validation.json`) and the PNGs exported from `hf_dataset` subsets.
+
     Raises:
-        DatasetError: no usable image in any subset.
+        DatasetError: a subset's folder or dataset cannot be read, or no usable image in any subset.
     """
     import datasets
 
+    work_dir = Path(work_dir)
     buckets = make_buckets(options.resolution, options.bucket_step, options.min_side, options.max_side,
                            options.max_aspect)
+    cache = ValidationCache(work_dir / "validation.json")
     rows, report = [], DatasetReport()
     for subset in subsets:
-        root, metadata = _subset_root(subset, Path(work_dir))
-        scan = scan_folder(root, recursive=subset.recursive, max_pixels=options.max_pixels,
-                           min_original_side=options.min_original_side,
-                           validation_cache=Path(work_dir) / "validation.json")
-        report.problems.extend(scan.problems)
-        report.notes.extend(scan.notes)
-        name = subset.name or root.name
-        for record in scan.records:
-            caption = resolve_caption(record.path, root, caption_ext=subset.caption_ext, metadata=metadata,
-                                      instance_prompt=subset.instance_prompt, class_prompt=subset.class_prompt,
-                                      is_regularization=subset.is_regularization,
-                                      caption_prefix=subset.caption_prefix)
-            if caption.note:
-                report.notes.append((record.rel_path, caption.note))
-            if caption.source == "empty":
-                report.notes.append((record.rel_path, "no caption found: trained with the empty caption"))
-            rows.extend(_rows(record, root, caption.text, name, subset, buckets, options))
+        rows.extend(_subset_rows(subset, options, buckets, work_dir, cache, report))
+    cache.save(prune=True)  # entries of files gone from every subset would only grow the file
     if not rows:
-        folders = ", ".join(str(s.folder or s.hf_dataset) for s in subsets)
-        raise DatasetError(f"{folders}: no usable image found ({len(report.problems)} skipped); add JPEG/PNG/WebP "
-                           "images (run `finetune dataset inspect` for the reasons)")
-    counts = Counter(r["subset"] for r in rows)
-    report.totals = {"rows": len(rows), "images": len({(r["root"], r["path"]) for r in rows}),
-                     "skipped": len(report.problems), **{f"subset {k}": v for k, v in counts.items()}}
+        raise DatasetError(_nothing_usable(subsets, report))
+    report.totals = _totals(rows, report)
     return BuildResult(datasets.Dataset.from_list(rows), buckets, report)
 
 
-def _rows(record, root: Path, caption: str, subset_name: str, subset: SubsetSpec, buckets, options) -> list[dict]:
+def _subset_rows(subset: SubsetSpec, options: BuildOptions, buckets: tuple[Bucket, ...], work_dir: Path,
+                 cache: ValidationCache, report: DatasetReport) -> list[dict]:
+    """The rows of one subset; its problems and notes go to `report` with paths under the subset's root."""
+    root, metadata, export_problems = _subset_root(subset, work_dir, options.max_pixels)
+    report.problems.extend(export_problems)
+    scan = scan_folder(root, recursive=subset.recursive, max_pixels=options.max_pixels,
+                       min_original_side=options.min_original_side, validation_cache=cache)
+    report.problems.extend((_full(root, path), reason) for path, reason in scan.problems)
+    report.notes.extend((_full(root, path), note) for path, note in scan.notes)
+    name = subset.name or Path(subset.folder or subset.hf_dataset).name
+    rows = []
+    for record in scan.records:
+        caption = _caption(record, root, subset, metadata, report)
+        rows.extend(_rows(record, root, caption, name, subset, buckets, options))
+    return rows
+
+
+def _full(root: Path, rel: str) -> str:
+    """A report path the user can open: the subset's folder joined with the path inside it."""
+    return str(root / rel) if not Path(rel).is_absolute() else rel
+
+
+def _caption(record: ImageRecord, root: Path, subset: SubsetSpec, metadata: dict[str, str],
+             report: DatasetReport) -> str:
+    caption = resolve_caption(record.path, root, caption_ext=subset.caption_ext, metadata=metadata,
+                              instance_prompt=subset.instance_prompt, class_prompt=subset.class_prompt,
+                              is_regularization=subset.is_regularization, caption_prefix=subset.caption_prefix)
+    where = _full(root, record.rel_path)
+    if caption.note:
+        report.notes.append((where, caption.note))
+    if caption.source == "folder":
+        report.notes.append((where, f"no caption ({record.path.with_suffix(subset.caption_ext).name}, "
+                                    f"metadata.jsonl or instance_prompt): the folder name gives {caption.text!r}"))
+    elif caption.source == "empty":
+        report.notes.append((where, "no caption text: trained with the empty caption"))
+    return caption.text
+
+
+def _nothing_usable(subsets: list[SubsetSpec], report: DatasetReport) -> str:
+    folders = ", ".join(str(s.folder or s.hf_dataset) for s in subsets)
+    if not report.problems:
+        return (f"{folders}: no usable image found (no JPEG, PNG, WebP, BMP or TIFF file); add images "
+                "or point dataset.subsets.folder at the folder that holds them")
+    shown = "; ".join(f"{Path(p).name}: {reason}" for p, reason in report.problems[:3])
+    more = f" and {len(report.problems) - 3} more" if len(report.problems) > 3 else ""
+    return (f"{folders}: no usable image found, {len(report.problems)} file(s) skipped ({shown}{more}); "
+            "fix or replace them (`finetune dataset inspect CONFIG` lists every reason)")
+
+
+def _totals(rows: list[dict], report: DatasetReport) -> dict[str, int]:
+    plain = [r for r in rows if not r["flip"]]  # one per image, whether or not flips are on
+    upscaled = sum(1 for r in plain if _upscaled(r["original_size"], r["bucket"]))
+    subsets = Counter(r["subset"] for r in plain)
+    return {"rows": len(rows), "images": len(plain), "skipped": len(report.problems),
+            "upscaled": upscaled, "buckets used": len({tuple(r["bucket"]) for r in rows}),
+            **{f"subset {name}": count for name, count in subsets.items()}}
+
+
+def _upscaled(original_size: list[int], bucket: list[int]) -> bool:
+    """The resize that covers the bucket enlarges the image (small images are kept, not dropped)."""
+    return bucket[0] > original_size[0] or bucket[1] > original_size[1]
+
+
+def _rows(record: ImageRecord, root: Path, caption: str, subset_name: str, subset: SubsetSpec,
+          buckets: tuple[Bucket, ...], options: BuildOptions) -> list[dict]:
+    """One row per flip variant; a random crop is seeded by (seed, fingerprint), so a rebuild agrees."""
     rng = random.Random(f"{options.seed}:{record.fingerprint}")
     variants = (False, True) if options.flip else (False,)
     rows = []
@@ -116,33 +169,22 @@ def _rows(record, root: Path, caption: str, subset_name: str, subset: SubsetSpec
     return rows
 
 
-def _subset_root(subset: SubsetSpec, work_dir: Path) -> tuple[Path, dict[str, str]]:
-    """(folder to scan, captions from metadata). A `datasets` dataset is exported as PNGs into work_dir."""
+def _subset_root(subset: SubsetSpec, work_dir: Path, max_pixels: int
+                 ) -> tuple[Path, dict[str, str], list[tuple[str, str]]]:
+    """(folder to scan, captions by relative path, export problems). A `datasets` dataset is exported
+    as PNGs into work_dir, in a folder named after its path so two subsets never share one."""
+    if (subset.folder is None) == (subset.hf_dataset is None):
+        raise DatasetError(f"subset {subset.name or '(unnamed)'}: give exactly one of folder or hf_dataset")
     if subset.folder is not None:
         folder = Path(subset.folder)
         if not folder.is_dir():
             raise DatasetError(f"{folder}: image folder not found; check dataset.subsets.folder")
-        return folder, read_metadata_jsonl(folder)
-    import datasets
-
+        return folder, read_metadata_jsonl(folder), []
     source = Path(subset.hf_dataset)
-    try:
-        table = datasets.load_from_disk(str(source))
-    except (FileNotFoundError, ValueError) as err:
-        raise DatasetError(f"{source}: not a dataset saved with save_to_disk ({err})") from None
-    for column in (subset.image_column, subset.caption_column):
-        if column not in table.column_names:
-            raise DatasetError(f"{source}: no column {column!r} (columns: {', '.join(table.column_names)})")
-    out = work_dir / "hf" / (subset.name or source.name)
-    out.mkdir(parents=True, exist_ok=True)
-    captions = {}
-    for i, row in enumerate(table):
-        name = f"{i:06d}.png"
-        if not (out / name).exists():  # exported once; the fingerprint then stays stable
-            row[subset.image_column].save(out / name)
-        captions[name] = str(row[subset.caption_column] or "")
-    return out, captions
-
+    tag = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]
+    out = work_dir / "hf" / f"{subset.name or source.name}-{tag}"
+    captions, problems = export_hf_dataset(source, out, subset.image_column, subset.caption_column, max_pixels)
+    return out, captions, problems
 
 def save_manifest(result: BuildResult, out_dir: Path) -> Path:
     """Write the manifest (`save_to_disk`) and `report.json` into `out_dir`, replacing it in one rename."""
