@@ -7,11 +7,14 @@ decoded by looking them up in a table built from the real module names of the ar
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 from finetune.models.sgm_keys import unet_module_map
 
 COMPONENT_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+# The text-encoder modules kohya, A1111 and ComfyUI name (per layer).
+TEXT_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 
 
 def te_path(module_path: str) -> str:
@@ -28,8 +31,8 @@ def kohya_name(component: str, module_path: str, unet_config: dict | None = None
 
 
 @lru_cache(maxsize=8)
-def _unet_table(config_items: tuple) -> dict[str, str]:
-    config = dict(config_items)
+def _unet_table(config_json: str) -> dict[str, str]:
+    config = json.loads(config_json)
     table = {}
     for diffusers_path, sgm in unet_module_map(config).items():
         table["lora_unet_" + sgm.replace(".", "_")] = diffusers_path
@@ -38,20 +41,18 @@ def _unet_table(config_items: tuple) -> dict[str, str]:
     return table
 
 
-def _freeze(config: dict) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items() if not k.startswith("_")))
-
-
 def unet_name_table(unet_config: dict) -> dict[str, str]:
     """kohya UNet name (SGM or diffusers flavour) -> diffusers module path."""
-    return _unet_table(_freeze(unet_config))
+    # Cached by the config's JSON text: building the table instantiates a (meta) UNet.
+    config = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
+    return _unet_table(json.dumps(config, sort_keys=True, default=str))
 
 
 def text_name_table(component: str, num_layers: int) -> dict[str, str]:
     """kohya text-encoder name -> module path under `text_model.` (q/k/v/out projections, MLP)."""
     table = {}
     for layer in range(num_layers):
-        for sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"):
+        for sub in TEXT_MODULES:
             path = f"text_model.encoder.layers.{layer}.{sub}"
             table[COMPONENT_PREFIX[component] + path.replace(".", "_")] = path
     return table

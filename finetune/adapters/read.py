@@ -1,118 +1,209 @@
-"""Reading LoRA files made by kohya, diffusers/PEFT, OneTrainer or this toolkit into one form."""
+"""Reading LoRA files made by kohya, diffusers/PEFT, OneTrainer or this toolkit into one form.
+
+Canonical module names (the keys of `LoraFile.modules`): ("unet", diffusers UNet module path) and
+("te1" | "te2", text-encoder path with exactly one `text_model.` level, e.g.
+"text_model.encoder.layers.0.self_attn.q_proj"), whatever the file's own naming.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from finetune.adapters.keys import te_path, text_name_table, unet_name_table
+from finetune.adapters.modules import AdapterModule, LohaModule, LokrModule, LoraModule
 from finetune.errors import ModelError
 
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+__all__ = ["LoraFile", "LoraModule", "LohaModule", "LokrModule", "read_lora", "modules_from_tensors"]
 
-
-@dataclass
-class LoraModule:
-    down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
-    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def delta(self, scale: float = 1.0) -> torch.Tensor:
-        """scale · (alpha / rank) · up @ down in fp32, shaped like the target weight."""
-        from finetune.merge import lora_delta
-
-        return lora_delta(self.up, self.down, self.alpha, scale)
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_")
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+# Suffix in a file -> role in a module. Kohya/LyCORIS, then the diffusers/PEFT spellings.
+ROLES = {
+    "lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale",
+    "lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
+    # peft's DoRA magnitude: (out,) for linear layers, (1, out, 1, 1) for convs.
+    "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
+    **{k: k for k in LOHA_KEYS + LOKR_KEYS},
+}
+PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "te1", "text_encoder_2.": "te2"}
+PEFT_NAMES = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+# diffusers' old attention-processor LoRAs: `attn1.processor.to_q_lora.down.weight`.
+PROCESSOR_KEY = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
 @dataclass
 class LoraFile:
-    # (component, module path) -> module; component is "unet" (diffusers path) or "te1"/"te2"
-    # (path with one `text_model.` level).
-    modules: dict[tuple[str, str], LoraModule] = field(default_factory=dict)
+    # (component, canonical module path) -> module; see the module docstring.
+    modules: dict[tuple[str, str], AdapterModule] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def read_lora(path: Path, unet_config: dict | None = None, te_layers: tuple[int, int] = (12, 32)) -> LoraFile:
+def read_lora(path: Path, unet_config: dict | None = None, te_layers: tuple[int, int] = (12, 32),
+              text_configs: tuple[dict, dict] | None = None) -> LoraFile:
     """Parse any supported LoRA file. Keys that match no module raise ModelError listing them.
 
     Args:
         unet_config: the target UNet's config (default: SDXL base), to decode kohya's `_` names.
         te_layers: layer counts of the two text encoders (SDXL: 12 and 32).
+        text_configs: the two text encoders' configs; when given, their `num_hidden_layers` win over te_layers.
     """
     from safetensors import safe_open
 
-    from finetune.models.configs import sdxl_unet_config
-
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ModelError(f"{path}: LoRA files are read as .safetensors only")
-    with safe_open(str(path), framework="pt") as fh:
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        metadata = fh.metadata() or {}
-    if any(k.endswith(KOHYA_SUFFIXES) and k.startswith("lora_") for k in tensors):
-        modules = _read_kohya(path, tensors, unet_config or sdxl_unet_config(), te_layers)
-    else:
-        modules = _read_peft(path, tensors, metadata)
+        raise ModelError(f"{path}: LoRA files are read as .safetensors only (convert pickled files yourself)")
+    if not path.is_file():
+        raise ModelError(f"{path}: LoRA file not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            metadata = dict(fh.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ModelError(f"{path}: not a readable .safetensors file ({exc})") from None
+    if text_configs is not None:
+        te_layers = tuple(int(c["num_hidden_layers"]) for c in text_configs)
+    modules = modules_from_tensors(tensors, metadata, unet_config, te_layers, where=str(path))
     return LoraFile(modules, metadata)
 
 
-def _read_kohya(path, tensors, unet_config, te_layers) -> dict:
-    names = {**unet_name_table(unet_config), **text_name_table("te1", te_layers[0]), **text_name_table("te2", te_layers[1])}
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, value in tensors.items():
-        suffix = next((s for s in KOHYA_SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            unknown.append(key)
-            continue
-        grouped.setdefault(key[: -len(suffix)], {})[suffix] = value
+def modules_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                         unet_config: dict | None = None, te_layers: tuple[int, int] = (12, 32),
+                         where: str = "LoRA") -> dict[tuple[str, str], AdapterModule]:
+    """The modules of a LoRA state dict in any supported naming (see read_lora)."""
+    from finetune.models.configs import sdxl_unet_config
+
+    unet_config = unet_config or sdxl_unet_config()
+    known = _known_modules(unet_config, te_layers)
+    if any(k.startswith(KOHYA_PREFIXES) for k in tensors):
+        grouped, unknown = _group_kohya(tensors, unet_config, te_layers)
+    else:
+        grouped, unknown = _group_peft(tensors, known)
     modules = {}
-    for name, parts in grouped.items():
-        if name not in names or ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
-            unknown.append(name)
-            continue
-        component = "unet" if name.startswith("lora_unet_") else name[5:8]
-        down = parts[".lora_down.weight"]
-        alpha = float(parts[".alpha"]) if ".alpha" in parts else float(down.shape[0])
-        modules[(component, names[name])] = LoraModule(down, parts[".lora_up.weight"], alpha)
-    _refuse_unknown(path, unknown)
+    alphas = _peft_alphas(metadata or {})
+    for key, parts in grouped.items():
+        module = _build(parts, alphas(key))
+        if module is None:
+            unknown.append(f"{key[0]}:{key[1]} ({', '.join(sorted(parts))})")
+        else:
+            modules[key] = module
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:8])
+        raise ModelError(f"{where}: {len(unknown)} key(s) match no SDXL module or are incomplete "
+                         f"(is it an SDXL LoRA?): {shown}")
+    if not modules:
+        raise ModelError(f"{where}: no LoRA modules found")
     return modules
 
 
-def _read_peft(path, tensors, metadata) -> dict:
-    """diffusers/PEFT keys: `unet.<path>.lora_A.weight` (also `lora.down`/`lora.up`), text encoders too."""
-    configs = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    prefixes = {"unet.": "unet", "text_encoder.": "te1", "text_encoder_2.": "te2"}
+def _known_modules(unet_config: dict, te_layers) -> dict[str, set[str]]:
+    return {"unet": set(unet_name_table(unet_config).values()),
+            "te1": set(text_name_table("te1", te_layers[0]).values()),
+            "te2": set(text_name_table("te2", te_layers[1]).values())}
+
+
+def _group_kohya(tensors, unet_config, te_layers):
+    """`lora_unet_<name>.<suffix>`: names are looked up in tables of the architecture's real modules."""
+    names = {**unet_name_table(unet_config), **text_name_table("te1", te_layers[0]),
+             **text_name_table("te2", te_layers[1])}
     grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     unknown = []
     for key, value in tensors.items():
-        prefix = max((p for p in prefixes if key.startswith(p)), key=len, default=None)
-        kind = "down" if (".lora_A." in key or ".lora.down." in key) else "up" if (".lora_B." in key or ".lora.up." in key) else None
-        if prefix is None or kind is None:
+        name, _, suffix = key.partition(".")
+        role = ROLES.get(suffix)
+        if name not in names or role is None or suffix.startswith(("lora_A", "lora_B", "lora.", "lora_linear")):
             unknown.append(key)
             continue
-        module = key[len(prefix):].split(".lora_A.")[0].split(".lora_B.")[0].split(".lora.down")[0].split(".lora.up")[0]
-        component = prefixes[prefix]
-        module = te_path(module) if component != "unet" else module
-        grouped.setdefault((component, module), {})[kind] = value
-    modules = {}
-    for (component, module), parts in grouped.items():
-        prefix = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}[component]
-        rank = parts["down"].shape[0]
-        alpha = float(configs.get(f"{prefix}.alpha_pattern", {}).get(module, configs.get(f"{prefix}.lora_alpha", rank)))
-        modules[(component, module)] = LoraModule(parts["down"], parts["up"], alpha)
-    _refuse_unknown(path, unknown)
-    return modules
+        component = "unet" if name.startswith("lora_unet_") else name[5:8]
+        grouped.setdefault((component, names[name]), {})[role] = value
+    return grouped, unknown
 
 
-def _refuse_unknown(path, unknown: list[str]) -> None:
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:8])
-        raise ModelError(f"{path}: {len(unknown)} key(s) match no SDXL module (is it an SDXL LoRA?): {shown}")
+def _group_peft(tensors, known):
+    """`unet.<module path>.lora_A.weight` and the other diffusers/PEFT spellings."""
+    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in tensors.items():
+        component, rest = _split_component(key)
+        found = _split_role(rest) if component else None
+        if found is None:
+            unknown.append(key)
+            continue
+        module, role = found
+        module = module if component == "unet" else te_path(module)
+        if module not in known[component]:
+            unknown.append(key)
+            continue
+        grouped.setdefault((component, module), {})[role] = value
+    return grouped, unknown
+
+
+def _split_component(key: str) -> tuple[str | None, str]:
+    for prefix, component in sorted(PEFT_PREFIXES.items(), key=lambda p: -len(p[0])):
+        if key.startswith(prefix):
+            return component, key[len(prefix):]
+    if key.startswith(("down_blocks.", "mid_block.", "up_blocks.")):  # a bare UNet state dict
+        return "unet", key
+    return None, key
+
+
+def _split_role(rest: str) -> tuple[str, str] | None:
+    match = PROCESSOR_KEY.match(rest)
+    if match:
+        projection = "to_out.0" if match[2] == "to_out" else match[2]
+        return f"{match[1]}.{projection}", match[3]
+    for suffix in sorted(ROLES, key=len, reverse=True):
+        if rest.endswith("." + suffix):
+            return rest[: -len(suffix) - 1], ROLES[suffix]
+    return None
+
+
+def _peft_alphas(metadata: dict[str, str]):
+    """module -> alpha from diffusers' `lora_adapter_metadata` header (peft's lora_alpha + alpha_pattern)."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        config = {}
+
+    def alpha(key: tuple[str, str]) -> float | None:
+        component, module = key
+        prefix = PEFT_NAMES[component]
+        patterns = config.get(f"{prefix}.alpha_pattern") or {}
+        # peft matches a pattern against the end of the module name: `(.*\.)?pattern$`.
+        names = (module, module.removeprefix("text_model."))
+        for pattern, value in patterns.items():
+            if any(re.match(rf"(.*\.)?({pattern})$", n) for n in names):
+                return float(value)
+        value = config.get(f"{prefix}.lora_alpha", config.get(f"{prefix}.alpha"))
+        return None if value is None else float(value)
+
+    return alpha
+
+
+def _build(parts: dict[str, torch.Tensor], config_alpha: float | None) -> AdapterModule | None:
+    """One module from its tensors by role; None when they make no complete module."""
+    alpha = float(parts["alpha"]) if "alpha" in parts else config_alpha
+    roles = set(parts) - {"alpha"}
+    if roles in ({"down", "up"}, {"down", "up", "dora_scale"}, {"down", "up", "magnitude"}):
+        down, up = parts["down"], parts["up"]
+        dora_scale = parts.get("dora_scale")
+        if "magnitude" in parts:  # to LyCORIS' output-axis layout, (out, 1[, 1, 1])
+            dora_scale = parts["magnitude"].reshape(up.shape[0], *[1] * (up.dim() - 1))
+        return LoraModule(down, up, alpha if alpha is not None else float(down.shape[0]), dora_scale)
+    if roles == set(LOHA_KEYS):
+        rank = parts["hada_w1_b"].shape[0]
+        return LohaModule(*(parts[k] for k in LOHA_KEYS), alpha if alpha is not None else float(rank))
+    has_w1 = roles & {"lokr_w1"} or roles >= {"lokr_w1_a", "lokr_w1_b"}
+    has_w2 = roles & {"lokr_w2"} or roles >= {"lokr_w2_a", "lokr_w2_b"}
+    if roles <= set(LOKR_KEYS) and has_w1 and has_w2:
+        module = LokrModule({k: parts[k] for k in roles}, 0.0)
+        # No alpha: ComfyUI and LyCORIS apply no scale, i.e. alpha = rank.
+        module.alpha = alpha if alpha is not None else float(module.rank or 1)
+        return module
+    return None

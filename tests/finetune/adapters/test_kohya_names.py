@@ -1,23 +1,36 @@
 """Every key of a default-format LoRA is one that A1111/Forge/ComfyUI map for SDXL, on the full SDXL structure.
 
-The reference naming is re-derived here independently of finetune.adapters.keys: ComfyUI names a UNet
-LoRA module `lora_unet_` + the SGM weight key without `.weight`, dots to underscores; text encoders
-`lora_te1_text_model_…` / `lora_te2_text_model_…`.
+The reference naming (comfy_keys.py) is re-derived independently of finetune.adapters.keys and
+finetune.models.sgm_keys. Full-size SDXL models are built on the meta device: no memory, no weights.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
-from finetune.adapters.inject import add_unet_adapter
+from finetune.adapters.inject import add_text_encoder_adapters, add_unet_adapter
 from finetune.adapters.keys import kohya_name
-from finetune.adapters.save import lora_layers
+from finetune.adapters.save import adapter_layers, kohya_layer_tensors
 from finetune.config import LoraConfig
-from finetune.models.configs import sdxl_unet_config
-from finetune.models.sgm_keys import unet_state_dict_to_sgm
+from finetune.models.configs import sdxl_text_configs, sdxl_unet_config
 
 REFUSED = ("input_blocks_0_0", "time_embed", "label_emb", "out_0", "out_2")
+
+
+def load_reference():
+    path = Path(__file__).with_name("comfy_keys.py")
+    spec = importlib.util.spec_from_file_location("comfy_keys", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+comfy = load_reference()
 
 
 @pytest.fixture(scope="module")
@@ -29,37 +42,74 @@ def sdxl_unet_meta():
         return UNet2DConditionModel(**config)
 
 
-def comfy_unet_names(unet) -> dict[str, tuple]:
-    """lora name -> weight shape, from the SGM checkpoint keys (what ComfyUI's loader maps)."""
-    sgm = unet_state_dict_to_sgm({k: v for k, v in unet.state_dict().items()}, dict(unet.config))
-    return {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): tuple(v.shape)
-            for k, v in sgm.items() if k.endswith(".weight")}
+def file_entries(component, model, unet_config=None):
+    """kohya name -> {suffix: shape} of what save_adapter would write for `model`."""
+    entries = {}
+    for path, layer in adapter_layers(model):
+        name = kohya_name(component, path, unet_config)
+        assert name not in entries, f"{name} written twice"
+        entries[name] = {suffix: tuple(t.shape) for suffix, t in kohya_layer_tensors(layer).items()}
+    return entries
 
 
 @pytest.mark.parametrize("targets", ["attn", "attn_ff", "locon"])
 def test_every_unet_key_is_one_comfyui_maps_with_fitting_shapes(sdxl_unet_meta, targets):
-    import copy
-
     unet = copy.deepcopy(sdxl_unet_meta)
-    reference = comfy_unet_names(unet)
+    reference = comfy.comfy_unet_lora_names(unet)
     add_unet_adapter(unet, LoraConfig(rank=8, alpha=8, targets=targets))
-    names = {}
-    for path, layer in lora_layers(unet):
-        name = kohya_name("unet", path, dict(unet.config))
-        down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        names[name] = (tuple(down.shape), tuple(up.shape))
-    assert len(names) == len(list(lora_layers(unet)))  # each module named once
-    assert set(names) <= set(reference), sorted(set(names) - set(reference))[:5]
-    assert not any(name.removeprefix("lora_unet_").startswith(REFUSED) for name in names)
-    for name, (down, up) in names.items():
+    entries = file_entries("unet", unet, dict(unet.config))
+    assert len(entries) == len(list(adapter_layers(unet)))  # each module named once
+    assert set(entries) <= set(reference), sorted(set(entries) - set(reference))[:5]
+    assert not any(name.removeprefix("lora_unet_").startswith(REFUSED) for name in entries)
+    for name, shapes in entries.items():
         weight = reference[name]
-        assert up[:2] == (weight[0], 8) and down[:2] == (8, weight[1])  # up (out, r), down (r, in): never transposed
+        up, down = shapes["lora_up.weight"], shapes["lora_down.weight"]
+        # up (out, r[, 1, 1]) and down (r, in[, kh, kw]): never transposed; convs keep their kernel on down
+        assert up[:2] == (weight[0], 8) and down[:2] == (8, weight[1]) and down[2:] == weight[2:]
+        assert all(s == 1 for s in up[2:]) and shapes["alpha"] == ()
     if targets == "attn":
-        assert len(names) == 2 * 4 * (2 * (2 + 10) + 10 + 3 * (10 + 2))  # every attention projection of SDXL
-        assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+        assert len(entries) == 2 * 4 * (2 * (2 + 10) + 10 + 3 * (10 + 2))  # every attention projection of SDXL
+        assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in entries
+    if targets == "locon":
+        assert "lora_unet_input_blocks_3_0_op" in entries and "lora_unet_output_blocks_2_2_conv" in entries
+        assert "lora_unet_input_blocks_4_0_skip_connection" in entries
 
 
-def test_text_encoder_names_keep_the_text_model_level():
+@pytest.mark.parametrize("variant", ["dora", "loha", "lokr"])
+def test_variant_keys_use_comfyui_and_lycoris_suffixes(sdxl_unet_meta, variant):
+    unet = copy.deepcopy(sdxl_unet_meta)
+    reference = comfy.comfy_unet_lora_names(unet)
+    add_unet_adapter(unet, LoraConfig(rank=8, alpha=4, targets="attn", variant=variant,
+                                      block_ranks={"mid_block": 4}))
+    entries = file_entries("unet", unet, dict(unet.config))
+    assert set(entries) <= set(reference)
+    expected = {"dora": {"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"},
+                "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}}
+    for name, shapes in entries.items():
+        out, inp = reference[name][:2]
+        if variant in expected:
+            assert set(shapes) == expected[variant]
+        if variant == "dora":
+            assert shapes["dora_scale"] == (out, 1)  # per output row: ComfyUI's output-axis layout
+        elif variant == "loha":
+            assert shapes["hada_w1_a"][0] == out and shapes["hada_w1_b"][1] == inp
+        else:
+            assert set(shapes) - {"alpha"} <= {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+
+
+def test_text_encoder_keys_are_the_ones_comfyui_maps_for_sdxl():
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    te1_config, te2_config = (CLIPTextConfig(**c) for c in sdxl_text_configs())
+    with torch.device("meta"):
+        encoders = (CLIPTextModel(te1_config), CLIPTextModelWithProjection(te2_config))
+    add_text_encoder_adapters(encoders, LoraConfig(rank=4, alpha=4, targets="attn_ff"))
+    names = set(file_entries("te1", encoders[0])) | set(file_entries("te2", encoders[1]))
+    reference = comfy.comfy_clip_lora_names(te1_config.num_hidden_layers, te2_config.num_hidden_layers)
+    assert names == reference  # all 6 modules of all 12 + 32 layers, each with `text_model`
+
+
+def test_text_encoder_names_keep_one_text_model_level():
     for component, path in (("te1", "encoder.layers.0.self_attn.q_proj"),
                             ("te2", "text_model.encoder.layers.31.mlp.fc2")):
         name = kohya_name(component, path)
