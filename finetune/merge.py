@@ -129,9 +129,11 @@ def _target_shape(entry: dict, rows: slice | None) -> tuple[int, ...]:
 def _check_shape(key: str, entry: dict, rows: slice | None, adds: list[_Add]) -> None:
     target = _target_shape(entry, rows)
     for add in adds:
-        up, down = add.module.up, add.module.down
-        shape = (up.shape[0], *down.shape[1:])
-        if shape != target and _squeezed(shape) != _squeezed(target):
+        shape = tuple(add.module.out_shape)
+        numel = torch.Size(shape).numel()
+        fits = shape == target or _squeezed(shape) == _squeezed(target)
+        # LoHa/LoKr conv factors come flattened (out, in·kh·kw): same rows and size also fit.
+        if not fits and not (shape[0] == target[0] and numel == torch.Size(target).numel()):
             raise ModelError(f"{add.lora}: {key} has shape {target} in the base but the LoRA's update is {shape} "
                              "(a LoRA for another architecture, e.g. SD1.5 on SDXL?)")
 
@@ -149,7 +151,8 @@ def _merged_tensor(key: str, weight: torch.Tensor, edit: _Edit) -> torch.Tensor:
     for rows, adds in edit.parts:
         target = merged[rows] if rows is not None else merged
         for add in adds:
-            target += lora_delta(add.module.up, add.module.down, add.module.alpha, add.scale).reshape(target.shape)
+            # Each adapter kind computes its own delta (DoRA needs the weight it rescales).
+            target += add.module.delta(add.scale, weight=target).reshape(target.shape)
     if not torch.isfinite(merged).all():
         names = sorted({add.lora for _, adds in edit.parts for add in adds})
         raise ModelError(f"{', '.join(names)}: merging into {key} gives non-finite values (scale too large or a broken LoRA)")
