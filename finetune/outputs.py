@@ -38,6 +38,20 @@ def save_full_unet(path: Path, unet) -> Path:
     return path
 
 
+def base_model_hash(path: Path) -> str | None:
+    """A quick identity of the base model: sha256 of 64 KiB at 1 MiB into the file (A1111's legacy
+    model hash), of the UNet weights for a diffusers folder. Reads 64 KiB, not gigabytes."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((path / "unet").glob("*.safetensors"))
+        if not files:
+            return None
+        path = files[0]
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+
+
 def training_metadata(cfg, state, manifest, base_name: str) -> dict[str, str]:
     from captions.tags import tag_frequencies
     from finetune.adapters.metadata import adapter_metadata
@@ -45,7 +59,7 @@ def training_metadata(cfg, state, manifest, base_name: str) -> dict[str, str]:
     buckets = sorted(Counter(tuple(b) for b in manifest["bucket"]))
     return adapter_metadata(
         base_model=base_name,
-        base_model_hash=None,
+        base_model_hash=base_model_hash(cfg.model.pretrained),
         method=cfg.training.method,
         variant=cfg.lora.variant,
         rank=cfg.lora.rank,

@@ -78,6 +78,12 @@ def test_lora_run_writes_a_kohya_lora_that_changes_the_unet(tmp_path, tiny_model
     assert ups and all(k.startswith("lora_unet_") for k in ups)
     assert any(tensors[k].abs().sum() > 0 for k in ups)  # trained: up weights left zero-init
     assert all(float(tensors[k]) == 4.0 for k in tensors if k.endswith(".alpha"))
+    from safetensors import safe_open
+
+    with safe_open(str(result.output_path), "pt") as fh:
+        metadata = fh.metadata()
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert len(metadata["ss_sd_model_hash"]) == 8 and metadata["ss_network_alpha"] == "4.0"
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir, local_files_only=True)
     sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
