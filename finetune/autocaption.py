@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bucketing.image import open_image
-from bucketing.scan import walk_images
+from bucketing.scan import split_masks, walk_images
 from captions.sources import clean_caption, join_prefix
 from finetune.errors import ConfigError, DatasetError, ModelError
 from finetune.io import write_text_atomic
@@ -83,7 +83,8 @@ def check_model_path(model_path: Path) -> None:
 def plan_captions(folder: Path, caption_ext: str, overwrite: bool
                   ) -> tuple[list[tuple[Path, Path]], int, list[tuple[str, str]]]:
     """([(image, caption file) to write], number skipped for an existing caption, [(image, reason)])."""
-    images, problems = walk_images(folder)
+    paths, problems = walk_images(folder)
+    images, _ = split_masks(paths)  # a mask beside an image is not an image to caption
     failures = [(path, reason) for path, reason in problems]
     todo, skipped, owner = [], 0, {}
     for image in images:

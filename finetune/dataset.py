@@ -60,9 +60,9 @@ def build_dataset(cfg, seed: int, manifest_dir: Path) -> ManifestInfo:
 
 
 def _report_text(result) -> str:
-    from collections import Counter
+    from bucketing.report import bucket_counts
 
-    counts = Counter(tuple(b) for b in result.dataset["bucket"])
+    counts = bucket_counts(result.dataset)  # images, not rows: a flipped twin is the same image
     text = format_report(result.report, result.buckets, counts)
     warning = long_caption_warning(list(result.dataset["caption"]))
     return f"{text}\nwarning: {warning}" if warning else text

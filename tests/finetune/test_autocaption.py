@@ -246,3 +246,14 @@ def test_prompt_goes_through_a_combined_processor(tiny_captioners, tmp_path):
     assert set((folder / "a.txt").read_text(encoding="utf-8").split()) <= set(WORDS)
     with pytest.raises(ModelError, match="takes no prompt"):
         caption_folder(folder, tiny_captioners["vision-encoder-decoder"], prompt="w1", overwrite=True)
+
+
+def test_mask_files_are_not_captioned(tmp_path):
+    from PIL import Image
+
+    from finetune.autocaption import plan_captions
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("L", (8, 8)).save(tmp_path / "a_mask.png")
+    todo, skipped, failures = plan_captions(tmp_path, ".txt", overwrite=False)
+    assert [image.name for image, _ in todo] == ["a.png"]
