@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,13 +58,3 @@ def add_time_ids(original_size: Sequence[int], crop_top_left: Sequence[int], buc
     """SDXL's micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w]."""
     return [int(original_size[0]), int(original_size[1]), int(crop_top_left[0]), int(crop_top_left[1]),
             int(bucket_size[0]), int(bucket_size[1])]
-
-
-def pixel_waste(original_size: tuple[int, int], bucket: Bucket) -> float:
-    """Fraction of the resized image cropped away (0 = perfect fit)."""
-    rh, rw = resized_size(original_size, bucket)
-    return 1 - (bucket.height * bucket.width) / (rh * rw)
-
-
-def log_aspect_distance(original_size: tuple[int, int], bucket: Bucket) -> float:
-    return abs(math.log(original_size[1] / original_size[0]) - math.log(bucket.aspect))
