@@ -44,7 +44,10 @@ class Run:
         self.last_checkpoint: Path | None = None
         self.started = time.time()
         if acc.is_main_process and cfg.logging.report_to != "none":
-            acc.init_trackers(cfg.logging.project, config=_flat(cfg.model_dump(mode="json")))
+            # wandb writes beside TensorBoard's events (logs/), not into the shell's current folder.
+            init_kwargs = {"wandb": {"dir": str(cfg.output.dir / "logs")}}
+            (cfg.output.dir / "logs").mkdir(parents=True, exist_ok=True)
+            acc.init_trackers(cfg.logging.project, config=_flat(cfg.model_dump(mode="json")), init_kwargs=init_kwargs)
         _print_plan(acc, cfg, len(self.loader), len(self.manifest), self.params, self.models.unet)
         return self
 
@@ -110,8 +113,11 @@ class Run:
         elif cfg.training.compile:
             acc.print("training.compile is CUDA-only: running eagerly on the CPU")
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        # Every trained model: `accumulate` must skip DDP's gradient sync on each of them.
+        self.trained_models = [self.unet]
         if cfg.training.train_text_encoder:
             models.text_encoder, models.text_encoder_2 = acc.prepare(models.text_encoder, models.text_encoder_2)
+            self.trained_models += [models.text_encoder, models.text_encoder_2]
         acc.register_for_checkpointing(self.lr_scheduler)
         self.ema = None
         if cfg.training.method == "full" and cfg.training.ema_decay:

@@ -77,7 +77,7 @@ def _loop(run, stop: StopFlag) -> bool:
         run.start_epoch()
         for batch in run.loader:
             state.batch_in_epoch += 1
-            with accelerator.accumulate(run.unet):
+            with accelerator.accumulate(*run.trained_models):
                 loss = run.micro_step(batch)
             if not accelerator.sync_gradients:
                 continue

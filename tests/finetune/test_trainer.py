@@ -12,59 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import make_image
+from trainer_runs import adapter_tensors, make_shapes_folder, write_config
 from finetune.config import load_config
 from finetune.errors import CheckpointError, FinetuneError
 from finetune.trainer import train
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-[model]
-pretrained = "{model}"
-[dataset]
-resolution = 128
-min_side = 64
-max_side = 256
-[[dataset.subsets]]
-folder = "{images}"
-[training]
-max_steps = {steps}
-batch_size = 2
-learning_rate = 2e-3
-mixed_precision = "no"
-seed = 3
-[lora]
-rank = 4
-alpha = 4
-[checkpoint]
-every_n_steps = {every}
-keep_last = 5
-[output]
-dir = "out"
-name = "lora"
-"""
-
-
-def write_config(folder: Path, model: Path, images: Path, steps: int = 8, every: int = 4, extra: str = "") -> Path:
-    path = folder / "train.toml"
-    path.write_text(CONFIG.format(model=model, images=images, steps=steps, every=every) + extra, encoding="utf-8")
-    return path
-
 
 @pytest.fixture(scope="module")
 def shapes_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    for i, (h, w) in enumerate([(96, 160), (160, 96), (128, 128), (112, 144)]):
-        make_image(folder / f"{i}.png", h, w, color=(200, 30 * i, 40))
-        (folder / f"{i}.txt").write_text(f"a red drawing number {i}", encoding="utf-8")
-    return folder
-
-
-def adapter_tensors(path: Path) -> dict:
-    return load_file(str(path))
+    return make_shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
 def test_lora_run_writes_a_kohya_lora_that_changes_the_unet(tmp_path, tiny_model_dir, shapes_folder):
@@ -318,3 +278,49 @@ def test_random_crop_changes_per_epoch_and_is_reproducible(tmp_path, tiny_model_
     assert len(set(crops)) > 1
     dataset.set_epoch(2)
     assert tuple(dataset[wide]["add_time_ids"][2:4].tolist()) == crops[2]
+
+
+def test_text_encoder_training_accumulates_over_every_trained_model(tmp_path, tiny_model_dir, shapes_folder, monkeypatch):
+    from accelerate import Accelerator
+
+    seen = []
+    real = Accelerator.accumulate
+
+    def spy(self, *models):
+        seen.append(len(models))
+        return real(self, *models)
+
+    monkeypatch.setattr(Accelerator, "accumulate", spy)
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
+                      ["training.train_text_encoder=true", "cache.text=false", "training.gradient_accumulation_steps=2"])
+    assert train(cfg, progress=False).step == 2
+    assert seen and set(seen) == {3}  # the UNet and both text encoders skip DDP's sync on every micro-step
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path, tiny_model_dir, shapes_folder, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")  # recorded, so the undo below restores the suite's value
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
+                      ["logging.report_to=wandb", "logging.every_n_steps=1"])
+    train(cfg, progress=False)
+    assert os.environ["WANDB_MODE"] == "offline"  # no key, no network: the trainer chose offline itself
+    runs = list((cfg.output.dir / "logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert not (tmp_path / "wandb").exists()  # nothing written into the shell's folder
+
+
+def test_out_of_memory_names_the_settings_to_change(tmp_path, tiny_model_dir, shapes_folder, monkeypatch):
+    from finetune.run import Run
+
+    def oom(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Run, "micro_step", oom)
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10))
+    with pytest.raises(FinetuneError) as info:
+        train(cfg, progress=False)
+    message = str(info.value)
+    for key in ("training.batch_size", "training.gradient_checkpointing", "memory_profile"):
+        assert key in message
