@@ -120,6 +120,9 @@ class TrainingConfig(Section):
     memory_profile: Literal["auto", "min_vram", "low_vram", "balanced", "fast", "custom"] = Field(
         "custom", description="A named set of memory/speed settings (finetune/profiles.py); keys you set yourself win. 'custom': none.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: much less memory, ~30% slower.")
+    gradient_checkpointing_mode: Literal["full", "transformer", "resnet", "offload"] = Field(
+        "full", description="With gradient_checkpointing: recompute every block (full), only transformer blocks or "
+        "only ResNets (less recompute, more memory), or recompute nothing and offload activations to CPU memory.")
     base_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision of frozen base weights (trained parameters stay fp32).")
     compile: bool = Field(False, description="torch.compile the UNet once per bucket shape (CUDA only; ignored on CPU).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")

@@ -198,6 +198,7 @@ class Run:
 
     def micro_step(self, batch: dict) -> float | None:
         """Forward, backward and (on the last micro-batch) the optimizer step. None if the loss was not finite."""
+        from finetune.activations import saved_activations
         from finetune.step import batch_latents, batch_text, diffusion_step_loss, step_generator
 
         acc, cfg = self.accelerator, self.cfg
@@ -206,7 +207,9 @@ class Run:
                                    acc.process_index, acc.device)
         latents = batch_latents(_to(batch, acc.device), self.models.vae, generator)  # (B, 4, H/8, W/8)
         prompt_embeds, pooled = batch_text(batch, self.text_encode)
-        with acc.autocast():
+        offload = saved_activations(cfg.training.gradient_checkpointing, cfg.training.gradient_checkpointing_mode,
+                                    acc.device)
+        with acc.autocast(), offload:
             loss = diffusion_step_loss(
                 # Cached embeddings are stored fp16; compute starts in fp32 and autocast takes it from there.
                 self.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device, torch.float32),

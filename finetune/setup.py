@@ -62,7 +62,9 @@ def prepare_unet(unet, training, lora_cfg):
     for p in params:
         p.data = p.data.float()  # trained parameters stay fp32 whatever the base precision
     if training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        from finetune.activations import enable_checkpointing
+
+        enable_checkpointing(unet, training.gradient_checkpointing_mode)
     unet.train()
     return params
 

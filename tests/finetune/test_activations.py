@@ -1,0 +1,96 @@
+"""Checkpointing granularity and activation offload: less memory, the same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.activations import checkpointed_modules, enable_checkpointing, saved_activations
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    from finetune.models.tiny import tiny_unet_config
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**tiny_unet_config())
+
+
+def loss_and_grads(unet, mode: str | None):
+    if mode is not None:
+        enable_checkpointing(unet, mode)
+    unet.train()
+    g = torch.Generator().manual_seed(1)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    sample = torch.randn(1, 4, 16, 16, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, generator=g),
+            "added_cond_kwargs": {"text_embeds": torch.randn(1, pooled, generator=g),
+                                  "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}}
+    with saved_activations(mode is not None, mode or "full", torch.device("cpu")):
+        loss = unet(sample, torch.tensor([500]), **cond).sample.pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["full", "transformer", "resnet", "offload"])
+def test_every_mode_gives_the_gradients_of_no_checkpointing(mode):
+    reference_loss, reference = loss_and_grads(tiny_unet(), None)
+    loss, grads = loss_and_grads(tiny_unet(), mode)
+    assert torch.equal(loss, reference_loss)
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_modes_choose_which_blocks_recompute():
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    def kinds(mode):
+        unet = tiny_unet()
+        enable_checkpointing(unet, mode)
+        modules = dict(unet.named_modules())
+        return {isinstance(modules[name], Transformer2DModel) for name in checkpointed_modules(unet)}, unet
+
+    assert kinds("full")[0] == {True, False}
+    assert kinds("transformer")[0] == {True}
+    assert kinds("resnet")[0] == {False}
+    assert checkpointed_modules(kinds("offload")[1]) == []  # offload recomputes nothing
+
+
+def test_offload_moves_saved_activations_through_the_cpu_hooks():
+    saved = []
+    real = torch.autograd.graph.save_on_cpu.__init__
+
+    def spy(self, pin_memory=False, device_type="cuda"):
+        saved.append(pin_memory)
+        real(self, pin_memory=pin_memory, device_type=device_type)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.autograd.graph.save_on_cpu, "__init__", spy)
+        with saved_activations(True, "offload", torch.device("cpu")):
+            pass
+        with saved_activations(True, "full", torch.device("cpu")), saved_activations(False, "offload", torch.device("cpu")):
+            pass
+    assert saved == [False]  # only offload with checkpointing on; pinned memory only for a GPU
+
+
+@pytest.mark.gpu
+def test_offload_and_partial_checkpointing_lower_peak_gpu_memory():
+    peaks = {}
+    for mode in (None, "transformer", "offload", "full"):
+        unet = tiny_unet().cuda()
+        if mode:
+            enable_checkpointing(unet, mode)
+        x = torch.randn(2, 4, 64, 64, device="cuda")
+        cond = {"encoder_hidden_states": torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda"),
+                "added_cond_kwargs": {"text_embeds": torch.randn(2, 64, device="cuda"),
+                                      "time_ids": torch.tensor([[512.0, 512, 0, 0, 512, 512]] * 2, device="cuda")}}
+        torch.cuda.reset_peak_memory_stats()
+        with saved_activations(mode is not None, mode or "full", torch.device("cuda")):
+            loss = unet(x, torch.tensor([500, 500], device="cuda"), **cond).sample.float().pow(2).mean()
+        loss.backward()
+        peaks[mode] = torch.cuda.max_memory_allocated()
+        del unet, loss
+        torch.cuda.empty_cache()
+    assert peaks["full"] < peaks["transformer"] < peaks[None]
+    assert peaks["offload"] < peaks[None]
