@@ -91,7 +91,7 @@ class Run:
     def _setup_optimization(self) -> None:
         """Adapters (or full weights), optimizer, LR schedule, EMA; then Accelerate wraps them."""
         from finetune.optim import build_lr_scheduler, build_optimizer
-        from finetune.setup import prepare_text_encoders, prepare_unet
+        from finetune.setup import compile_unet, prepare_text_encoders, prepare_unet
 
         cfg, acc, models = self.cfg, self.accelerator, self.models
         self.params = prepare_unet(models.unet, cfg.training, cfg.lora)
@@ -107,9 +107,7 @@ class Run:
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, cfg.training.max_steps)
         unet = models.unet
         if cfg.training.compile and acc.device.type == "cuda":
-            # Buckets make shapes static: one compiled graph per bucket shape, reused every epoch.
-            torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-            unet = torch.compile(unet)
+            unet = compile_unet(unet, cfg.cache_dir / "compile")
         elif cfg.training.compile:
             acc.print("training.compile is CUDA-only: running eagerly on the CPU")
         self.unet, self.optimizer = acc.prepare(unet, optimizer)

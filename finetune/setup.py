@@ -25,6 +25,10 @@ def make_accelerator(training, logging_cfg, output_dir: Path):
         raise ConfigError("training.allow_cpu = false and no CUDA GPU was found")
     if not cuda and training.mixed_precision == "fp16":
         raise ConfigError("training.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
+    if cuda:
+        # fp32 matmuls (mixed_precision = "no", the fp32 parts of autocast) run on TF32 tensor cores.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     report_to = None if logging_cfg.report_to == "none" else logging_cfg.report_to
     if report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no key, no network: log locally, sync later
@@ -37,6 +41,21 @@ def make_accelerator(training, logging_cfg, output_dir: Path):
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+
+
+def compile_unet(unet, cache_dir: Path):
+    """torch.compile for bucketed training: one static graph per bucket shape, kernels kept between runs."""
+    # Buckets make shapes static: dynamic=False compiles each bucket shape once as a static graph
+    # (no symbolic-shape graph after the second shape), and the limit leaves room for every bucket.
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    # Inductor's kernels live with the other caches, so the next run (or a resume) reuses them.
+    # Importing diffusers already wrote torch's default folder into the variable: only a folder
+    # the user chose is kept.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    return torch.compile(unet, dynamic=False)
 
 
 def prepare_unet(unet, training, lora_cfg):

@@ -1,0 +1,47 @@
+"""The trainer's builders: compile settings for bucketed shapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from finetune.setup import compile_unet
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    from finetune.models.tiny import tiny_unet_config
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**tiny_unet_config())
+
+
+def test_compile_keeps_kernels_with_the_caches_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves
+    compiled = compile_unet(tiny_unet(), tmp_path / "compile")
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # wrapped lazily, nothing built yet
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile")
+    assert torch._dynamo.config.cache_size_limit >= 64  # room for one graph per bucket shape
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compile_unet(tiny_unet(), tmp_path / "compile")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.gpu
+def test_compiled_unet_matches_eager_on_two_bucket_shapes(tmp_path):
+    unet = tiny_unet().cuda()
+    compiled = compile_unet(unet, tmp_path / "compile")
+    for h, w in ((16, 24), (24, 16)):
+        x = torch.randn(1, 4, h, w, device="cuda")
+        cond = {"encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, device="cuda"),
+                "added_cond_kwargs": {"text_embeds": torch.randn(1, 64, device="cuda"),
+                                      "time_ids": torch.tensor([[h * 8.0, w * 8, 0, 0, h * 8, w * 8]], device="cuda")}}
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, torch.tensor([10], device="cuda"), **cond).sample,
+                                       unet(x, torch.tensor([10], device="cuda"), **cond).sample, rtol=1e-3, atol=1e-3)
