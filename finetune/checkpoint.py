@@ -16,6 +16,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from finetune.errors import CheckpointError
 from finetune.io import write_text_atomic
 
@@ -133,6 +135,7 @@ def _fsync_files(folder: Path) -> None:
 # Changing these between the stopped run and the resume would make "continue exactly" a lie.
 FROZEN_ON_RESUME = ("model", "dataset", "training.method", "training.batch_size",
                     "training.gradient_accumulation_steps", "training.seed", "training.train_text_encoder",
+                    "training.fused_backward", "training.weight_dtype",  # they change the optimizer state's layout
                     "lora", "optimizer.name", "loss", "cache.latent_std")
 
 
@@ -160,3 +163,30 @@ def _diff(prefix: str, old, new) -> list[str]:
                 out.extend(_diff(f"{prefix}.{key}", old.get(key), new.get(key)))
         return out
     return [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
+
+
+def register_trainable_only_hooks(acc) -> None:
+    """Checkpoints hold the trained parameters only (a LoRA checkpoint is MBs, not the 5 GB UNet)."""
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trained, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        weights.clear()  # accelerate must not write the full state dicts as well
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            trained = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
+            params = dict(model.named_parameters())
+            expected = {n for n, p in params.items() if p.requires_grad}
+            if expected != set(trained):
+                raise CheckpointError(f"{input_dir}: its trained weights do not match this model's "
+                                      f"({len(expected ^ set(trained))} names differ)")
+            with torch.no_grad():
+                for name, value in trained.items():
+                    params[name].copy_(value)
+        models.clear()  # loaded here; accelerate must not look for full state dicts
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)

@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from finetune.errors import ConfigError
 
 
+# The lora.variant values peft can train on each quantized base (peft 0.21): DoRA reads the fp8
+# weight without its scale; LoHa/LoKr expect a dense weight, not bitsandbytes' packed one.
+QUANTIZED_BASE_VARIANTS = {"nf4": ("lora", "dora"), "fp8": ("lora", "loha", "lokr")}
+
+
 class Section(BaseModel):
     """Base of every table: unknown keys are errors, assignments are validated too."""
 
@@ -123,7 +128,14 @@ class TrainingConfig(Section):
     gradient_checkpointing_mode: Literal["full", "transformer", "resnet", "offload"] = Field(
         "full", description="With gradient_checkpointing: recompute every block (full), only transformer blocks or "
         "only ResNets (less recompute, more memory), or recompute nothing and offload activations to CPU memory.")
-    base_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision of frozen base weights (trained parameters stay fp32).")
+    base_dtype: Literal["fp32", "bf16", "fp16", "fp8", "nf4"] = Field(
+        "fp32", description="Precision of frozen base weights (trained parameters stay fp32). LoRA only: fp8 (per-channel "
+        "scales) or nf4 (bitsandbytes) store the transformer blocks' Linear layers in 1 or 0.5 bytes per weight.")
+    fused_backward: bool = Field(False, description="Full fine-tuning: step the optimizer inside backward, one tensor "
+                                 "at a time, so the whole UNet's gradients never exist at once (~5 GB less for SDXL in "
+                                 "bf16). Clipping is then per tensor; no gradient accumulation, one process.")
+    weight_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Full fine-tuning: trained weights in fp32, or in "
+                                                  "bf16 with stochastic rounding and no fp32 copy (needs fused_backward).")
     compile: bool = Field(False, description="torch.compile the UNet once per bucket shape (CUDA only; ignored on CPU).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Full fine-tuning: keep EMA weights with this decay.")
@@ -270,11 +282,48 @@ class TrainConfig(Section):
         if self.training.base_dtype != "fp32" and self.training.mixed_precision == "no":
             problems.append(f"training.base_dtype = '{self.training.base_dtype}' needs autocast: set "
                             "training.mixed_precision = 'bf16' (or 'fp16'), or base_dtype = 'fp32'")
+        problems += self._quantized_base_problems() + self._full_finetune_problems()
         if self.cache.latents and self.dataset.crop == "random":
             problems.append("dataset.crop = 'random' gives a new crop every epoch; set cache.latents = false or dataset.crop = 'center'")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _quantized_base_problems(self) -> list[str]:
+        kind = self.training.base_dtype
+        if kind not in QUANTIZED_BASE_VARIANTS:
+            return []
+        if self.training.method != "lora":
+            return [f"training.base_dtype = '{kind}' quantizes frozen weights: it needs training.method = 'lora'"]
+        if self.lora.variant not in QUANTIZED_BASE_VARIANTS[kind]:
+            allowed = " or ".join(repr(v) for v in QUANTIZED_BASE_VARIANTS[kind])
+            return [f"lora.variant = '{self.lora.variant}' cannot train on training.base_dtype = '{kind}': use {allowed}, "
+                    "or another base_dtype"]
+        return []
+
+    def _full_finetune_problems(self) -> list[str]:
+        training, problems = self.training, []
+        if training.fused_backward:
+            if training.method != "full":
+                problems.append("training.fused_backward = true is for training.method = 'full' (a LoRA's gradients are small)")
+            if training.gradient_accumulation_steps > 1:
+                problems.append("training.fused_backward = true steps on every backward: set "
+                                "training.gradient_accumulation_steps = 1 (raise batch_size instead)")
+            if training.mixed_precision == "fp16":
+                problems.append("training.fused_backward = true cannot unscale fp16 gradients that never coexist: "
+                                "use training.mixed_precision = 'bf16'")
+            if self.optimizer.name == "prodigy":
+                problems.append("training.fused_backward = true would give prodigy one step-size estimate per tensor: "
+                                "use adamw8bit or adafactor")
+        if training.weight_dtype == "bf16":
+            if training.method != "full" or not training.fused_backward:
+                problems.append("training.weight_dtype = 'bf16' (stochastic rounding) needs training.method = 'full' "
+                                "and training.fused_backward = true")
+            if training.mixed_precision != "bf16":
+                problems.append("training.weight_dtype = 'bf16' needs training.mixed_precision = 'bf16'")
+            if training.ema_decay:
+                problems.append("training.weight_dtype = 'bf16' would round EMA updates away: unset training.ema_decay")
+        return problems
 
     @property
     def cache_dir(self) -> Path:

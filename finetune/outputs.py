@@ -11,27 +11,29 @@ import torch
 from finetune.config import dump_config
 
 
-def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, base_name: str) -> Path:
+def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, base_name: str,
+                         unet_state: dict | None = None) -> Path:
     """Write the adapter (method = "lora") or the whole UNet (method = "full") to `path`, atomically.
 
-    `text_encoders` is the trained pair, or None when only the UNet trained.
+    `text_encoders` is the trained pair, or None when only the UNet trained; `unet_state`, when
+    given, holds the full UNet's weights gathered from FSDP shards.
     """
     if cfg.training.method == "lora":
         from finetune.adapters.save import save_adapter
 
         return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format,
                             metadata=training_metadata(cfg, state, manifest, base_name))
-    return save_full_unet(path, unet)
+    return save_full_unet(path, unet, unet_state)
 
 
-def save_full_unet(path: Path, unet) -> Path:
+def save_full_unet(path: Path, unet, state_dict: dict | None = None) -> Path:
     """The UNet alone, SGM keys (`model.diffusion_model.…`), as ComfyUI's UNet loader and merges read it."""
     from safetensors.torch import save_file
 
     from finetune.io import atomic_file
     from finetune.models.sgm_keys import unet_state_dict_to_sgm
 
-    sgm = unet_state_dict_to_sgm(unet.state_dict(), dict(unet.config))
+    sgm = unet_state_dict_to_sgm(unet.state_dict() if state_dict is None else state_dict, dict(unet.config))
     tensors = {f"model.diffusion_model.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in sgm.items()}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base"})

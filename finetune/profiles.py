@@ -1,18 +1,25 @@
 """Memory profiles: named sets of memory/speed settings, and the pre-flight memory estimate.
 
 A profile only fills the keys the user did not write: `memory_profile = "low_vram"` with
-`optimizer.name = "adamw"` in the TOML keeps AdamW.
+`optimizer.name = "adamw"` in the TOML keeps AdamW. The result passes the config's own cross-field
+rules again, so a profile can never produce a config the user could not have written.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-# (table, key) -> value. Ordered from least to most memory.
-# Every profile keeps frozen base weights in bf16, which needs bf16 autocast.
+from finetune.config import QUANTIZED_BASE_VARIANTS, validate_config
+from finetune.errors import ConfigError
+
+Settings = dict[tuple[str, str], object]  # (table, key) -> value
+
+# LoRA, from least to most memory. Frozen base weights in bf16 (NF4 for min_vram) need bf16 autocast.
 _BF16 = {("training", "mixed_precision"): "bf16", ("training", "base_dtype"): "bf16"}
-PROFILES: dict[str, dict[tuple[str, str], object]] = {
-    "min_vram": {**_BF16, ("training", "gradient_checkpointing"): True,
+LORA_PROFILES: dict[str, Settings] = {
+    "min_vram": {**_BF16, ("training", "base_dtype"): "nf4", ("training", "gradient_checkpointing"): True,
                  ("optimizer", "name"): "adamw8bit", ("training", "batch_size"): 1, ("training", "compile"): False},
     "low_vram": {**_BF16, ("training", "gradient_checkpointing"): True,
                  ("optimizer", "name"): "adamw8bit", ("training", "compile"): False},
@@ -22,8 +29,29 @@ PROFILES: dict[str, dict[tuple[str, str], object]] = {
              ("optimizer", "name"): "adamw", ("training", "compile"): True},
 }
 
-# Free GPU memory (GiB) from which `auto` picks each profile; measured rows live in docs/benchmarks.md.
-AUTO_THRESHOLDS = (("fast", 20.0), ("balanced", 14.0), ("low_vram", 9.0), ("min_vram", 0.0))
+# Full fine-tuning of the 2.6 B UNet: below `fast`, bf16 weights rounded stochastically, 8-bit
+# AdamW state and the step fused into backward (no whole-model gradient): ~10 GB before activations.
+_FUSED_BF16 = {("training", "mixed_precision"): "bf16", ("training", "fused_backward"): True,
+               ("training", "weight_dtype"): "bf16", ("optimizer", "name"): "adamw8bit", ("training", "compile"): False}
+FULL_PROFILES: dict[str, Settings] = {
+    "min_vram": {**_FUSED_BF16, ("training", "gradient_checkpointing"): True, ("training", "batch_size"): 1},
+    "low_vram": {**_FUSED_BF16, ("training", "gradient_checkpointing"): True},
+    "balanced": {**_FUSED_BF16, ("training", "gradient_checkpointing"): False},
+    "fast": {("training", "mixed_precision"): "bf16", ("training", "gradient_checkpointing"): False,
+             ("optimizer", "name"): "adamw", ("training", "compile"): True},
+}
+
+# Free GPU memory (GiB) from which `auto` picks each profile: the estimate below for SDXL at 1024²,
+# batch 1, with headroom. Measured rows belong in docs/benchmarks.md.
+AUTO_THRESHOLDS = {
+    "lora": (("fast", 20.0), ("balanced", 14.0), ("low_vram", 9.0), ("min_vram", 0.0)),
+    "full": (("fast", 60.0), ("balanced", 24.0), ("low_vram", 14.0), ("min_vram", 0.0)),
+}
+
+
+def profile_settings(name: str, method: str) -> Settings:
+    """The settings profile `name` stands for, for training.method `method`."""
+    return (FULL_PROFILES if method == "full" else LORA_PROFILES)[name]
 
 
 def free_gpu_gib() -> float | None:
@@ -33,11 +61,11 @@ def free_gpu_gib() -> float | None:
     return free / 2**30
 
 
-def pick_auto(free_gib: float | None) -> tuple[str, str]:
+def pick_auto(free_gib: float | None, method: str = "lora") -> tuple[str, str]:
     """The profile `auto` stands for, and why."""
     if free_gib is None:
         return "balanced", "no CUDA GPU: memory is not the limit, checkpointing would only slow the CPU"
-    for name, threshold in AUTO_THRESHOLDS:
+    for name, threshold in AUTO_THRESHOLDS[method]:
         if free_gib >= threshold:
             return name, f"{free_gib:.1f} GiB free on the GPU (>= {threshold:g} GiB)"
     return "min_vram", f"{free_gib:.1f} GiB free on the GPU"
@@ -48,39 +76,79 @@ def apply_memory_profile(cfg, free_gib: float | None = None) -> tuple[object, st
 
     Returns:
         (config, message saying which profile applied and why; None for "custom").
+
+    Raises:
+        ConfigError: a key the user set contradicts one the profile sets (names both).
     """
     name = cfg.training.memory_profile
     if name == "custom":
         return cfg, None
     reason = "set in the config"
     if name == "auto":
-        name, reason = pick_auto(free_gib if free_gib is not None else free_gpu_gib())
+        name, reason = pick_auto(free_gib if free_gib is not None else free_gpu_gib(), cfg.training.method)
     cfg = cfg.model_copy(deep=True)
-    applied = []
-    for (table, key), value in PROFILES[name].items():
+    applied = {}
+    for (table, key), value in profile_settings(name, cfg.training.method).items():
         section = getattr(cfg, table)
         if key not in section.model_fields_set:
             setattr(section, key, value)
-            applied.append(f"{table}.{key}={value}")
+            applied[f"{table}.{key}"] = str(value)
+    _soften(cfg, applied)
+    listed = ", ".join(f"{k}={v}" for k, v in applied.items()) or "every key already set"
+    try:
+        # Only what is set travels, so "unset" stays unset (the optimizers read that); paths are absolute.
+        cfg = validate_config(cfg.model_dump(exclude_unset=True), base_dir=Path("/"), source="memory profile")
+    except ConfigError as err:
+        raise ConfigError(f"training.memory_profile = '{name}' sets {listed}, which the rest of the config "
+                          f"contradicts:\n{err}\nset those keys yourself, or use memory_profile = 'custom'") from None
+    return cfg, f"memory profile {name} ({reason}): {listed}"
+
+
+def _soften(cfg, applied: dict[str, str]) -> None:
+    """Undo profile keys that cannot work with what the user chose, and say so in `applied`."""
     training = cfg.training
-    profile_set_base = any(a.startswith("training.base_dtype") for a in applied)
-    if training.mixed_precision == "no" and training.base_dtype != "fp32" and profile_set_base:
-        # bf16 base weights need autocast; the user turned it off, so the base stays fp32.
-        training.base_dtype = "fp32"
-        applied = [a for a in applied if not a.startswith("training.base_dtype")] + ["training.base_dtype=fp32 (no autocast)"]
-    return cfg, f"memory profile {name} ({reason}): {', '.join(applied) or 'every key already set'}"
+    if training.mixed_precision == "no":
+        # bf16 or quantized weights need autocast; the user turned it off, so they stay fp32.
+        for key in ("base_dtype", "weight_dtype"):
+            if f"training.{key}" in applied:
+                setattr(training, key, "fp32")
+                applied[f"training.{key}"] = "fp32 (no autocast)"
+    quantized = QUANTIZED_BASE_VARIANTS.get(training.base_dtype)
+    if "training.base_dtype" in applied and quantized and cfg.lora.variant not in quantized:
+        training.base_dtype = "bf16"
+        applied["training.base_dtype"] = f"bf16 (lora.variant = {cfg.lora.variant} cannot train on a quantized base)"
 
 
-def estimate_peak_gib(num_base_params: int, num_trained_params: int, *, base_bytes: int, optimizer: str,
-                      pixels: int, batch_size: int, checkpointing: bool) -> float:
+# Bytes per frozen base weight. fp8/nf4 quantize the transformer blocks' Linear layers (86 % of
+# SDXL's UNet weights) and keep the rest in bf16: 2.93 GB and 1.86 GB for the 2.567 B weights.
+BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.14, "nf4": 0.72}
+STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "lion8bit": 1, "adafactor": 4, "prodigy": 16}
+# Activation GiB per megapixel per image, bf16, SDXL-sized UNet: about 10 stored without
+# checkpointing and 1.5 with full checkpointing or offload; the partial modes are taken halfway
+# until the benchmark measures them.
+ACTIVATION_GIB_PER_MPX = {None: 10.0, "full": 1.5, "offload": 1.5, "transformer": 5.0, "resnet": 5.0}
+
+
+def estimate_peak_gib(num_base_params: int, num_trained_params: int, *, base_dtype: str, optimizer: str,
+                      pixels: int, batch_size: int, checkpointing: str | None,
+                      trained_bytes: int = 4, fused_backward: bool = False,
+                      base_weight_bytes: float | None = None) -> float:
     """A rough pre-flight estimate of peak GPU memory for the UNet step, in GiB.
 
-    Weights + trained fp32 copies + gradients + optimizer state + activations. The activation term
-    is linear in pixels·batch; its constants are SDXL's measured order of magnitude (about 10 GiB at
-    1024², batch 1, bf16 without checkpointing; about 1.5 GiB with it) and scale with the UNet size.
+    Frozen weights + trained weights + their gradients (none kept with the fused backward) +
+    optimizer state + activations; the activation term is linear in pixels·batch and scales with
+    the UNet's size.
+
+    Args:
+        checkpointing: None (off) or training.gradient_checkpointing_mode.
+        trained_bytes: 4 for fp32 trained weights, 2 for bf16 (training.weight_dtype).
+        base_weight_bytes: the frozen weights' bytes counted on a built model (else from BASE_BYTES).
     """
-    state_bytes = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "lion8bit": 1, "adafactor": 4, "prodigy": 16}
-    weights = num_base_params * base_bytes + num_trained_params * (4 + 4 + state_bytes.get(optimizer, 8))
-    per_pixel = (1.5 if checkpointing else 10.0) * 2**30 / (1024 * 1024)
-    activations = per_pixel * pixels * batch_size * (num_base_params / 2.567e9)
+    grad_bytes = 0 if fused_backward else trained_bytes
+    if base_weight_bytes is None:
+        base_weight_bytes = num_base_params * BASE_BYTES[base_dtype]
+    weights = (base_weight_bytes
+               + num_trained_params * (trained_bytes + grad_bytes + STATE_BYTES.get(optimizer, 8)))
+    unet_size = (num_base_params + num_trained_params) / 2.567e9
+    activations = ACTIVATION_GIB_PER_MPX[checkpointing] * 2**30 * pixels / 2**20 * batch_size * unet_size
     return (weights + activations) / 2**30

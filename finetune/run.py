@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ class Run:
         """Build the run; each step needs what the step before it made."""
         from accelerate.utils import set_seed
 
+        from finetune.plan import flat_config, print_plan
         from finetune.profiles import apply_memory_profile
         from finetune.setup import make_accelerator
 
@@ -47,8 +47,8 @@ class Run:
             # wandb writes beside TensorBoard's events (logs/), not into the shell's current folder.
             init_kwargs = {"wandb": {"dir": str(cfg.output.dir / "logs")}}
             (cfg.output.dir / "logs").mkdir(parents=True, exist_ok=True)
-            acc.init_trackers(cfg.logging.project, config=_flat(cfg.model_dump(mode="json")), init_kwargs=init_kwargs)
-        _print_plan(acc, cfg, len(self.loader), len(self.manifest), self.params, self.models.unet)
+            acc.init_trackers(cfg.logging.project, config=flat_config(cfg.model_dump(mode="json")), init_kwargs=init_kwargs)
+        print_plan(acc, cfg, len(self.loader), len(self.manifest), self.params, self.models.unet)
         return self
 
     def _setup_manifest(self) -> None:
@@ -90,18 +90,27 @@ class Run:
 
     def _setup_optimization(self) -> None:
         """Adapters (or full weights), optimizer, LR schedule, EMA; then Accelerate wraps them."""
-        from finetune.optim import build_lr_scheduler, build_optimizer
-        from finetune.setup import compile_unet, prepare_text_encoders, prepare_unet
+        from accelerate.utils import DistributedType
+
+        from finetune.optim import build_lr_scheduler
+        from finetune.setup import (build_training_optimizer, check_parallelism, compile_unet, prepare_text_encoders,
+                                    prepare_unet)
 
         cfg, acc, models = self.cfg, self.accelerator, self.models
-        self.params = prepare_unet(models.unet, cfg.training, cfg.lora)
-        groups = [{"params": self.params, "lr": cfg.training.learning_rate}]
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
+        check_parallelism(cfg.training, fsdp=self.fsdp, num_processes=acc.num_processes)
+        unet_params = prepare_unet(models.unet, cfg.training, cfg.lora, device=None if self.fsdp else acc.device)
+        groups = [{"params": unet_params, "lr": cfg.training.learning_rate}]
+        te_params = []
         if cfg.training.train_text_encoder:
             te_params = prepare_text_encoders(models.text_encoders, cfg.training, cfg.lora)
             groups.append({"params": te_params, "lr": cfg.training.text_encoder_lr or cfg.training.learning_rate})
-            self.params = self.params + te_params
-        # The optimizer sees exactly the trained parameters.
-        optimizer = build_optimizer(groups, cfg.optimizer, cfg.training.learning_rate)
+        if not self.fsdp:
+            # On the device before the optimizer: AdamW picks its fused CUDA kernel there, and the fused
+            # backward's fp32 stand-ins sit beside their weights. (FSDP places the shards itself.)
+            models.unet.to(acc.device)
+        optimizer = build_training_optimizer(groups, cfg.training, cfg.optimizer)  # exactly the trained parameters
+        self.fused = optimizer if cfg.training.fused_backward else None  # it steps inside backward
         # We step the LR scheduler once per optimizer step ourselves; `prepare` would step it once
         # per process. Registered, it is still saved and restored with the Accelerate state.
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, cfg.training.max_steps)
@@ -111,6 +120,8 @@ class Run:
         elif cfg.training.compile:
             acc.print("training.compile is CUDA-only: running eagerly on the CPU")
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        # FSDP swaps each UNet parameter for its shard: clipping and EMA must see what the optimizer steps.
+        self.params = [p for p in self.unet.parameters() if p.requires_grad] + te_params
         # Every trained model: `accumulate` must skip DDP's gradient sync on each of them.
         self.trained_models = [self.unet]
         if cfg.training.train_text_encoder:
@@ -124,7 +135,8 @@ class Run:
             # The EMA copy lives beside the trained weights and is saved/restored with them.
             self.ema = EMAModel(self.params, decay=cfg.training.ema_decay)
             acc.register_for_checkpointing(self.ema)
-        _register_trainable_only_hooks(acc)
+        if not self.fsdp:  # FSDP saves its shards itself; a full fine-tune trains every weight anyway
+            ckpt.register_trainable_only_hooks(acc)
 
     def _setup_data(self, latents, text) -> None:
         """Train/validation split, datasets, the bucket loader, and the resume state."""
@@ -219,8 +231,10 @@ class Run:
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        acc.backward(loss)
-        if acc.sync_gradients and cfg.training.max_grad_norm > 0:
+        acc.backward(loss)  # with training.fused_backward this also steps the optimizer, tensor by tensor
+        if self.fused is not None:
+            self.grad_norm = self.fused.pop_grad_norm()  # clipped per tensor inside backward
+        elif acc.sync_gradients and cfg.training.max_grad_norm > 0:
             self.grad_norm = acc.clip_grad_norm_(self.params, cfg.training.max_grad_norm)
         self.optimizer.step()
         if acc.sync_gradients:
@@ -273,7 +287,11 @@ class Run:
 
     # --- outputs ---------------------------------------------------------------------------------
 
-    def write_weights(self, path: Path) -> Path:
+    def gather_unet_state(self) -> dict | None:
+        """FSDP: the whole UNet's weights gathered from the shards (every process must call it)."""
+        return self.accelerator.get_state_dict(self.unet) if self.fsdp else None
+
+    def write_weights(self, path: Path, unet_state: dict | None = None) -> Path:
         """The usable file: the LoRA in the configured format, or the full UNet (SGM keys)."""
         from finetune.outputs import save_trained_weights
 
@@ -282,21 +300,27 @@ class Run:
         encoders = None
         if self.cfg.training.train_text_encoder:
             encoders = tuple(acc.unwrap_model(e) for e in self.models.text_encoders)
+
+        def save():
+            return save_trained_weights(path, unet, encoders, self.cfg, self.state, self.manifest, self.models.name,
+                                        unet_state=unet_state)
+
         if self.ema is None:
-            return save_trained_weights(path, unet, encoders, self.cfg, self.state, self.manifest, self.models.name)
+            return save()
         # Full fine-tuning with EMA: the file holds the averaged weights; training continues on its own.
         self.ema.store(self.params)
         self.ema.copy_to(self.params)
         try:
-            return save_trained_weights(path, unet, encoders, self.cfg, self.state, self.manifest, self.models.name)
+            return save()
         finally:
             self.ema.restore(self.params)
 
     def save_checkpoint(self) -> Path:
         cfg = self.cfg
+        unet_state = self.gather_unet_state()
         folder = ckpt.save_checkpoint(
             self.accelerator, cfg.output.checkpoints_dir, self.state, dump_config(cfg),
-            lambda tmp: self.write_weights(tmp / f"{cfg.output.name}.safetensors"))
+            lambda tmp: self.write_weights(tmp / f"{cfg.output.name}.safetensors", unet_state))
         if self.accelerator.is_main_process:
             ckpt.prune_checkpoints(cfg.output.checkpoints_dir, cfg.checkpoint.keep_last)
         self.last_checkpoint = folder
@@ -323,8 +347,9 @@ class Run:
         cfg, acc = self.cfg, self.accelerator
         if not interrupted:
             self.save_checkpoint()
+            unet_state = self.gather_unet_state()
             if acc.is_main_process:
-                self.write_weights(cfg.output.adapter_path)
+                self.write_weights(cfg.output.adapter_path, unet_state)
                 if cfg.sample.prompts:
                     self.render_samples()
         acc.wait_for_everyone()
@@ -334,64 +359,5 @@ class Run:
                            log_dir=cfg.output.dir / "logs", interrupted=interrupted)
 
 
-def _register_trainable_only_hooks(acc) -> None:
-    """Checkpoints hold the trained parameters only (a LoRA checkpoint is MBs, not the 5 GB UNet)."""
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(trained, str(Path(output_dir) / f"trainable_{i}.safetensors"))
-        weights.clear()  # accelerate must not write the full state dicts as well
-
-    def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            trained = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
-            params = dict(model.named_parameters())
-            expected = {n for n, p in params.items() if p.requires_grad}
-            if expected != set(trained):
-                raise CheckpointError(f"{input_dir}: its trained weights do not match this model's "
-                                      f"({len(expected ^ set(trained))} names differ)")
-            with torch.no_grad():
-                for name, value in trained.items():
-                    params[name].copy_(value)
-        models.clear()  # loaded here; accelerate must not look for full state dicts
-
-    acc.register_save_state_pre_hook(save_hook)
-    acc.register_load_state_pre_hook(load_hook)
-
-
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
-
-
-def _print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) -> None:
-    from finetune.profiles import estimate_peak_gib, free_gpu_gib
-
-    per_epoch = math.ceil(batches / cfg.training.gradient_accumulation_steps)
-    trained = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in unet.parameters())
-    estimate = estimate_peak_gib(
-        total - trained if cfg.training.method == "lora" else 0, trained,
-        base_bytes=2 if cfg.training.base_dtype in ("bf16", "fp16") else 4, optimizer=cfg.optimizer.name,
-        pixels=cfg.dataset.resolution**2, batch_size=cfg.training.batch_size,
-        checkpointing=cfg.training.gradient_checkpointing)
-    free = free_gpu_gib()
-    if free is not None:
-        warning = f"  WARNING: more than the {free:.1f} GiB free on the GPU" if estimate > free else ""
-        acc.print(f"estimated peak GPU memory: {estimate:.1f} GiB{warning}")
-    acc.print(
-        f"{rows} samples, {batches} batches per epoch per process, {per_epoch} optimizer steps per epoch; "
-        f"effective batch {cfg.training.effective_batch_size * acc.num_processes} images; "
-        f"{trained / 1e6:.2f} M trained parameters; {cfg.training.max_steps} steps"
-    )

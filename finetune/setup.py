@@ -18,7 +18,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def make_accelerator(training, logging_cfg, output_dir: Path):
     """The run's `Accelerator`: devices, mixed precision, accumulation, trackers."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
+
+    # Accelerate keeps one state per process; a second run in the same process (a notebook, the
+    # tests) may ask for another mixed precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     cuda = torch.cuda.is_available()
     if not cuda and not training.allow_cpu:
@@ -43,6 +48,27 @@ def make_accelerator(training, logging_cfg, output_dir: Path):
     )
 
 
+def check_parallelism(training, *, fsdp: bool, num_processes: int) -> None:
+    """Refuse launch/config pairs that would train wrongly; `accelerate launch` decides fsdp and the count.
+
+    Raises:
+        ConfigError: naming the key or the launch flag to change.
+    """
+    problems = []
+    if fsdp and training.method != "full":
+        problems.append("FSDP shards full fine-tuning; a LoRA fits on each GPU: launch with --multi_gpu (DDP) "
+                        "instead of --use_fsdp, or set training.method = 'full'")
+    if fsdp and training.train_text_encoder:
+        problems.append("FSDP shards the UNet only: set training.train_text_encoder = false")
+    if training.fused_backward and num_processes > 1:
+        problems.append("training.fused_backward = true steps each GPU on its own gradients before DDP averages "
+                        "them: run one process, or set training.fused_backward = false")
+    if fsdp and training.ema_decay:
+        problems.append("FSDP keeps sharded weights, which the EMA copy cannot follow: unset training.ema_decay")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def compile_unet(unet, cache_dir: Path):
     """torch.compile for bucketed training: one static graph per bucket shape, kernels kept between runs."""
     # Buckets make shapes static: dynamic=False compiles each bucket shape once as a static graph
@@ -58,34 +84,65 @@ def compile_unet(unet, cache_dir: Path):
     return torch.compile(unet, dynamic=False)
 
 
-def prepare_unet(unet, training, lora_cfg):
+def prepare_unet(unet, training, lora_cfg, device: torch.device | None = None):
     """Freeze or unfreeze the UNet, add adapters, cast; return the trainable parameters.
 
-    LoRA: base weights in `training.base_dtype`, adapter weights fp32. Full: every UNet weight is
-    trained and kept fp32 (the master copy); autocast gives the bf16/fp16 speed.
+    LoRA: base weights in `training.base_dtype` (fp8/nf4: the transformer Linears quantized, the
+    rest in the compute dtype), adapter weights fp32. Full: every UNet weight is
+    trained, in `training.weight_dtype` (fp32 master weights, or bf16 rounded stochastically by the
+    fused optimizer); autocast gives the bf16/fp16 speed.
     """
     unet.requires_grad_(False)
     if training.method == "lora":
         from finetune.adapters.inject import add_unet_adapter
 
-        unet.to(dtype=DTYPES[training.base_dtype])
+        quantized = training.base_dtype in ("fp8", "nf4")
+        # Under a quantized base the layers it leaves (convs, embeddings, norms) are in the compute dtype.
+        compute_dtype = DTYPES["fp16" if training.mixed_precision == "fp16" else "bf16"]
+        unet.to(dtype=compute_dtype if quantized else DTYPES[training.base_dtype])
+        if quantized:
+            from finetune.quant import quantize_base_linears
+
+            # Before the adapters, so peft wraps the quantized layers; layer by layer onto the device,
+            # so the full-precision base never sits on the GPU whole.
+            quantize_base_linears(unet, training.base_dtype, compute_dtype, device=device)
         add_unet_adapter(unet, lora_cfg)
         if lora_cfg.init_from is not None:
             from finetune.adapters.load import load_adapter_weights
 
             load_adapter_weights(unet, None, lora_cfg.init_from)
     else:
-        unet.to(dtype=torch.float32)
+        # fp32 master weights, or bf16 weights that the fused optimizer rounds stochastically.
+        unet.to(dtype=DTYPES[training.weight_dtype])
         unet.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # trained parameters stay fp32 whatever the base precision
+    if training.method == "lora":
+        for p in params:
+            p.data = p.data.float()  # adapters stay fp32 whatever the base precision
     if training.gradient_checkpointing:
         from finetune.activations import enable_checkpointing
 
         enable_checkpointing(unet, training.gradient_checkpointing_mode)
     unet.train()
     return params
+
+
+def build_training_optimizer(groups: list[dict], training, optimizer_cfg) -> torch.optim.Optimizer:
+    """The configured optimizer, or with training.fused_backward one per tensor stepped inside backward.
+
+    Build it once the trained weights are on their device (fused AdamW, the fused backward's stand-ins).
+    """
+    from finetune.optim import build_optimizer
+
+    if not training.fused_backward:
+        return build_optimizer(groups, optimizer_cfg, training.learning_rate)
+    from finetune.fused import FusedBackwardOptimizer
+
+    # Each gradient is clipped (per tensor), applied and freed as soon as backward completes it.
+    return FusedBackwardOptimizer(
+        groups, lambda group: build_optimizer(group, optimizer_cfg, training.learning_rate),
+        max_grad_norm=training.max_grad_norm, stochastic_rounding=training.weight_dtype == "bf16",
+        seed=training.seed)
 
 
 def prepare_text_encoders(text_encoders, training, lora_cfg) -> list:

@@ -58,48 +58,72 @@ def synthetic_batch(unet, batch_size: int, resolution: int, device: torch.device
     }
 
 
+def toolkit_settings(profile: str, args):
+    """The TrainingConfig and OptimizerConfig that `finetune train` would run for this row."""
+    from finetune.config import OptimizerConfig, TrainingConfig
+    from finetune.profiles import profile_settings
+
+    # The full row: full fine-tuning as low_vram sets it up (fused backward, bf16 weights, 8-bit AdamW).
+    method = "full" if profile == "full" else "lora"
+    settings = profile_settings("low_vram" if profile == "full" else profile, method)
+    training = {k: v for (t, k), v in settings.items() if t == "training"}
+    if args.checkpointing:
+        training.update(gradient_checkpointing=args.checkpointing != "off",
+                        gradient_checkpointing_mode="full" if args.checkpointing == "off" else args.checkpointing)
+    if args.base_dtype and method == "lora":
+        training["base_dtype"] = args.base_dtype
+    training.update(method=method, learning_rate=1e-4, batch_size=args.batch_size)  # the command line's batch wins
+    training = TrainingConfig(**training)
+    return training, OptimizerConfig(name=settings[("optimizer", "name")])
+
+
 def toolkit_step(profile: str, unet, args, device):
     """The training step `finetune train` runs, set up as the profile says. Returns (step_fn, note)."""
-    from finetune.config import LoraConfig, LossConfig, OptimizerConfig, TrainingConfig
+    from finetune.activations import saved_activations
+    from finetune.config import LoraConfig, LossConfig
     from finetune.loss import make_noise_scheduler
     from finetune.models.configs import sdxl_scheduler_config
-    from finetune.optim import build_optimizer
-    from finetune.profiles import PROFILES
-    from finetune.setup import prepare_unet
+    from finetune.setup import build_training_optimizer, compile_unet, prepare_unet
     from finetune.step import diffusion_step_loss, step_generator
 
-    method = "full" if profile == "full" else "lora"
-    settings = PROFILES["low_vram" if profile == "full" else profile]
-    training = TrainingConfig(method=method, learning_rate=1e-4,
-                              **{k: v for (t, k), v in settings.items() if t == "training"})
-    optim = OptimizerConfig(name=settings[("optimizer", "name")])
-    note = None
+    training, optim = toolkit_settings(profile, args)
+    notes = []
     if device.type != "cuda" and optim.name != "adamw":
         # bitsandbytes' CPU fallback takes seconds per step: a number that says nothing about a GPU.
-        note = f"{optim.name} is timed on CUDA only; AdamW here"
+        notes.append(f"{optim.name} is timed on CUDA only; AdamW here")
         optim.name = "adamw"
     if device.type != "cuda" and training.compile:
-        training.compile, note = False, "torch.compile skipped on the CPU"
-    params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"))
-    optimizer = build_optimizer([{"params": params}], optim, training.learning_rate)
-    model = torch.compile(unet) if training.compile else unet
+        training.compile = False
+        notes.append("torch.compile skipped on the CPU")
+    params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
+    unet.to(device)
+    optimizer = build_training_optimizer([{"params": params}], training, optim)
+    model = compile_unet(unet, Path(args.compile_cache)) if training.compile else unet
     scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=False)
     loss_cfg = LossConfig()
     batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     counter = iter(range(10**9))
 
-    def step():
+    def step():  # Run.micro_step without the data loader and the NaN guard
         generator = step_generator(0, next(counter), 0, 0, device)
-        with autocast:
+        with autocast, saved_activations(training.gradient_checkpointing, training.gradient_checkpointing_mode, device):
             loss = diffusion_step_loss(model, scheduler, batch["latents"], batch["prompt_embeds"], batch["pooled"],
                                        batch["add_time_ids"], batch["loss_weight"], loss_cfg, "epsilon", generator)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss.backward()  # with fused_backward this is also the optimizer step
+        if not training.fused_backward:
+            torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, note
+    settings = {"method": training.method, "checkpointing": training.gradient_checkpointing_mode
+                if training.gradient_checkpointing else "off", "optimizer": optim.name,
+                "fused_backward": training.fused_backward, "compile": training.compile}
+    if training.method == "full":
+        settings["weight_dtype"] = training.weight_dtype
+    else:
+        settings["base_dtype"] = training.base_dtype
+    return step, "; ".join(notes) or None, settings
 
 
 def baseline_step(unet, args, device):
@@ -148,7 +172,9 @@ def baseline_step(unet, args, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step, None
+    settings = {"base_dtype": "bf16", "checkpointing": "full" if args.baseline_checkpointing else "off",
+                "optimizer": "adamw8bit" if args.baseline_8bit else "adamw"}
+    return step, None, settings
 
 
 def measure(step, args, device) -> dict:
@@ -187,8 +213,9 @@ def measure(step, args, device) -> dict:
 def run_row(name: str, args, device) -> dict:
     unet = build_unet(args.tiny, device)
     try:
-        step, note = baseline_step(unet, args, device) if name == "baseline" else toolkit_step(name, unet, args, device)
-        row = {"profile": name, **measure(step, args, device)}
+        step, note, settings = (baseline_step(unet, args, device) if name == "baseline"
+                                else toolkit_step(name, unet, args, device))
+        row = {"profile": name, **settings, **measure(step, args, device)}
     except torch.OutOfMemoryError:
         row = {"profile": name, "error": "out of memory", "vram_gib": args.vram_gib}
         note = None
@@ -275,6 +302,12 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--vram-gib", type=float, default=None, help="cap this process's GPU memory, like a smaller card")
     p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a test runs this)")
+    p.add_argument("--checkpointing", choices=["off", "full", "transformer", "resnet", "offload"], default=None,
+                   help="override the profiles' gradient checkpointing (training.gradient_checkpointing_mode)")
+    p.add_argument("--base-dtype", choices=["fp32", "bf16", "fp8", "nf4"], default=None,
+                   help="override the LoRA profiles' frozen base precision (training.base_dtype)")
+    p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "sdxl-finetune" / "compile"),
+                   help="Inductor cache folder for compiled rows (reused between runs)")
     p.add_argument("--baseline-checkpointing", action="store_true")
     p.add_argument("--baseline-8bit", action="store_true")
     p.add_argument("--planning-images", type=int, default=None, help="synthetic images for the planning row (default 20000; --tiny 2000)")

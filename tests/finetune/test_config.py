@@ -95,6 +95,28 @@ def test_random_crop_excludes_the_latent_cache(project):
     assert "cache.latents = false" in error_of(write(project, MINIMAL), ["dataset.crop=random"])
 
 
+@pytest.mark.parametrize("overrides, words", [
+    (["training.fused_backward=true"], "training.method = 'full'"),
+    (["training.method=full", "training.fused_backward=true", "training.gradient_accumulation_steps=2"],
+     "gradient_accumulation_steps = 1"),
+    (["training.method=full", "training.fused_backward=true", "training.mixed_precision=fp16"], "'bf16'"),
+    (["training.method=full", "training.fused_backward=true", "optimizer.name=prodigy"], "adamw8bit"),
+    (["training.method=full", "training.weight_dtype=bf16"], "training.fused_backward = true"),
+    (["training.method=full", "training.fused_backward=true", "training.weight_dtype=bf16", "training.ema_decay=0.99"],
+     "unset training.ema_decay"),
+    (["training.method=full", "training.fused_backward=true", "training.weight_dtype=bf16",
+      "training.mixed_precision=no"], "training.mixed_precision = 'bf16'"),
+])
+def test_fused_backward_and_bf16_weights_refuse_what_they_cannot_do(project, overrides, words):
+    assert words in error_of(write(project, MINIMAL), overrides)
+
+
+def test_fused_backward_with_bf16_weights_is_accepted_for_full_fine_tuning(project):
+    cfg = load_config(write(project, MINIMAL), ["training.method=full", "training.fused_backward=true",
+                                                "training.weight_dtype=bf16", "optimizer.name=adamw8bit"])
+    assert cfg.training.fused_backward and cfg.training.weight_dtype == "bf16"
+
+
 def test_resolved_config_round_trips(project):
     cfg = load_config(write(project, MINIMAL))
     again = write(project, dump_config(cfg))

@@ -42,11 +42,51 @@ def test_auto_picks_by_free_memory_and_says_why(tmp_path):
 
 def test_estimate_orders_the_profiles():
     common = dict(num_base_params=2_567_000_000, num_trained_params=23_000_000, pixels=1024 * 1024, batch_size=1)
-    fast = estimate_peak_gib(base_bytes=2, optimizer="adamw", checkpointing=False, **common)
-    low = estimate_peak_gib(base_bytes=2, optimizer="adamw8bit", checkpointing=True, **common)
-    fp32 = estimate_peak_gib(base_bytes=4, optimizer="adamw", checkpointing=False, **common)
-    assert low < fast < fp32
-    assert 5 < low < 8 and 12 < fast < 18
+    fast = estimate_peak_gib(base_dtype="bf16", optimizer="adamw", checkpointing=None, **common)
+    low = estimate_peak_gib(base_dtype="bf16", optimizer="adamw8bit", checkpointing="full", **common)
+    partial = estimate_peak_gib(base_dtype="bf16", optimizer="adamw8bit", checkpointing="transformer", **common)
+    minimal = estimate_peak_gib(base_dtype="nf4", optimizer="adamw8bit", checkpointing="full", **common)
+    fp32 = estimate_peak_gib(base_dtype="fp32", optimizer="adamw", checkpointing=None, **common)
+    assert minimal < low < partial < fast < fp32
+    assert 5 < low < 8 and 12 < fast < 18 and minimal < 4.5
+
+
+def test_estimate_of_full_fine_tuning_counts_bf16_weights_and_the_fused_backward():
+    common = dict(num_base_params=0, num_trained_params=2_567_000_000, pixels=1024 * 1024, batch_size=1,
+                  base_dtype="fp32", checkpointing="full")
+    plain = estimate_peak_gib(optimizer="adamw", **common)
+    fused = estimate_peak_gib(optimizer="adamw8bit", trained_bytes=2, fused_backward=True, **common)
+    # bf16 weights (5.1 GB) + 8-bit state (5.1 GB), no gradients, checkpointed activations
+    assert 10 < fused < 12.5 < 35 < plain
+
+
+def test_profiles_depend_on_the_method(tmp_path):
+    lora, _ = apply_memory_profile(config(tmp_path, memory_profile="min_vram"))
+    assert lora.training.base_dtype == "nf4" and not lora.training.fused_backward
+    full, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full"))
+    assert full.training.fused_backward and full.training.weight_dtype == "bf16"
+    assert full.optimizer.name == "adamw8bit" and "training.fused_backward=True" in message
+    assert pick_auto(20.0, "full")[0] == "low_vram" and pick_auto(20.0, "lora")[0] == "fast"
+
+
+def test_profile_keys_the_user_contradicts_are_named(tmp_path):
+    import pytest
+
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full", gradient_accumulation_steps=4))
+    message = str(info.value)
+    assert "memory_profile = 'low_vram'" in message and "training.fused_backward=True" in message
+    assert "gradient_accumulation_steps = 1" in message
+
+
+def test_profile_keeps_unset_keys_unset_and_softens_what_cannot_work(tmp_path):
+    cfg = config(tmp_path, memory_profile="min_vram")
+    cfg.lora.variant = "loha"
+    out, message = apply_memory_profile(cfg)
+    assert out.training.base_dtype == "bf16" and "cannot train on a quantized base" in message
+    assert "betas" not in out.optimizer.model_fields_set  # Lion's own betas still apply when unset
 
 
 def test_profile_keeps_fp32_base_when_the_user_turned_autocast_off(tmp_path):

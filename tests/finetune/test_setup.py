@@ -45,3 +45,17 @@ def test_compiled_unet_matches_eager_on_two_bucket_shapes(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(compiled(x, torch.tensor([10], device="cuda"), **cond).sample,
                                        unet(x, torch.tensor([10], device="cuda"), **cond).sample, rtol=1e-3, atol=1e-3)
+
+
+def test_fsdp_is_refused_for_what_it_cannot_shard():
+    from finetune.config import TrainingConfig
+    from finetune.errors import ConfigError
+    from finetune.setup import check_parallelism
+
+    check_parallelism(TrainingConfig(method="full"), fsdp=True, num_processes=2)
+    check_parallelism(TrainingConfig(method="lora"), fsdp=False, num_processes=2)
+    for training, words in ((TrainingConfig(method="lora"), "--multi_gpu"),
+                            (TrainingConfig(method="full", ema_decay=0.99), "training.ema_decay"),
+                            (TrainingConfig(method="full", train_text_encoder=True), "training.train_text_encoder")):
+        with pytest.raises(ConfigError, match=words):
+            check_parallelism(training, fsdp=True, num_processes=2)

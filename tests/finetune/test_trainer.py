@@ -324,3 +324,70 @@ def test_out_of_memory_names_the_settings_to_change(tmp_path, tiny_model_dir, sh
     message = str(info.value)
     for key in ("training.batch_size", "training.gradient_checkpointing", "memory_profile"):
         assert key in message
+
+
+@pytest.mark.gpu
+def test_fsdp_full_fine_tune_on_two_gpus_writes_the_whole_unet(tmp_path, tiny_model_dir, shapes_folder):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("FSDP needs two GPUs")
+    path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=2)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+           "-m", "finetune", "train", str(path), "--set", "training.method=full", "--set", "training.learning_rate=1e-5",
+           "--set", "training.mixed_precision=bf16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tensors = adapter_tensors(tmp_path / "out" / "lora.safetensors")
+    assert tensors and all(k.startswith("model.diffusion_model.") for k in tensors)
+
+
+def test_fused_backward_with_bf16_weights_trains_and_resumes_bitwise(tmp_path, tiny_model_dir, shapes_folder):
+    overrides = ["training.method=full", "training.learning_rate=1e-4", "training.fused_backward=true",
+                 "training.weight_dtype=bf16", "training.mixed_precision=bf16"]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    full = train(load_config(write_config(whole, tiny_model_dir, shapes_folder, steps=2, every=1), overrides),
+                 progress=False)
+    assert full.step == 2 and all(torch.isfinite(torch.tensor(full.losses)))
+    saved = adapter_tensors(full.checkpoint / "trainable_0.safetensors")
+    assert {v.dtype for v in saved.values()} == {torch.bfloat16}  # no fp32 master copy anywhere
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    path = write_config(parts, tiny_model_dir, shapes_folder, steps=2, every=1)
+    assert train(load_config(path, overrides + ["training.max_steps=1"]), progress=False).step == 1
+    resumed = train(load_config(path, overrides), resume="latest", progress=False)
+    a, b = adapter_tensors(full.output_path), adapter_tensors(resumed.output_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full.losses[1:] == resumed.losses
+
+    from diffusers import UNet2DConditionModel
+
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").state_dict()
+    trained = adapter_tensors(full.checkpoint / "trainable_0.safetensors")
+    moved = [k for k in trained if not torch.equal(trained[k], base[k].bfloat16())]
+    assert len(moved) > len(trained) // 2  # bf16 weights moved: the small updates were not rounded away
+
+
+@pytest.mark.parametrize("base", ["nf4", "fp8"])
+def test_lora_on_a_quantized_base_trains_and_writes_a_kohya_file(tmp_path, tiny_model_dir, shapes_folder, base):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=1),
+                      ["training.mixed_precision=bf16", f"training.base_dtype={base}"])
+    result = train(cfg, progress=False)
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    tensors = adapter_tensors(result.output_path)
+    ups = [k for k in tensors if k.endswith(".lora_up.weight")]
+    assert ups and all(k.startswith("lora_unet_") for k in tensors)
+    assert any(tensors[k].abs().sum() > 0 for k in ups)
+    # The checkpoint holds the fp32 adapter only, never the quantized base.
+    saved = adapter_tensors(result.checkpoint / "trainable_0.safetensors")
+    assert saved and all("lora_" in k and v.dtype == torch.float32 for k, v in saved.items())
+
+
+def test_two_runs_in_one_process_may_use_different_precisions(tmp_path, tiny_model_dir, shapes_folder):
+    for precision in ("no", "bf16"):
+        work = tmp_path / precision
+        work.mkdir()
+        cfg = load_config(write_config(work, tiny_model_dir, shapes_folder, steps=1, every=10),
+                          [f"training.mixed_precision={precision}"])
+        assert train(cfg, progress=False).step == 1

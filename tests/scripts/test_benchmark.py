@@ -27,6 +27,20 @@ def test_tiny_benchmark_prints_json_rows():
     assert profiles["baseline"]["ratio_vs_baseline"] == 1.0
     # checkpointing recomputes the forward: more FLOPs per step than without
     assert profiles["low_vram"]["tflop_per_step"] > profiles["balanced"]["tflop_per_step"]
+    # each row runs the settings its profile names
+    assert profiles["min_vram"]["base_dtype"] == "nf4" and profiles["low_vram"]["checkpointing"] == "full"
+    assert profiles["full"]["fused_backward"] and profiles["full"]["weight_dtype"] == "bf16"
     data = {r["row"]: r for r in rows if "row" in r}
     assert data["bucket_planning"]["images"] == 300 and data["bucket_planning"]["replan_images_per_s"] > 0
     assert data["latent_cache_build"]["images"] == 4 and data["latent_cache_build"]["images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_overrides_checkpointing_and_base_precision():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--no-data",
+                           "--profile", "low_vram", "--checkpointing", "offload", "--base-dtype", "fp8"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(done.stdout.splitlines()[-1])
+    assert (row["profile"], row["checkpointing"], row["base_dtype"]) == ("low_vram", "offload", "fp8")
+    assert row["step_ms"] > 0

@@ -1,0 +1,45 @@
+"""What a run prints before its first step: derived figures, the memory estimate, the tracker config."""
+
+from __future__ import annotations
+
+import math
+
+from finetune.config import TrainConfig
+
+
+def flat_config(data: dict, prefix: str = "") -> dict:
+    """Nested config tables as `table.key` -> scalar, as trackers store hyperparameters."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
+
+
+def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) -> None:
+    """Samples, batches, steps per epoch, effective batch, trained parameters, and the memory estimate."""
+    from finetune.profiles import estimate_peak_gib, free_gpu_gib
+    from finetune.quant import base_weight_nbytes, logical_numel
+
+    per_epoch = math.ceil(batches / cfg.training.gradient_accumulation_steps)
+    trained = sum(p.numel() for p in params)
+    total = sum(logical_numel(p) for p in unet.parameters())
+    training = cfg.training
+    estimate = estimate_peak_gib(
+        total - trained if training.method == "lora" else 0, trained, base_dtype=training.base_dtype,
+        optimizer=cfg.optimizer.name, pixels=cfg.dataset.resolution**2, batch_size=training.batch_size,
+        checkpointing=training.gradient_checkpointing_mode if training.gradient_checkpointing else None,
+        trained_bytes=2 if training.method == "full" and training.weight_dtype == "bf16" else 4,
+        fused_backward=training.fused_backward,
+        base_weight_bytes=base_weight_nbytes(unet) if training.method == "lora" else None)
+    free = free_gpu_gib()
+    if free is not None:
+        warning = f"  WARNING: more than the {free:.1f} GiB free on the GPU" if estimate > free else ""
+        acc.print(f"estimated peak GPU memory: {estimate:.1f} GiB{warning}")
+    acc.print(
+        f"{rows} samples, {batches} batches per epoch per process, {per_epoch} optimizer steps per epoch; "
+        f"effective batch {cfg.training.effective_batch_size * acc.num_processes} images; "
+        f"{trained / 1e6:.2f} M trained parameters; {cfg.training.max_steps} steps"
+    )
