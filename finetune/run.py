@@ -327,12 +327,15 @@ class Run:
         return folder
 
     def render_samples(self) -> list[Path]:
-        from finetune.sample import render_training_samples
+        from finetune.sample import log_sample_grids, render_training_samples
 
-        if not self.accelerator.is_main_process:
+        acc, cfg = self.accelerator, self.cfg
+        if not acc.is_main_process:
             return []
-        return render_training_samples(self.accelerator.unwrap_model(self.unet), self.models, self.cfg,
-                                       self.state.step, self.accelerator.device)
+        paths = render_training_samples(acc.unwrap_model(self.unet), self.models, cfg, self.state.step, acc.device)
+        if cfg.logging.report_to != "none":
+            log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
+        return paths
 
     def progress_bar(self):
         if not (self.progress and self.accelerator.is_main_process):
@@ -350,7 +353,8 @@ class Run:
             unet_state = self.gather_unet_state()
             if acc.is_main_process:
                 self.write_weights(cfg.output.adapter_path, unet_state)
-                if cfg.sample.prompts:
+                every = cfg.sample.every_n_steps
+                if cfg.sample.prompts and not (every and self.state.step % every == 0):  # not rendered just now
                     self.render_samples()
         acc.wait_for_everyone()
         acc.end_training()

@@ -67,6 +67,18 @@ def render_training_samples(unet, models, cfg, step: int, device) -> list[Path]:
     return [out]
 
 
+def log_sample_grids(tracker, paths: list[Path], step: int) -> None:
+    """Send the sample grids to TensorBoard or wandb (Accelerate's tracker), beside the loss curves."""
+    import numpy as np
+    from PIL import Image
+
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]  # (H, W, 3) uint8 each
+    if tracker.name == "tensorboard":
+        tracker.log_images({"samples": np.stack(images)}, step=step, dataformats="NHWC")
+    else:
+        tracker.log_images({"samples": images}, step=step)
+
+
 def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0, steps: int = 20,
                       guidance_scale: float = 5.0, height: int = 1024, width: int = 1024) -> Path:
     """Load a saved SDXL (diffusers folder or single file) and render one PNG."""

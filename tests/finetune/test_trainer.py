@@ -256,7 +256,13 @@ def test_samples_and_tensorboard_logs_are_written(tmp_path, tiny_model_dir, shap
     grid = Image.open(cfg.output.dir / "samples" / "step-000001.png")
     assert grid.size == (128, 64)  # one row: the prompt, one column per seed
     assert (cfg.output.dir / "samples" / "step-000002.png").is_file()
-    assert list((cfg.output.dir / "logs").rglob("events.out.tfevents*"))
+    events = list((cfg.output.dir / "logs").rglob("events.out.tfevents*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = EventAccumulator(str(events[0].parent)).Reload()
+    assert "samples" in logged.Tags()["images"] and "loss" in logged.Tags()["scalars"]
+    assert [e.step for e in logged.Images("samples")] == [1, 2]  # every sample grid, beside the loss
 
 
 def test_random_crop_changes_per_epoch_and_is_reproducible(tmp_path, tiny_model_dir, shapes_folder):
@@ -303,11 +309,13 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path, tiny_model_dir, shapes
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
-                      ["logging.report_to=wandb", "logging.every_n_steps=1"])
+                      ["logging.report_to=wandb", "logging.every_n_steps=1", 'sample.prompts=["a red drawing"]',
+                       "sample.steps=2", "sample.height=64", "sample.width=64"])
     train(cfg, progress=False)
     assert os.environ["WANDB_MODE"] == "offline"  # no key, no network: the trainer chose offline itself
     runs = list((cfg.output.dir / "logs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert list(runs[0].rglob("media/images/samples_*.png"))  # the final sample grid went to wandb too
     assert not (tmp_path / "wandb").exists()  # nothing written into the shell's folder
 
 
