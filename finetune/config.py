@@ -137,6 +137,11 @@ class TrainingConfig(Section):
     weight_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Full fine-tuning: trained weights in fp32, or in "
                                                   "bf16 with stochastic rounding and no fp32 copy (needs fused_backward).")
     compile: bool = Field(False, description="torch.compile the UNet once per bucket shape (CUDA only; ignored on CPU).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode: reduce-overhead replays each bucket's step as a CUDA graph "
+        "(fewer kernel launches, more memory); max-autotune-no-cudagraphs tunes kernels (slow first step).")
+    channels_last: bool = Field(False, description="UNet convolutions in channels-last memory layout (often faster "
+                                "in bf16 on tensor cores; measure with scripts/benchmark.py --channels-last).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Full fine-tuning: keep EMA weights with this decay.")
     max_nan_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")

@@ -116,7 +116,7 @@ class Run:
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, cfg.training.max_steps)
         unet = models.unet
         if cfg.training.compile and acc.device.type == "cuda":
-            unet = compile_unet(unet, cfg.cache_dir / "compile")
+            unet = compile_unet(unet, cfg.cache_dir / "compile", cfg.training.compile_mode)
         elif cfg.training.compile:
             acc.print("training.compile is CUDA-only: running eagerly on the CPU")
         self.unet, self.optimizer = acc.prepare(unet, optimizer)

@@ -69,7 +69,7 @@ def check_parallelism(training, *, fsdp: bool, num_processes: int) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def compile_unet(unet, cache_dir: Path):
+def compile_unet(unet, cache_dir: Path, mode: str = "default"):
     """torch.compile for bucketed training: one static graph per bucket shape, kernels kept between runs."""
     # Buckets make shapes static: dynamic=False compiles each bucket shape once as a static graph
     # (no symbolic-shape graph after the second shape), and the limit leaves room for every bucket.
@@ -81,7 +81,7 @@ def compile_unet(unet, cache_dir: Path):
 
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
-    return torch.compile(unet, dynamic=False)
+    return torch.compile(unet, dynamic=False, mode=mode)
 
 
 def prepare_unet(unet, training, lora_cfg, device: torch.device | None = None):
@@ -119,6 +119,8 @@ def prepare_unet(unet, training, lora_cfg, device: torch.device | None = None):
     if training.method == "lora":
         for p in params:
             p.data = p.data.float()  # adapters stay fp32 whatever the base precision
+    if training.channels_last:
+        unet.to(memory_format=torch.channels_last)  # 4-D conv weights only; Linear layers are unaffected
     if training.gradient_checkpointing:
         from finetune.activations import enable_checkpointing
 

@@ -72,6 +72,9 @@ def toolkit_settings(profile: str, args):
                         gradient_checkpointing_mode="full" if args.checkpointing == "off" else args.checkpointing)
     if args.base_dtype and method == "lora":
         training["base_dtype"] = args.base_dtype
+    if args.compile_mode:
+        training.update(compile=True, compile_mode=args.compile_mode)
+    training["channels_last"] = args.channels_last
     training.update(method=method, learning_rate=1e-4, batch_size=args.batch_size)  # the command line's batch wins
     training = TrainingConfig(**training)
     return training, OptimizerConfig(name=settings[("optimizer", "name")])
@@ -98,7 +101,7 @@ def toolkit_step(profile: str, unet, args, device):
     params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
     unet.to(device)
     optimizer = build_training_optimizer([{"params": params}], training, optim)
-    model = compile_unet(unet, Path(args.compile_cache)) if training.compile else unet
+    model = compile_unet(unet, Path(args.compile_cache), training.compile_mode) if training.compile else unet
     scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=False)
     loss_cfg = LossConfig()
     batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
@@ -118,7 +121,8 @@ def toolkit_step(profile: str, unet, args, device):
 
     settings = {"method": training.method, "checkpointing": training.gradient_checkpointing_mode
                 if training.gradient_checkpointing else "off", "optimizer": optim.name,
-                "fused_backward": training.fused_backward, "compile": training.compile}
+                "fused_backward": training.fused_backward, "compile": training.compile and training.compile_mode,
+                "channels_last": training.channels_last}
     if training.method == "full":
         settings["weight_dtype"] = training.weight_dtype
     else:
@@ -306,6 +310,9 @@ def parse_args(argv=None):
                    help="override the profiles' gradient checkpointing (training.gradient_checkpointing_mode)")
     p.add_argument("--base-dtype", choices=["fp32", "bf16", "fp8", "nf4"], default=None,
                    help="override the LoRA profiles' frozen base precision (training.base_dtype)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], default=None,
+                   help="compile every toolkit row with this torch.compile mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--channels-last", action="store_true", help="UNet convs in channels-last layout (toolkit rows)")
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "sdxl-finetune" / "compile"),
                    help="Inductor cache folder for compiled rows (reused between runs)")
     p.add_argument("--baseline-checkpointing", action="store_true")

@@ -59,3 +59,30 @@ def test_fsdp_is_refused_for_what_it_cannot_shard():
                             (TrainingConfig(method="full", train_text_encoder=True), "training.train_text_encoder")):
         with pytest.raises(ConfigError, match=words):
             check_parallelism(training, fsdp=True, num_processes=2)
+
+
+def test_compile_passes_static_shapes_and_the_mode(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
+    compile_unet(tiny_unet(), tmp_path / "compile", "reduce-overhead")
+    assert seen == {"dynamic": False, "mode": "reduce-overhead"}
+
+
+def test_channels_last_changes_the_layout_not_the_result():
+    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.setup import prepare_unet
+
+    outputs = []
+    for channels_last in (False, True):
+        unet = tiny_unet()
+        prepare_unet(unet, TrainingConfig(channels_last=channels_last), LoraConfig(rank=4))
+        conv = unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4, 16, 16, generator=g)
+        cond = {"encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, generator=g),
+                "added_cond_kwargs": {"text_embeds": torch.randn(1, 64, generator=g),
+                                      "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}}
+        with torch.no_grad():
+            outputs.append(unet(x, torch.tensor([10]), **cond).sample)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
