@@ -399,3 +399,19 @@ def test_two_runs_in_one_process_may_use_different_precisions(tmp_path, tiny_mod
         cfg = load_config(write_config(work, tiny_model_dir, shapes_folder, steps=1, every=10),
                           [f"training.mixed_precision={precision}"])
         assert train(cfg, progress=False).step == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [
+    ["training.mixed_precision=fp16", "training.base_dtype=fp16"],  # loss scaling through Accelerate's GradScaler
+    ["training.mixed_precision=bf16", "training.base_dtype=bf16", "optimizer.name=adamw8bit"],
+    ["training.mixed_precision=bf16", "optimizer.name=paged_adamw8bit", "training.gradient_checkpointing=true"],
+    ["training.mixed_precision=bf16", "optimizer.name=lion8bit", "training.base_dtype=nf4"],
+    ["training.mixed_precision=bf16", "training.method=full", "training.fused_backward=true",
+     "training.weight_dtype=bf16", "optimizer.name=adamw8bit", "training.learning_rate=1e-5"],
+], ids=["fp16", "bf16-adamw8bit", "paged-checkpointed", "lion8bit-nf4", "full-fused-bf16"])
+def test_cuda_precisions_and_8bit_optimizers_train(tmp_path, tiny_model_dir, shapes_folder, overrides):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=4, every=10), overrides)
+    result = train(cfg, progress=False)
+    assert result.step == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.output_path.is_file()
