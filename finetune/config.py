@@ -119,6 +119,9 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0, description="UNet learning rate (LoRA: 1e-4; full: 1e-6..1e-5).")
     text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder learning rate (default: learning_rate).")
+    block_lr_scale: dict[str, float] = Field(default_factory=dict, description="Per-block learning-rate multipliers by "
+                                             "diffusers path, e.g. {\"mid_block\" = 0.5, \"up_blocks.0\" = 0}; the longest "
+                                             "matching prefix wins, 0 freezes that block.")
     train_text_encoder: bool = Field(False, description="Also train both text encoders (needs cache.text = false).")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of noise, timesteps, shuffling and dropout.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="Autocast precision; fp16 uses loss scaling.")
@@ -146,6 +149,14 @@ class TrainingConfig(Section):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Full fine-tuning: keep EMA weights with this decay.")
     max_nan_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
     allow_cpu: bool = Field(True, description="Run on the CPU when no GPU is found (tests, quickstart).")
+
+    @field_validator("block_lr_scale")
+    @classmethod
+    def _scales(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = {k: v for k, v in value.items() if v < 0}
+        if negative:
+            raise ValueError(f"multipliers must be >= 0, got {negative}")
+        return value
 
     @property
     def effective_batch_size(self) -> int:

@@ -94,13 +94,13 @@ class Run:
 
         from finetune.optim import build_lr_scheduler
         from finetune.setup import (build_training_optimizer, check_parallelism, compile_unet, prepare_text_encoders,
-                                    prepare_unet)
+                                    prepare_unet, unet_param_groups)
 
         cfg, acc, models = self.cfg, self.accelerator, self.models
         self.fsdp = acc.distributed_type == DistributedType.FSDP
         check_parallelism(cfg.training, fsdp=self.fsdp, num_processes=acc.num_processes)
-        unet_params = prepare_unet(models.unet, cfg.training, cfg.lora, device=None if self.fsdp else acc.device)
-        groups = [{"params": unet_params, "lr": cfg.training.learning_rate}]
+        prepare_unet(models.unet, cfg.training, cfg.lora, device=None if self.fsdp else acc.device)
+        groups = unet_param_groups(models.unet, cfg.training.learning_rate, cfg.training.block_lr_scale)
         te_params = []
         if cfg.training.train_text_encoder:
             te_params = prepare_text_encoders(models.text_encoders, cfg.training, cfg.lora)

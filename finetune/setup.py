@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -127,6 +128,28 @@ def prepare_unet(unet, training, lora_cfg, device: torch.device | None = None):
         enable_checkpointing(unet, training.gradient_checkpointing_mode)
     unet.train()
     return params
+
+
+def unet_param_groups(unet, learning_rate: float, block_lr_scale: dict[str, float]) -> list[dict]:
+    """The UNet's trained parameters as optimizer groups: one per `block_lr_scale` prefix, the rest at `learning_rate`.
+
+    Raises:
+        ConfigError: a prefix matches no trained parameter.
+    """
+    from finetune.adapters.inject import block_pattern
+
+    patterns = {prefix: re.compile(block_pattern(prefix) + "$") for prefix in block_lr_scale}
+    groups: dict[str | None, list] = {None: [], **{prefix: [] for prefix in block_lr_scale}}
+    for name, param in unet.named_parameters():
+        if param.requires_grad:
+            matching = [prefix for prefix, pattern in patterns.items() if pattern.match(name)]
+            groups[max(matching, key=len) if matching else None].append(param)  # the most specific prefix wins
+    empty = [prefix for prefix, params in groups.items() if prefix is not None and not params]
+    if empty:
+        raise ConfigError(f"training.block_lr_scale: {', '.join(map(repr, empty))} match no trained parameter; use "
+                          "diffusers block paths like 'down_blocks.1', 'mid_block' or 'up_blocks.0.attentions.1'")
+    return [{"params": params, "lr": learning_rate * (1.0 if prefix is None else block_lr_scale[prefix])}
+            for prefix, params in groups.items() if params]
 
 
 def build_training_optimizer(groups: list[dict], training, optimizer_cfg) -> torch.optim.Optimizer:

@@ -86,3 +86,22 @@ def test_channels_last_changes_the_layout_not_the_result():
         with torch.no_grad():
             outputs.append(unet(x, torch.tensor([10]), **cond).sample)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_block_learning_rates_group_the_trained_parameters_by_the_most_specific_prefix():
+    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.errors import ConfigError
+    from finetune.setup import prepare_unet, unet_param_groups
+
+    unet = tiny_unet()
+    prepare_unet(unet, TrainingConfig(), LoraConfig(rank=4))
+    names = {id(p): n for n, p in unet.named_parameters()}
+    groups = unet_param_groups(unet, 1e-4, {"up_blocks": 0.5, "up_blocks.1": 2.0, "mid_block": 0.0})
+    by_lr = {g["lr"]: [names[id(p)] for p in g["params"]] for g in groups}
+    assert set(by_lr) == {1e-4, 0.5e-4, 2e-4, 0.0}
+    assert all(n.startswith("up_blocks.1.") for n in by_lr[2e-4])
+    assert all(n.startswith("up_blocks.") and not n.startswith("up_blocks.1.") for n in by_lr[0.5e-4])
+    assert all(n.startswith("mid_block.") for n in by_lr[0.0])
+    assert sum(len(v) for v in by_lr.values()) == sum(p.requires_grad for p in unet.parameters())
+    with pytest.raises(ConfigError, match="'down_blocks.9'"):
+        unet_param_groups(unet, 1e-4, {"down_blocks.9": 0.5})

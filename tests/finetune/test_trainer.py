@@ -415,3 +415,13 @@ def test_cuda_precisions_and_8bit_optimizers_train(tmp_path, tiny_model_dir, sha
     result = train(cfg, progress=False)
     assert result.step == 4 and all(torch.isfinite(torch.tensor(result.losses)))
     assert result.output_path.is_file()
+
+
+def test_block_lr_scale_zero_freezes_that_block(tmp_path, tiny_model_dir, shapes_folder):
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
+                      ['training.block_lr_scale={"mid_block" = 0.0}'])
+    tensors = adapter_tensors(train(cfg, progress=False).output_path)
+    ups = {k: tensors[k] for k in tensors if k.endswith(".lora_up.weight")}
+    middle = [k for k in ups if k.startswith("lora_unet_middle_block_")]
+    assert middle and all(ups[k].abs().sum() == 0 for k in middle)  # zero-initialised and never moved
+    assert any(ups[k].abs().sum() > 0 for k in ups if k not in middle)
