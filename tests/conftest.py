@@ -58,3 +58,28 @@ def image_folder(tmp_path) -> Path:
         make_image(folder / f"img{i}.png", h, w, color)
         (folder / f"img{i}.txt").write_text(f"a drawing, shape {i}", encoding="utf-8")
     return folder
+
+
+def make_tiny_unet(seed: int = 0):
+    """Only the tiny SDXL UNet (no VAE, no text encoders), seeded: for tests of one UNet step."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from finetune.models.tiny import tiny_unet_config
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**tiny_unet_config())
+
+
+def unet_inputs(unet, height: int = 16, width: int = 16, batch: int = 1, device: str = "cpu", seed: int = 0):
+    """(latents, conditioning kwargs) for one UNet call: random embeddings, micro-conditioning of the shape."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    side = [height * 8.0, width * 8.0]
+    latents = torch.randn(batch, 4, height, width, generator=g).to(device)
+    cond = {"encoder_hidden_states": torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(device),
+            "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, generator=g).to(device),
+                                  "time_ids": torch.tensor([side + [0.0, 0.0] + side] * batch, device=device)}}
+    return latents, cond

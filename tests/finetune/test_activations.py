@@ -8,25 +8,14 @@ import torch
 from finetune.activations import checkpointed_modules, enable_checkpointing, saved_activations
 
 
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    from finetune.models.tiny import tiny_unet_config
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**tiny_unet_config())
+from conftest import make_tiny_unet as tiny_unet, unet_inputs
 
 
 def loss_and_grads(unet, mode: str | None):
     if mode is not None:
         enable_checkpointing(unet, mode)
     unet.train()
-    g = torch.Generator().manual_seed(1)
-    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    sample = torch.randn(1, 4, 16, 16, generator=g)
-    cond = {"encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, generator=g),
-            "added_cond_kwargs": {"text_embeds": torch.randn(1, pooled, generator=g),
-                                  "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}}
+    sample, cond = unet_inputs(unet, seed=1)
     with saved_activations(mode is not None, mode or "full", torch.device("cpu")):
         loss = unet(sample, torch.tensor([500]), **cond).sample.pow(2).mean()
     loss.backward()
@@ -81,10 +70,7 @@ def test_offload_and_partial_checkpointing_lower_peak_gpu_memory():
         unet = tiny_unet().cuda()
         if mode:
             enable_checkpointing(unet, mode)
-        x = torch.randn(2, 4, 64, 64, device="cuda")
-        cond = {"encoder_hidden_states": torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda"),
-                "added_cond_kwargs": {"text_embeds": torch.randn(2, 64, device="cuda"),
-                                      "time_ids": torch.tensor([[512.0, 512, 0, 0, 512, 512]] * 2, device="cuda")}}
+        x, cond = unet_inputs(unet, 64, 64, batch=2, device="cuda")
         torch.cuda.reset_peak_memory_stats()
         with saved_activations(mode is not None, mode or "full", torch.device("cuda")):
             loss = unet(x, torch.tensor([500, 500], device="cuda"), **cond).sample.float().pow(2).mean()

@@ -10,13 +10,7 @@ import torch
 from finetune.setup import compile_unet
 
 
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    from finetune.models.tiny import tiny_unet_config
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(**tiny_unet_config())
+from conftest import make_tiny_unet as tiny_unet, unet_inputs
 
 
 def test_compile_keeps_kernels_with_the_caches_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
@@ -38,10 +32,7 @@ def test_compiled_unet_matches_eager_on_two_bucket_shapes(tmp_path):
     unet = tiny_unet().cuda()
     compiled = compile_unet(unet, tmp_path / "compile")
     for h, w in ((16, 24), (24, 16)):
-        x = torch.randn(1, 4, h, w, device="cuda")
-        cond = {"encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, device="cuda"),
-                "added_cond_kwargs": {"text_embeds": torch.randn(1, 64, device="cuda"),
-                                      "time_ids": torch.tensor([[h * 8.0, w * 8, 0, 0, h * 8, w * 8]], device="cuda")}}
+        x, cond = unet_inputs(unet, h, w, device="cuda")
         with torch.no_grad():
             torch.testing.assert_close(compiled(x, torch.tensor([10], device="cuda"), **cond).sample,
                                        unet(x, torch.tensor([10], device="cuda"), **cond).sample, rtol=1e-3, atol=1e-3)
@@ -78,11 +69,7 @@ def test_channels_last_changes_the_layout_not_the_result():
         prepare_unet(unet, TrainingConfig(channels_last=channels_last), LoraConfig(rank=4))
         conv = unet.conv_in.weight
         assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 4, 16, 16, generator=g)
-        cond = {"encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, generator=g),
-                "added_cond_kwargs": {"text_embeds": torch.randn(1, 64, generator=g),
-                                      "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}}
+        x, cond = unet_inputs(unet)
         with torch.no_grad():
             outputs.append(unet(x, torch.tensor([10]), **cond).sample)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
