@@ -32,7 +32,8 @@ class Run:
         self.cfg, self.progress = cfg, progress
         self.accelerator = acc = make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
         set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
-        acc.print(f"processes: {acc.num_processes} ({acc.device}), mixed precision: {cfg.training.mixed_precision}")
+        acc.print(f"processes: {acc.num_processes} ({acc.device}, {acc.distributed_type.value}), "
+                  f"mixed precision: {cfg.training.mixed_precision}")
         if profile_message:
             acc.print(profile_message)
         self._setup_manifest()

@@ -154,7 +154,7 @@ def test_two_processes_train_as_one_group(tmp_path, tiny_model_dir, shapes_folde
            "-m", "finetune", "train", str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "processes: 2" in done.stdout
+    assert "processes: 2 (cpu:0, MULTI_CPU)" in done.stdout  # one gloo group, not two lone ranks
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-000003" / "train_state.json").read_text())
     assert state["num_processes"] == 2 and state["images_seen"] == 3 * 2 * 2
 
@@ -347,7 +347,7 @@ def test_fsdp_full_fine_tune_saves_resumes_and_writes_the_whole_unet(tmp_path, t
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     done = subprocess.run(launch + ["--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "resumed from" in done.stdout and f"processes: {processes}" in done.stdout
+    assert "resumed from" in done.stdout and f"processes: {processes} (cuda:0, FSDP)" in done.stdout
     tensors = adapter_tensors(tmp_path / "out" / "lora.safetensors")
     assert tensors and all(k.startswith("model.diffusion_model.") for k in tensors)
 
