@@ -8,9 +8,9 @@ memory for recompute without touching diffusers' code:
 - `transformer`: transformer blocks only; SDXL's 10-block transformers at 32² and 2-block ones at
   64² latents hold most of the activations, while the cheap-to-store ResNets keep theirs.
 - `resnet`: ResNets only (they dominate at the 128² latent level, which has no attention in SDXL).
-- `offload`: recompute nothing; every saved activation moves to pinned CPU memory during forward and
-  comes back in backward (`torch.autograd.graph.save_on_cpu`): GPU memory of `full`, host memory
-  and PCIe traffic instead of recompute.
+- `offload`: recompute nothing; every saved activation (not the weights) moves to pinned CPU memory
+  during forward and comes back in backward: about the GPU memory of `full`, with host memory and
+  PCIe traffic instead of recompute.
 """
 
 from __future__ import annotations
@@ -43,9 +43,35 @@ def checkpointed_modules(unet) -> list[str]:
     return [name for name, module in unet.named_modules() if getattr(module, "gradient_checkpointing", False)]
 
 
-def saved_activations(enabled: bool, mode: CheckpointingMode, device: torch.device):
-    """The context the forward pass runs in: offloads saved tensors to CPU for `offload`, else nothing."""
+def saved_activations(enabled: bool, mode: CheckpointingMode, device: torch.device, model=None):
+    """The context the forward pass runs in: offloads saved activations to CPU for `offload`, else nothing.
+
+    Tensors that share storage with `model`'s parameters (autograd saves the weights for the input
+    gradient) stay where they are: they are on the GPU anyway, and copying them would move the
+    whole base model over PCIe twice a step.
+    """
     if enabled and mode == "offload":
-        # Pinned host memory lets the copies back overlap with backward's compute.
-        return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+        weights = set() if model is None else {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return _OffloadToCpu(weights, pin_memory=device.type == "cuda")
     return contextlib.nullcontext()
+
+
+class _OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
+    """Saved activations go to (pinned) host memory in forward and come back in backward."""
+
+    def __init__(self, weight_storages: set[int], pin_memory: bool) -> None:
+        self.weight_storages = weight_storages
+
+        def pack(tensor: torch.Tensor):
+            if tensor.device.type == "cpu" or tensor.untyped_storage().data_ptr() in weight_storages:
+                return None, tensor
+            # Pinned host memory lets the copy back overlap with backward's compute.
+            host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=pin_memory)
+            host.copy_(tensor, non_blocking=pin_memory)
+            return tensor.device, host
+
+        def unpack(packed):
+            device, tensor = packed
+            return tensor if device is None else tensor.to(device, non_blocking=pin_memory)
+
+        super().__init__(pack, unpack)

@@ -135,7 +135,10 @@ def _fsync_files(folder: Path) -> None:
 # Changing these between the stopped run and the resume would make "continue exactly" a lie.
 FROZEN_ON_RESUME = ("model", "dataset", "training.method", "training.batch_size",
                     "training.gradient_accumulation_steps", "training.seed", "training.train_text_encoder",
-                    "training.fused_backward", "training.weight_dtype",  # they change the optimizer state's layout
+                    "training.base_dtype",
+                    # the optimizer state's layout, and the LRs its scheduler restores from the checkpoint
+                    "training.fused_backward", "training.weight_dtype", "training.block_lr_scale",
+                    "training.learning_rate", "training.text_encoder_lr",
                     "lora", "optimizer.name", "loss", "cache.latent_std")
 
 
@@ -162,31 +165,63 @@ def _diff(prefix: str, old, new) -> list[str]:
             if old.get(key) != new.get(key):
                 out.extend(_diff(f"{prefix}.{key}", old.get(key), new.get(key)))
         return out
+    if old is None and new == _default_of(prefix):
+        return []  # a key newer than the checkpoint, left at its default: the old run behaved so too
     return [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
 
 
+def _default_of(dotted: str):
+    """The default of a config key, as the resolved TOML writes it (None when it has none)."""
+    from pydantic import BaseModel
+
+    from finetune.config import TrainConfig
+
+    model, field = TrainConfig, None
+    for part in dotted.split("."):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+    value = field.get_default(call_default_factory=True)
+    return list(value) if isinstance(value, tuple) else value
+
+
 def register_trainable_only_hooks(acc) -> None:
-    """Checkpoints hold the trained parameters only (a LoRA checkpoint is MBs, not the 5 GB UNet)."""
+    """Checkpoints hold the trained parameters only (a LoRA checkpoint is MBs, not the 5 GB UNet).
+
+    Names are the bare model's, so a checkpoint reads the same with or without DDP or torch.compile.
+    """
     from safetensors.torch import load_file, save_file
+
+    def trained_parameters(model) -> dict:
+        bare = acc.unwrap_model(model, keep_torch_compile=False)
+        return {n: p for n, p in bare.named_parameters() if p.requires_grad}
 
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
-            trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            trained = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items()}
             save_file(trained, str(Path(output_dir) / f"trainable_{i}.safetensors"))
         weights.clear()  # accelerate must not write the full state dicts as well
 
     def load_hook(models, input_dir):
         for i, model in enumerate(models):
-            trained = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
-            params = dict(model.named_parameters())
-            expected = {n for n, p in params.items() if p.requires_grad}
-            if expected != set(trained):
+            saved = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
+            saved = {_bare_name(n): v for n, v in saved.items()}  # checkpoints that kept a wrapper's prefix
+            params = trained_parameters(model)
+            if set(params) != set(saved):
                 raise CheckpointError(f"{input_dir}: its trained weights do not match this model's "
-                                      f"({len(expected ^ set(trained))} names differ)")
+                                      f"({len(set(params) ^ set(saved))} names differ)")
             with torch.no_grad():
-                for name, value in trained.items():
+                for name, value in saved.items():
                     params[name].copy_(value)
         models.clear()  # loaded here; accelerate must not look for full state dicts
 
     acc.register_save_state_pre_hook(save_hook)
     acc.register_load_state_pre_hook(load_hook)
+
+
+def _bare_name(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name

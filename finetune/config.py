@@ -284,7 +284,14 @@ class TrainConfig(Section):
         return data
 
     @model_validator(mode="after")
-    def _caches_can_be_valid(self) -> TrainConfig:
+    def _cross_field_rules(self) -> TrainConfig:
+        problems = self.cross_field_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def cross_field_problems(self) -> list[str]:
+        """Settings that are each valid but contradict one another (memory profiles check them too)."""
         # A cached embedding is one fixed text per caption; anything that changes the text or the
         # encoder per step would make the cache silently wrong.
         problems = []
@@ -301,9 +308,10 @@ class TrainConfig(Section):
         problems += self._quantized_base_problems() + self._full_finetune_problems()
         if self.cache.latents and self.dataset.crop == "random":
             problems.append("dataset.crop = 'random' gives a new crop every epoch; set cache.latents = false or dataset.crop = 'center'")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        if self.training.block_lr_scale and self.optimizer.name == "adafactor" and self.optimizer.relative_step:
+            problems.append("training.block_lr_scale needs learning rates, which optimizer.relative_step = true "
+                            "ignores: set relative_step = false")
+        return problems
 
     def _quantized_base_problems(self) -> list[str]:
         kind = self.training.base_dtype

@@ -110,6 +110,7 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
         self.defaults = dict(self._slots[0].optimizer.defaults)
         self.param_groups = [slot.optimizer.param_groups[0] for slot in self._slots]
         self._grad_norm_sq: torch.Tensor | None = None
+        self._nonfinite: torch.Tensor | None = None
         self._handles = [slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)) for slot in self._slots]
 
     @property
@@ -132,6 +133,11 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
             stepped.data = param.detach().float()
             stepped.grad = param.grad.float()
             param.grad = None  # the bf16 gradient is no longer needed
+        # A non-finite gradient cannot be skipped once its neighbours were applied: zero it (the step is
+        # then momentum only for this tensor) and flag it, on the device, so no host sync happens here.
+        bad = ~torch.isfinite(stepped.grad).all()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad.to(self._nonfinite.device)
+        stepped.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_([stepped], self.max_grad_norm)
             self._add_grad_norm(norm)
@@ -158,6 +164,11 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
         """
         total, self._grad_norm_sq = self._grad_norm_sq, None
         return None if total is None else total.sqrt()
+
+    def pop_nonfinite(self) -> bool:
+        """Whether any gradient since the last call was NaN/inf (it was zeroed before its update). One host sync."""
+        flag, self._nonfinite = self._nonfinite, None
+        return bool(flag) if flag is not None else False
 
     def step(self, closure: Callable[[], float] | None = None) -> None:
         """Nothing to do: each parameter was updated as backward completed its gradient."""

@@ -7,11 +7,9 @@ rules again, so a profile can never produce a config the user could not have wri
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from finetune.config import QUANTIZED_BASE_VARIANTS, validate_config
+from finetune.config import QUANTIZED_BASE_VARIANTS
 from finetune.errors import ConfigError
 
 Settings = dict[tuple[str, str], object]  # (table, key) -> value
@@ -55,10 +53,10 @@ def profile_settings(name: str, method: str) -> Settings:
 
 
 def free_gpu_gib() -> float | None:
+    """Free memory of the fullest visible GPU: every process of a multi-GPU run picks the same profile."""
     if not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info()
-    return free / 2**30
+    return min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())) / 2**30
 
 
 def pick_auto(free_gib: float | None, method: str = "lora") -> tuple[str, str]:
@@ -71,8 +69,11 @@ def pick_auto(free_gib: float | None, method: str = "lora") -> tuple[str, str]:
     return "min_vram", f"{free_gib:.1f} GiB free on the GPU"
 
 
-def apply_memory_profile(cfg, free_gib: float | None = None) -> tuple[object, str | None]:
+def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int = 1) -> tuple[object, str | None]:
     """A copy of `cfg` with its profile's settings filled in where the user set nothing.
+
+    The copy's `training.memory_profile` names the profile `auto` chose, so the resolved config saved
+    with each checkpoint records it and a resume can keep it.
 
     Returns:
         (config, message saying which profile applied and why; None for "custom").
@@ -93,30 +94,39 @@ def apply_memory_profile(cfg, free_gib: float | None = None) -> tuple[object, st
         if key not in section.model_fields_set:
             setattr(section, key, value)
             applied[f"{table}.{key}"] = str(value)
-    _soften(cfg, applied)
+    _soften(cfg, applied, num_processes)
+    cfg.training.memory_profile = name
     listed = ", ".join(f"{k}={v}" for k, v in applied.items()) or "every key already set"
-    try:
-        # Only what is set travels, so "unset" stays unset (the optimizers read that); paths are absolute.
-        cfg = validate_config(cfg.model_dump(exclude_unset=True), base_dir=Path("/"), source="memory profile")
-    except ConfigError as err:
+    problems = cfg.cross_field_problems()
+    if problems:
         raise ConfigError(f"training.memory_profile = '{name}' sets {listed}, which the rest of the config "
-                          f"contradicts:\n{err}\nset those keys yourself, or use memory_profile = 'custom'") from None
+                          f"contradicts: {'; '.join(problems)}; set those keys yourself, or use memory_profile = 'custom'")
     return cfg, f"memory profile {name} ({reason}): {listed}"
 
 
-def _soften(cfg, applied: dict[str, str]) -> None:
+def _soften(cfg, applied: dict[str, str], num_processes: int) -> None:
     """Undo profile keys that cannot work with what the user chose, and say so in `applied`."""
     training = cfg.training
+
+    def undo(key: str, value, why: str) -> None:
+        if f"training.{key}" in applied:
+            setattr(training, key, value)
+            applied[f"training.{key}"] = f"{value} ({why})"
+
     if training.mixed_precision == "no":
         # bf16 or quantized weights need autocast; the user turned it off, so they stay fp32.
-        for key in ("base_dtype", "weight_dtype"):
-            if f"training.{key}" in applied:
-                setattr(training, key, "fp32")
-                applied[f"training.{key}"] = "fp32 (no autocast)"
+        undo("base_dtype", "fp32", "no autocast")
+        undo("weight_dtype", "fp32", "no autocast")
     quantized = QUANTIZED_BASE_VARIANTS.get(training.base_dtype)
-    if "training.base_dtype" in applied and quantized and cfg.lora.variant not in quantized:
-        training.base_dtype = "bf16"
-        applied["training.base_dtype"] = f"bf16 (lora.variant = {cfg.lora.variant} cannot train on a quantized base)"
+    if quantized and cfg.lora.variant not in quantized:
+        undo("base_dtype", "bf16", f"lora.variant = {cfg.lora.variant} cannot train on a quantized base")
+    blockers = [why for why, blocked in (
+        ("gradient accumulation", training.gradient_accumulation_steps > 1), ("fp16", training.mixed_precision == "fp16"),
+        ("prodigy", cfg.optimizer.name == "prodigy"), ("EMA", bool(training.ema_decay)),
+        (f"{num_processes} processes", num_processes > 1)) if blocked]
+    if training.fused_backward and blockers:
+        undo("fused_backward", False, f"not with {', '.join(blockers)}")
+        undo("weight_dtype", "fp32", "needs the fused backward")
 
 
 # Bytes per frozen base weight. fp8/nf4 quantize the transformer blocks' Linear layers (86 % of

@@ -54,9 +54,12 @@ def quantize_base_linears(unet: torch.nn.Module, kind: Literal["nf4", "fp8"],
     if any(hasattr(module, "base_layer") for module in unet.modules()):
         raise ValueError("quantize_base_linears must run before add_unet_adapter: the UNet has adapters already")
     bnb = _bitsandbytes() if kind == "nf4" else None
-    targets = [(name, module) for name, module in unet.named_modules()
+    # Names, not modules: each full-precision layer is dropped as soon as its quantized one replaces it,
+    # so at most one of them sits on `device` at a time.
+    targets = [name for name, module in unet.named_modules()
                if type(module) is torch.nn.Linear and re.fullmatch(QUANTIZED_LINEARS, name)]
-    for name, linear in targets:
+    for name in targets:
+        linear = unet.get_submodule(name)
         linear.requires_grad_(False)
         if device is not None:
             linear.to(device)  # one layer at a time: the full-precision base never sits on `device` whole
@@ -66,6 +69,7 @@ def quantize_base_linears(unet: torch.nn.Module, kind: Literal["nf4", "fp8"],
             quantized = Float8Linear.from_linear(linear, compute_dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent_name), child, quantized)
+        del linear, quantized
     if kind == "nf4" and targets:
         # peft picks its bitsandbytes 4-bit LoRA layer (4-bit aware merge, dtype handling) only when
         # the model says so; diffusers' own bitsandbytes loader sets the same flag.

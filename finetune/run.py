@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ class Run:
     """Setup builds everything in order; the loop calls `micro_step`, `after_step`, `save_checkpoint`."""
 
     @classmethod
-    def setup(cls, cfg: TrainConfig, progress: bool = True) -> Run:
+    def setup(cls, cfg: TrainConfig, progress: bool = True, resume: str | None = None) -> Run:
         """Build the run; each step needs what the step before it made."""
         from accelerate.utils import set_seed
 
@@ -28,7 +29,11 @@ class Run:
         from finetune.setup import make_accelerator
 
         self = cls()
-        cfg, profile_message = apply_memory_profile(cfg)
+        if resume and cfg.training.memory_profile == "auto":
+            cfg = _profile_of_checkpoint(cfg, resume)
+        # The launcher's process count (WORLD_SIZE), before the accelerator exists: the profile
+        # decides the mixed precision the accelerator is built with.
+        cfg, profile_message = apply_memory_profile(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
         self.cfg, self.progress = cfg, progress
         self.accelerator = acc = make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
         set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
@@ -99,7 +104,8 @@ class Run:
 
         cfg, acc, models = self.cfg, self.accelerator, self.models
         self.fsdp = acc.distributed_type == DistributedType.FSDP
-        check_parallelism(cfg.training, fsdp=self.fsdp, num_processes=acc.num_processes)
+        check_parallelism(cfg.training, fsdp_version=acc.state.fsdp_plugin.fsdp_version if self.fsdp else None,
+                          num_processes=acc.num_processes, renders=bool(cfg.sample.prompts) or cfg.validation.split > 0)
         prepare_unet(models.unet, cfg.training, cfg.lora, device=None if self.fsdp else acc.device)
         groups = unet_param_groups(models.unet, cfg.training.learning_rate, cfg.training.block_lr_scale)
         te_params = []
@@ -219,7 +225,7 @@ class Run:
         latents = batch_latents(_to(batch, acc.device), self.models.vae, generator)  # (B, 4, H/8, W/8)
         prompt_embeds, pooled = batch_text(batch, self.text_encode)
         offload = saved_activations(cfg.training.gradient_checkpointing, cfg.training.gradient_checkpointing_mode,
-                                    acc.device)
+                                    acc.device, self.unet)
         with acc.autocast(), offload:
             loss = diffusion_step_loss(
                 # Cached embeddings are stored fp16; compute starts in fp32 and autocast takes it from there.
@@ -233,10 +239,9 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         acc.backward(loss)  # with training.fused_backward this also steps the optimizer, tensor by tensor
-        if self.fused is not None:
-            self.grad_norm = self.fused.pop_grad_norm()  # clipped per tensor inside backward
-        elif acc.sync_gradients and cfg.training.max_grad_norm > 0:
-            self.grad_norm = acc.clip_grad_norm_(self.params, cfg.training.max_grad_norm)
+        if not self._gradients_finite():
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self.optimizer.step()
         if acc.sync_gradients:
             self.lr_scheduler.step()
@@ -245,6 +250,20 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.images_seen += len(batch["add_time_ids"]) * acc.num_processes
         return loss.detach().item()  # a host sync, once per micro-step: the progress bar needs it
+
+    def _gradients_finite(self) -> bool:
+        """Clip (on the last micro-batch) and say whether the gradients are finite, so NaN never reaches the weights.
+
+        fp16's loss scaler skips overflowing steps itself and lowers its scale: those are not failures.
+        """
+        acc, max_norm = self.accelerator, self.cfg.training.max_grad_norm
+        if self.fused is not None:
+            self.grad_norm = self.fused.pop_grad_norm()  # clipped per tensor inside backward
+            return not self.fused.pop_nonfinite()
+        if not acc.sync_gradients or max_norm <= 0:
+            return True
+        self.grad_norm = acc.clip_grad_norm_(self.params, max_norm)  # the synced gradients: every process agrees
+        return acc.scaler is not None or bool(torch.isfinite(self.grad_norm))
 
     def after_step(self, loss: float, bar) -> None:
         """Log, sample and checkpoint on their cadences."""
@@ -268,7 +287,7 @@ class Run:
         acc = self.accelerator
         if not acc.is_main_process:
             return None
-        value = validation_loss(acc.unwrap_model(self.unet), self.val_dataset, self.cfg.validation.timesteps,
+        value = validation_loss(self.bare_unet(), self.val_dataset, self.cfg.validation.timesteps,
                                 self.noise_scheduler, self.prediction_type, vae=self.models.vae,
                                 text_encode=self.text_encode, device=acc.device, seed=self.cfg.training.seed)
         self.val_losses.append((self.state.step, value))
@@ -288,6 +307,10 @@ class Run:
 
     # --- outputs ---------------------------------------------------------------------------------
 
+    def bare_unet(self):
+        """The UNet without DDP's or torch.compile's wrapper: its own names and config, eager forward."""
+        return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
+
     def gather_unet_state(self) -> dict | None:
         """FSDP: the whole UNet's weights gathered from the shards (every process must call it)."""
         return self.accelerator.get_state_dict(self.unet) if self.fsdp else None
@@ -297,7 +320,7 @@ class Run:
         from finetune.outputs import save_trained_weights
 
         acc = self.accelerator
-        unet = acc.unwrap_model(self.unet)
+        unet = self.bare_unet()
         encoders = None
         if self.cfg.training.train_text_encoder:
             encoders = tuple(acc.unwrap_model(e) for e in self.models.text_encoders)
@@ -316,9 +339,10 @@ class Run:
         finally:
             self.ema.restore(self.params)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, unet_state: dict | None = None) -> Path:
         cfg = self.cfg
-        unet_state = self.gather_unet_state()
+        if unet_state is None:
+            unet_state = self.gather_unet_state()
         folder = ckpt.save_checkpoint(
             self.accelerator, cfg.output.checkpoints_dir, self.state, dump_config(cfg),
             lambda tmp: self.write_weights(tmp / f"{cfg.output.name}.safetensors", unet_state))
@@ -333,7 +357,7 @@ class Run:
         acc, cfg = self.accelerator, self.cfg
         if not acc.is_main_process:
             return []
-        paths = render_training_samples(acc.unwrap_model(self.unet), self.models, cfg, self.state.step, acc.device)
+        paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device)
         if cfg.logging.report_to != "none":
             log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
         return paths
@@ -350,8 +374,8 @@ class Run:
 
         cfg, acc = self.cfg, self.accelerator
         if not interrupted:
-            self.save_checkpoint()
-            unet_state = self.gather_unet_state()
+            unet_state = self.gather_unet_state()  # FSDP: one gather for the checkpoint and the final file
+            self.save_checkpoint(unet_state)
             if acc.is_main_process:
                 self.write_weights(cfg.output.adapter_path, unet_state)
                 every = cfg.sample.every_n_steps
@@ -362,6 +386,24 @@ class Run:
         return TrainResult(output_path=cfg.output.adapter_path, step=self.state.step, losses=self.losses,
                            checkpoint=self.last_checkpoint, manifest_dir=cfg.output.manifest_dir,
                            log_dir=cfg.output.dir / "logs", interrupted=interrupted)
+
+
+def _profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:
+    """`auto` on resume keeps the profile the stopped run chose: free memory moves, the run must not."""
+    import tomllib
+
+    from finetune.trainer import find_resume_folder
+
+    folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
+    if folder is None:
+        return cfg
+    saved = tomllib.loads((folder / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
+    chosen = saved.get("training", {}).get("memory_profile", "auto")
+    if chosen in ("auto", "custom"):
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.training.memory_profile = chosen
+    return cfg
 
 
 def _to(batch: dict, device) -> dict:

@@ -49,23 +49,33 @@ def make_accelerator(training, logging_cfg, output_dir: Path):
     )
 
 
-def check_parallelism(training, *, fsdp: bool, num_processes: int) -> None:
-    """Refuse launch/config pairs that would train wrongly; `accelerate launch` decides fsdp and the count.
+def check_parallelism(training, *, fsdp_version: int | None, num_processes: int, renders: bool) -> None:
+    """Refuse launch/config pairs that would train wrongly; `accelerate launch` decides FSDP and the count.
+
+    Args:
+        fsdp_version: None without FSDP, else the launcher's --fsdp_version.
+        renders: the run renders samples or computes a validation loss (a forward on one process).
 
     Raises:
         ConfigError: naming the key or the launch flag to change.
     """
     problems = []
-    if fsdp and training.method != "full":
-        problems.append("FSDP shards full fine-tuning; a LoRA fits on each GPU: launch with --multi_gpu (DDP) "
-                        "instead of --use_fsdp, or set training.method = 'full'")
-    if fsdp and training.train_text_encoder:
-        problems.append("FSDP shards the UNet only: set training.train_text_encoder = false")
-    if training.fused_backward and num_processes > 1:
-        problems.append("training.fused_backward = true steps each GPU on its own gradients before DDP averages "
-                        "them: run one process, or set training.fused_backward = false")
-    if fsdp and training.ema_decay:
-        problems.append("FSDP keeps sharded weights, which the EMA copy cannot follow: unset training.ema_decay")
+    if training.fused_backward and (num_processes > 1 or fsdp_version):
+        problems.append("training.fused_backward = true steps each GPU on its own gradients before DDP/FSDP averages "
+                        "them: run one process without FSDP, or set training.fused_backward = false")
+    if fsdp_version:
+        if fsdp_version != 2:
+            problems.append("FSDP: launch with --fsdp_version 2 (FSDP1 flattens the parameters the optimizer holds)")
+        if training.method != "full":
+            problems.append("FSDP shards full fine-tuning; a LoRA fits on each GPU: launch with --multi_gpu (DDP) "
+                            "instead of --use_fsdp, or set training.method = 'full'")
+        if training.train_text_encoder:
+            problems.append("FSDP shards the UNet only: set training.train_text_encoder = false")
+        if training.ema_decay:
+            problems.append("FSDP keeps sharded weights, which the EMA copy cannot follow: unset training.ema_decay")
+        if renders:
+            problems.append("FSDP needs every process in each forward, and samples and the validation loss run on "
+                            "one: set sample.prompts = [] and validation.split = 0, and sample the saved model")
     if problems:
         raise ConfigError("; ".join(problems))
 

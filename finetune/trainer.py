@@ -55,7 +55,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
     """Run training as `cfg` says; `resume` is None, "latest" or a checkpoint folder."""
     from finetune.run import Run
 
-    run = Run.setup(cfg, progress=progress)  # accelerator, manifest, models, caches, optimizer, loader
+    run = Run.setup(cfg, progress=progress, resume=resume)  # accelerator, manifest, models, caches, optimizer, loader
     start = run.resume(resume) if resume else None
     try:
         with StopFlag() as stop:

@@ -16,7 +16,7 @@ def loss_and_grads(unet, mode: str | None):
         enable_checkpointing(unet, mode)
     unet.train()
     sample, cond = unet_inputs(unet, seed=1)
-    with saved_activations(mode is not None, mode or "full", torch.device("cpu")):
+    with saved_activations(mode is not None, mode or "full", torch.device("cpu"), unet):
         loss = unet(sample, torch.tensor([500]), **cond).sample.pow(2).mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}
@@ -46,21 +46,18 @@ def test_modes_choose_which_blocks_recompute():
     assert checkpointed_modules(kinds("offload")[1]) == []  # offload recomputes nothing
 
 
-def test_offload_moves_saved_activations_through_the_cpu_hooks():
-    saved = []
-    real = torch.autograd.graph.save_on_cpu.__init__
+def test_offload_is_chosen_only_with_checkpointing_on_and_knows_the_weights_it_keeps():
+    import contextlib
 
-    def spy(self, pin_memory=False, device_type="cuda"):
-        saved.append(pin_memory)
-        real(self, pin_memory=pin_memory, device_type=device_type)
+    from finetune.activations import _OffloadToCpu
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.autograd.graph.save_on_cpu, "__init__", spy)
-        with saved_activations(True, "offload", torch.device("cpu")):
-            pass
-        with saved_activations(True, "full", torch.device("cpu")), saved_activations(False, "offload", torch.device("cpu")):
-            pass
-    assert saved == [False]  # only offload with checkpointing on; pinned memory only for a GPU
+    unet = tiny_unet()
+    ctx = saved_activations(True, "offload", torch.device("cpu"), unet)
+    assert isinstance(ctx, _OffloadToCpu)
+    # Every weight's storage is known, so autograd's saved views of the weights stay on the GPU.
+    assert ctx.weight_storages == {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    for enabled, mode in ((True, "full"), (False, "offload"), (True, "transformer")):
+        assert isinstance(saved_activations(enabled, mode, torch.device("cpu"), unet), contextlib.nullcontext)
 
 
 @pytest.mark.gpu
@@ -72,7 +69,7 @@ def test_offload_and_partial_checkpointing_lower_peak_gpu_memory():
             enable_checkpointing(unet, mode)
         x, cond = unet_inputs(unet, 64, 64, batch=2, device="cuda")
         torch.cuda.reset_peak_memory_stats()
-        with saved_activations(mode is not None, mode or "full", torch.device("cuda")):
+        with saved_activations(mode is not None, mode or "full", torch.device("cuda"), unet):
             loss = unet(x, torch.tensor([500, 500], device="cuda"), **cond).sample.float().pow(2).mean()
         loss.backward()
         peaks[mode] = torch.cuda.max_memory_allocated()

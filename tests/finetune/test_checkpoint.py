@@ -75,3 +75,40 @@ def test_resume_conflicts_name_the_changed_keys():
     assert any(c.startswith("model.pretrained") for c in conflicts)
     assert any(c.startswith("lora.rank") for c in conflicts)
     assert not any("max_steps" in c for c in conflicts)  # more steps is a fine reason to resume
+
+
+def test_a_checkpoint_older_than_a_key_resumes_while_the_key_keeps_its_default():
+    saved = {"training": {"method": "full", "learning_rate": 1e-5}}  # written before fused_backward existed
+    current = {"training": {"method": "full", "learning_rate": 1e-5, "fused_backward": False, "weight_dtype": "fp32",
+                            "block_lr_scale": {}}}
+    assert ckpt.resume_conflicts(saved, current) == []
+    current["training"].update(fused_backward=True, learning_rate=2e-5)
+    conflicts = ckpt.resume_conflicts(saved, current)
+    assert any(c.startswith("training.fused_backward: None in the checkpoint, True now") for c in conflicts)
+    assert any(c.startswith("training.learning_rate") for c in conflicts)  # the scheduler would keep the old one
+
+
+def test_trainable_weights_are_saved_by_their_bare_names_through_torch_compile(tmp_path):
+    from accelerate import Accelerator
+
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+        net[0].requires_grad_(False)
+        return net
+
+    acc = Accelerator(cpu=True)
+    ckpt.register_trainable_only_hooks(acc)
+    compiled = acc.prepare(torch.compile(model()))  # wrapped only: nothing is compiled without a forward
+    with torch.no_grad():
+        compiled._orig_mod[1].weight.fill_(0.5)
+    acc.save_state(str(tmp_path / "state"))
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "state" / "trainable_0.safetensors"))) == {"1.weight", "1.bias"}
+
+    eager_acc = Accelerator(cpu=True)
+    ckpt.register_trainable_only_hooks(eager_acc)
+    eager = eager_acc.prepare(model())  # resumed without compile: the same names
+    eager_acc.load_state(str(tmp_path / "state"))
+    assert torch.equal(eager[1].weight, torch.full((1, 3), 0.5))

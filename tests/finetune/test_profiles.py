@@ -69,16 +69,36 @@ def test_profiles_depend_on_the_method(tmp_path):
     assert pick_auto(20.0, "full")[0] == "low_vram" and pick_auto(20.0, "lora")[0] == "fast"
 
 
-def test_profile_keys_the_user_contradicts_are_named(tmp_path):
+def test_profile_drops_the_fused_backward_where_it_cannot_work_and_says_why(tmp_path):
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full",
+                                               gradient_accumulation_steps=4))
+    assert not out.training.fused_backward and out.training.weight_dtype == "fp32"
+    assert "not with gradient accumulation" in message
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full"), num_processes=2)
+    assert not out.training.fused_backward and "not with 2 processes" in message
+
+
+def test_a_profile_that_would_contradict_the_config_is_refused_with_both_sides(tmp_path, monkeypatch):
     import pytest
 
+    from finetune import profiles
     from finetune.errors import ConfigError
 
+    broken = {**profiles.LORA_PROFILES["low_vram"], ("training", "weight_dtype"): "bf16"}
+    monkeypatch.setitem(profiles.LORA_PROFILES, "low_vram", broken)
     with pytest.raises(ConfigError) as info:
-        apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full", gradient_accumulation_steps=4))
+        apply_memory_profile(config(tmp_path, memory_profile="low_vram"))
     message = str(info.value)
-    assert "memory_profile = 'low_vram'" in message and "training.fused_backward=True" in message
-    assert "gradient_accumulation_steps = 1" in message
+    assert "memory_profile = 'low_vram'" in message and "training.weight_dtype=bf16" in message
+    assert "needs training.method = 'full'" in message and "memory_profile = 'custom'" in message
+
+
+def test_profile_keeps_relative_paths_and_records_what_auto_chose(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    cfg = config(tmp_path, memory_profile="auto")
+    out, _ = apply_memory_profile(cfg, free_gib=11.0)
+    assert out.output.dir == cfg.output.dir == tmp_path / "output"  # resolved against the config's folder
+    assert out.training.memory_profile == "low_vram"
 
 
 def test_profile_keeps_unset_keys_unset_and_softens_what_cannot_work(tmp_path):

@@ -38,18 +38,26 @@ def test_compiled_unet_matches_eager_on_two_bucket_shapes(tmp_path):
                                        unet(x, torch.tensor([10], device="cuda"), **cond).sample, rtol=1e-3, atol=1e-3)
 
 
-def test_fsdp_is_refused_for_what_it_cannot_shard():
+def test_fsdp_and_the_fused_backward_are_refused_where_they_would_train_wrongly():
     from finetune.config import TrainingConfig
     from finetune.errors import ConfigError
     from finetune.setup import check_parallelism
 
-    check_parallelism(TrainingConfig(method="full"), fsdp=True, num_processes=2)
-    check_parallelism(TrainingConfig(method="lora"), fsdp=False, num_processes=2)
-    for training, words in ((TrainingConfig(method="lora"), "--multi_gpu"),
-                            (TrainingConfig(method="full", ema_decay=0.99), "training.ema_decay"),
-                            (TrainingConfig(method="full", train_text_encoder=True), "training.train_text_encoder")):
+    full = TrainingConfig(method="full")
+    check_parallelism(full, fsdp_version=2, num_processes=2, renders=False)
+    check_parallelism(TrainingConfig(method="lora"), fsdp_version=None, num_processes=2, renders=True)
+    fused = TrainingConfig(method="full", fused_backward=True)
+    check_parallelism(fused, fsdp_version=None, num_processes=1, renders=True)
+    for training, kwargs, words in (
+            (TrainingConfig(method="lora"), {}, "--multi_gpu"),
+            (full, {"fsdp_version": 1}, "--fsdp_version 2"),
+            (full, {"renders": True}, r"sample.prompts = \[\]"),
+            (TrainingConfig(method="full", ema_decay=0.99), {}, "training.ema_decay"),
+            (TrainingConfig(method="full", train_text_encoder=True), {}, "training.train_text_encoder"),
+            (fused, {"fsdp_version": None}, "training.fused_backward = false"),
+            (fused, {"fsdp_version": 2, "num_processes": 1}, "training.fused_backward = false")):
         with pytest.raises(ConfigError, match=words):
-            check_parallelism(training, fsdp=True, num_processes=2)
+            check_parallelism(training, **{"fsdp_version": 2, "num_processes": 2, "renders": False, **kwargs})
 
 
 def test_compile_passes_static_shapes_and_the_mode(tmp_path, monkeypatch):

@@ -102,6 +102,39 @@ def test_nan_loss_is_skipped_then_stops(tmp_path, tiny_model_dir, shapes_folder,
     assert "NaN/inf 3 steps in a row" in str(info.value)
 
 
+class _NaNGradient(torch.autograd.Function):
+    """The loss unchanged, its gradient NaN: what an overflow inside backward looks like."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-backward"])
+def test_nan_gradients_behind_a_finite_loss_never_reach_the_weights(tmp_path, tiny_model_dir, shapes_folder,
+                                                                   monkeypatch, fused):
+    import finetune.step as step
+    from finetune.run import Run
+
+    real = step.diffusion_step_loss
+    monkeypatch.setattr(step, "diffusion_step_loss", lambda *a, **k: _NaNGradient.apply(real(*a, **k)))
+    runs = []
+    real_setup = Run.setup.__func__
+    monkeypatch.setattr(Run, "setup", classmethod(lambda cls, *a, **k: runs.append(real_setup(cls, *a, **k)) or runs[-1]))
+    overrides = ["training.max_nan_steps=2"]
+    if fused:
+        overrides += ["training.method=full", "training.fused_backward=true", "training.learning_rate=1e-4"]
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=20, every=10), overrides)
+    with pytest.raises(FinetuneError) as info:
+        train(cfg, progress=False)
+    assert "NaN/inf 2 steps in a row at step 0" in str(info.value)
+    assert all(torch.isfinite(p).all() for p in runs[0].params)
+
+
 def _start(config: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "finetune", "train", str(config), *extra],
@@ -412,12 +445,14 @@ def test_two_runs_in_one_process_may_use_different_precisions(tmp_path, tiny_mod
     ["training.mixed_precision=bf16", "optimizer.name=lion8bit", "training.base_dtype=nf4"],
     ["training.mixed_precision=bf16", "training.method=full", "training.fused_backward=true",
      "training.weight_dtype=bf16", "optimizer.name=adamw8bit", "training.learning_rate=1e-5"],
-], ids=["fp16", "bf16-adamw8bit", "paged-checkpointed", "lion8bit-nf4", "full-fused-bf16"])
+    ["training.mixed_precision=bf16", "training.base_dtype=bf16", "training.compile=true",
+     'sample.prompts=["a red drawing"]', "sample.steps=2", "sample.height=64", "sample.width=64"],
+], ids=["fp16", "bf16-adamw8bit", "paged-checkpointed", "lion8bit-nf4", "full-fused-bf16", "compiled"])
 def test_cuda_precisions_and_8bit_optimizers_train(tmp_path, tiny_model_dir, shapes_folder, overrides):
-    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=4, every=10), overrides)
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=4, every=2), overrides)
     result = train(cfg, progress=False)
     assert result.step == 4 and all(torch.isfinite(torch.tensor(result.losses)))
-    assert result.output_path.is_file()
+    assert result.output_path.is_file() and (result.checkpoint / "trainable_0.safetensors").is_file()
 
 
 def test_block_lr_scale_zero_freezes_that_block(tmp_path, tiny_model_dir, shapes_folder):
