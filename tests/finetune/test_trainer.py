@@ -203,6 +203,21 @@ def test_every_memory_profile_trains_on_cpu(tmp_path, tiny_model_dir, shapes_fol
     assert any(tensors[k].abs().sum() > 0 for k in tensors if k.endswith(".lora_up.weight"))
 
 
+@pytest.mark.parametrize("profile", ["min_vram", "balanced", "fast"])
+def test_every_full_fine_tune_profile_trains_on_cpu(tmp_path, tiny_model_dir, shapes_folder, profile, capsys):
+    # bf16 autocast, so min_vram and balanced run bf16 weights with stochastic rounding; AdamW
+    # stands in for the 8-bit optimizer, whose CPU fallback takes seconds a step.
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
+                      ["training.method=full", "training.learning_rate=1e-4", "optimizer.name=adamw",
+                       f"training.memory_profile={profile}"])
+    result = train(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert f"memory profile {profile}" in out
+    assert ("training.fused_backward=True" in out) == (profile != "fast")
+    assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(k.startswith("model.diffusion_model.") for k in adapter_tensors(result.output_path))
+
+
 def test_masked_loss_reads_the_mask_beside_the_image(tmp_path, tiny_model_dir):
     from bucketing.manifest import load_manifest
     from finetune.data import load_mask
