@@ -11,7 +11,6 @@ import torch
 
 from finetune import checkpoint as ckpt
 from finetune.config import TrainConfig, dump_config
-from finetune.errors import CheckpointError
 
 log = logging.getLogger("finetune")
 
@@ -30,7 +29,9 @@ class Run:
 
         self = cls()
         if resume and cfg.training.memory_profile == "auto":
-            cfg = _profile_of_checkpoint(cfg, resume)
+            from finetune.resume import profile_of_checkpoint
+
+            cfg = profile_of_checkpoint(cfg, resume)
         # The launcher's process count (WORLD_SIZE), before the accelerator exists: the profile
         # decides the mixed precision the accelerator is built with.
         cfg, profile_message = apply_memory_profile(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
@@ -174,13 +175,13 @@ class Run:
 
     def resume(self, resume: str) -> Path | None:
         """Load a checkpoint's state; with --resume and no checkpoint yet, start from the beginning."""
-        from finetune.trainer import find_resume_folder
+        from finetune.resume import check_resumable, find_resume_folder
 
         folder = find_resume_folder(self.cfg.output.checkpoints_dir, resume)
         if folder is None:
             self.accelerator.print(f"--resume: no complete checkpoint in {self.cfg.output.checkpoints_dir}; starting from step 0")
             return None
-        self._check_resumable(folder)
+        check_resumable(folder, self.cfg, self.state)
         self.accelerator.load_state(str(folder))
         saved = ckpt.TrainState.from_file(folder / ckpt.STATE_FILE)
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
@@ -188,23 +189,6 @@ class Run:
         self.last_checkpoint = folder
         self.accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
         return folder
-
-    def _check_resumable(self, folder: Path) -> None:
-        import tomllib
-
-        saved_cfg = tomllib.loads((folder / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
-        current = tomllib.loads(dump_config(self.cfg))
-        problems = ckpt.resume_conflicts(saved_cfg, current)
-        saved = ckpt.TrainState.from_file(folder / ckpt.STATE_FILE)
-        if saved.dataset_hash and saved.dataset_hash != self.state.dataset_hash:
-            problems.append("dataset: the images, captions or crops changed since the checkpoint")
-        if saved.num_processes != self.state.num_processes:
-            problems.append(f"processes: {saved.num_processes} in the checkpoint, {self.state.num_processes} now")
-        if problems:
-            raise CheckpointError(
-                f"{folder}: cannot resume, the config changed in ways that would make the result wrong:\n  "
-                + "\n  ".join(problems)
-                + "\nrestore those settings, or start a new run in another output.dir")
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -386,24 +370,6 @@ class Run:
         return TrainResult(output_path=cfg.output.adapter_path, step=self.state.step, losses=self.losses,
                            checkpoint=self.last_checkpoint, manifest_dir=cfg.output.manifest_dir,
                            log_dir=cfg.output.dir / "logs", interrupted=interrupted)
-
-
-def _profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:
-    """`auto` on resume keeps the profile the stopped run chose: free memory moves, the run must not."""
-    import tomllib
-
-    from finetune.trainer import find_resume_folder
-
-    folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
-    if folder is None:
-        return cfg
-    saved = tomllib.loads((folder / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
-    chosen = saved.get("training", {}).get("memory_profile", "auto")
-    if chosen in ("auto", "custom"):
-        return cfg
-    cfg = cfg.model_copy(deep=True)
-    cfg.training.memory_profile = chosen
-    return cfg
 
 
 def _to(batch: dict, device) -> dict:

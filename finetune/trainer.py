@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 
-from finetune import checkpoint as ckpt
 from finetune.config import TrainConfig, dump_config
-from finetune.errors import CheckpointError, FinetuneError
+from finetune.errors import FinetuneError
 from finetune.io import write_text_atomic
 
 log = logging.getLogger("finetune")
@@ -110,13 +109,3 @@ def write_resolved_config(cfg: TrainConfig) -> Path:
     path = cfg.output.dir / "config.resolved.toml"
     write_text_atomic(path, dump_config(cfg))
     return path
-
-
-def find_resume_folder(root: Path, resume: str) -> Path | None:
-    """The checkpoint folder `--resume` names: "latest" (None when there is none yet) or a path."""
-    if resume == "latest":
-        return ckpt.latest_checkpoint(root)
-    folder = Path(resume)
-    if not (folder / ckpt.STATE_FILE).is_file():
-        raise CheckpointError(f"{folder}: not a complete checkpoint (no {ckpt.STATE_FILE}); use --resume for the latest")
-    return folder

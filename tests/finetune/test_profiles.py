@@ -117,16 +117,16 @@ def test_profile_keeps_fp32_base_when_the_user_turned_autocast_off(tmp_path):
 
 def test_auto_on_resume_keeps_the_profile_the_stopped_run_chose(tmp_path):
     from finetune import checkpoint as ckpt
-    from finetune.run import _profile_of_checkpoint
+    from finetune.resume import profile_of_checkpoint
 
     cfg = config(tmp_path, memory_profile="auto")
     folder = cfg.output.checkpoints_dir / "step-000010"
     folder.mkdir(parents=True)
     (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "low_vram"\n', encoding="utf-8")
     (folder / ckpt.STATE_FILE).write_text(ckpt.TrainState(step=10).to_json(), encoding="utf-8")
-    assert _profile_of_checkpoint(cfg, "latest").training.memory_profile == "low_vram"
-    out, message = apply_memory_profile(_profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
+    assert profile_of_checkpoint(cfg, "latest").training.memory_profile == "low_vram"
+    out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
     assert out.training.memory_profile == "low_vram" and "set in the config" in message  # free memory ignored
     (tmp_path / "fresh").mkdir()
     fresh = config(tmp_path / "fresh", memory_profile="auto")
-    assert _profile_of_checkpoint(fresh, "latest").training.memory_profile == "auto"  # nothing saved yet
+    assert profile_of_checkpoint(fresh, "latest").training.memory_profile == "auto"  # nothing saved yet
