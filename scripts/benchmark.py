@@ -221,7 +221,38 @@ def measure(step, args, device) -> dict:
     row["tflops"] = round(flops / 1e12 / (row["step_ms"] / 1000), 3)
     peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     row["mfu"] = round(row["tflops"] / peak, 4) if peak else None
+    if args.trace:
+        row["trace"] = trace_summary(step, device)
     return row
+
+
+def trace_summary(step, device, steps: int = 2, top: int = 8) -> dict:
+    """Where a step's time goes (torch.profiler): device-busy share of the wall time and the top ops.
+
+    A device busy for much less than the wall time means the host (kernel launches, Python,
+    syncs) is the blocker; otherwise the top ops name the kernels to work on.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    wall_us = (time.perf_counter() - start) * 1e6 / steps
+    events = prof.key_averages()
+    on_device = device.type == "cuda"
+
+    def self_us(e):
+        return e.self_device_time_total if on_device else e.self_cpu_time_total
+
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    busy_us = sum(self_us(e) for e in events) / steps
+    return {"device_busy_share": round(min(busy_us / wall_us, 1.0), 3) if on_device else None,
+            "top_ops_ms_per_step": {e.key: round(self_us(e) / steps / 1000, 3) for e in ranked}}
 
 
 def run_row(name: str, args, device) -> dict:
@@ -322,6 +353,7 @@ def parse_args(argv=None):
                    help="override the LoRA profiles' frozen base precision (training.base_dtype)")
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], default=None,
                    help="compile every toolkit row with this torch.compile mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--trace", action="store_true", help="add a torch.profiler summary to each row (top ops, device busy share)")
     p.add_argument("--no-compile", action="store_true", help="run every row eagerly (compiling SDXL takes minutes)")
     p.add_argument("--channels-last", action="store_true", help="UNet convs in channels-last layout (toolkit rows)")
     p.add_argument("--compile-cache", default=str(Path.home() / ".cache" / "sdxl-finetune" / "compile"),

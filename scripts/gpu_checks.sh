@@ -31,7 +31,7 @@ case "$part" in
 tests)  # CUDA-only paths: fp16 loss scaling, bf16, 8-bit optimizers, NF4/fp8, compile, offload, FSDP
     timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -15 ;;
 bench)  # 1024², batch 1, rank 16; eager first (compiling SDXL takes minutes), then the compiled fast row
-    bench 240 rows --profile all --no-compile --steps 10 --warmup 3
+    bench 240 rows --profile all --no-compile --steps 10 --warmup 3 --trace
     bench 60 fast-b4 --profile fast --no-compile --batch-size 4 --steps 5 --warmup 2
     bench 45 low-12g --profile low_vram --vram-gib 12 --steps 5 --warmup 2
     bench 45 min-8g --profile min_vram --vram-gib 8 --steps 5 --warmup 2

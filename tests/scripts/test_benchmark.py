@@ -38,9 +38,10 @@ def test_tiny_benchmark_prints_json_rows():
 @pytest.mark.slow
 def test_tiny_benchmark_overrides_checkpointing_and_base_precision():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--no-data",
-                           "--profile", "low_vram", "--checkpointing", "offload", "--base-dtype", "fp8"],
+                           "--profile", "low_vram", "--checkpointing", "offload", "--base-dtype", "fp8", "--trace"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(done.stdout.splitlines()[-1])
     assert (row["profile"], row["checkpointing"], row["base_dtype"]) == ("low_vram", "offload", "fp8")
     assert row["step_ms"] > 0
+    assert row["trace"]["top_ops_ms_per_step"] and all(v >= 0 for v in row["trace"]["top_ops_ms_per_step"].values())
