@@ -39,7 +39,7 @@ def enable_checkpointing(unet, mode: CheckpointingMode) -> None:
 
 
 def checkpointed_modules(unet) -> list[str]:
-    """Names of the modules whose checkpointing flag is on (for tests and the run plan)."""
+    """Names of the modules whose checkpointing flag is on."""
     return [name for name, module in unet.named_modules() if getattr(module, "gradient_checkpointing", False)]
 
 

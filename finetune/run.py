@@ -99,6 +99,7 @@ class Run:
         """Adapters (or full weights), optimizer, LR schedule, EMA; then Accelerate wraps them."""
         from accelerate.utils import DistributedType
 
+        from finetune.activations import saved_activations
         from finetune.optim import build_lr_scheduler
         from finetune.setup import (build_training_optimizer, check_parallelism, compile_unet, prepare_text_encoders,
                                     prepare_unet, unet_param_groups)
@@ -130,6 +131,9 @@ class Run:
         self.unet, self.optimizer = acc.prepare(unet, optimizer)
         # FSDP swaps each UNet parameter for its shard: clipping and EMA must see what the optimizer steps.
         self.params = [p for p in self.unet.parameters() if p.requires_grad] + te_params
+        # Built once (it indexes every weight's storage) and re-entered by each forward.
+        self.activations = saved_activations(cfg.training.gradient_checkpointing,
+                                             cfg.training.gradient_checkpointing_mode, acc.device, self.unet)
         # Every trained model: `accumulate` must skip DDP's gradient sync on each of them.
         self.trained_models = [self.unet]
         if cfg.training.train_text_encoder:
@@ -199,7 +203,6 @@ class Run:
 
     def micro_step(self, batch: dict) -> float | None:
         """Forward, backward and (on the last micro-batch) the optimizer step. None if the loss was not finite."""
-        from finetune.activations import saved_activations
         from finetune.step import batch_latents, batch_text, diffusion_step_loss, step_generator
 
         acc, cfg = self.accelerator, self.cfg
@@ -208,9 +211,7 @@ class Run:
                                    acc.process_index, acc.device)
         latents = batch_latents(_to(batch, acc.device), self.models.vae, generator)  # (B, 4, H/8, W/8)
         prompt_embeds, pooled = batch_text(batch, self.text_encode)
-        offload = saved_activations(cfg.training.gradient_checkpointing, cfg.training.gradient_checkpointing_mode,
-                                    acc.device, self.unet)
-        with acc.autocast(), offload:
+        with acc.autocast(), self.activations:
             loss = diffusion_step_loss(
                 # Cached embeddings are stored fp16; compute starts in fp32 and autocast takes it from there.
                 self.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device, torch.float32),
@@ -258,12 +259,17 @@ class Run:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
         if state.step % cfg.logging.every_n_steps == 0 and cfg.logging.report_to != "none":
             self.accelerator.log(self._metrics(loss), step=state.step)
-        if cfg.sample.every_n_steps and state.step % cfg.sample.every_n_steps == 0 and cfg.sample.prompts:
+        if self._samples_due():
             self.render_samples()
         if self.val_dataset is not None and state.step % cfg.validation.every_n_steps == 0:
             self.log_validation_loss()
         if state.step % cfg.checkpoint.every_n_steps == 0 and state.step < cfg.training.max_steps:
             self.save_checkpoint()
+
+    def _samples_due(self) -> bool:
+        """Whether the step just finished is on the sample cadence."""
+        every = self.cfg.sample.every_n_steps
+        return bool(self.cfg.sample.prompts and every and self.state.step % every == 0)
 
     def log_validation_loss(self) -> float | None:
         from finetune.validation import validation_loss
@@ -362,8 +368,7 @@ class Run:
             self.save_checkpoint(unet_state)
             if acc.is_main_process:
                 self.write_weights(cfg.output.adapter_path, unet_state)
-                every = cfg.sample.every_n_steps
-                if cfg.sample.prompts and not (every and self.state.step % every == 0):  # not rendered just now
+                if cfg.sample.prompts and not self._samples_due():  # else after_step rendered this step
                     self.render_samples()
         acc.wait_for_everyone()
         acc.end_training()
