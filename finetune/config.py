@@ -325,20 +325,25 @@ class TrainConfig(Section):
                     "or another base_dtype"]
         return []
 
-    def _full_finetune_problems(self) -> list[str]:
-        training, problems = self.training, []
-        if training.fused_backward:
-            if training.method != "full":
-                problems.append("training.fused_backward = true is for training.method = 'full' (a LoRA's gradients are small)")
-            if training.gradient_accumulation_steps > 1:
-                problems.append("training.fused_backward = true steps on every backward: set "
-                                "training.gradient_accumulation_steps = 1 (raise batch_size instead)")
-            if training.mixed_precision == "fp16":
-                problems.append("training.fused_backward = true cannot unscale fp16 gradients that never coexist: "
+    def fused_backward_blockers(self) -> dict[str, str]:
+        """What training.fused_backward cannot work with: a short name -> the problem and its remedy."""
+        training, blockers = self.training, {}
+        if training.method != "full":
+            blockers["LoRA"] = "training.fused_backward = true is for training.method = 'full' (a LoRA's gradients are small)"
+        if training.gradient_accumulation_steps > 1:
+            blockers["gradient accumulation"] = ("training.fused_backward = true steps on every backward: set "
+                                                 "training.gradient_accumulation_steps = 1 (raise batch_size instead)")
+        if training.mixed_precision == "fp16":
+            blockers["fp16"] = ("training.fused_backward = true cannot unscale fp16 gradients that never coexist: "
                                 "use training.mixed_precision = 'bf16'")
-            if self.optimizer.name == "prodigy":
-                problems.append("training.fused_backward = true would give prodigy one step-size estimate per tensor: "
-                                "use adamw8bit or adafactor")
+        if self.optimizer.name == "prodigy":
+            blockers["prodigy"] = ("training.fused_backward = true would give prodigy one step-size estimate per tensor: "
+                                   "use adamw8bit or adafactor")
+        return blockers
+
+    def _full_finetune_problems(self) -> list[str]:
+        training = self.training
+        problems = list(self.fused_backward_blockers().values()) if training.fused_backward else []
         if training.weight_dtype == "bf16":
             if training.method != "full" or not training.fused_backward:
                 problems.append("training.weight_dtype = 'bf16' (stochastic rounding) needs training.method = 'full' "

@@ -120,10 +120,10 @@ def _soften(cfg, applied: dict[str, str], num_processes: int) -> None:
     quantized = QUANTIZED_BASE_VARIANTS.get(training.base_dtype)
     if quantized and cfg.lora.variant not in quantized:
         undo("base_dtype", "bf16", f"lora.variant = {cfg.lora.variant} cannot train on a quantized base")
-    blockers = [why for why, blocked in (
-        ("gradient accumulation", training.gradient_accumulation_steps > 1), ("fp16", training.mixed_precision == "fp16"),
-        ("prodigy", cfg.optimizer.name == "prodigy"), ("EMA", bool(training.ema_decay)),
-        (f"{num_processes} processes", num_processes > 1)) if blocked]
+    # The config's own rules, plus what only a profile sees: EMA (bf16 weights would round it away)
+    # and the launcher's process count.
+    blockers = list(cfg.fused_backward_blockers())
+    blockers += ["EMA"] * bool(training.ema_decay) + [f"{num_processes} processes"] * (num_processes > 1)
     if training.fused_backward and blockers:
         undo("fused_backward", False, f"not with {', '.join(blockers)}")
         undo("weight_dtype", "fp32", "needs the fused backward")

@@ -116,11 +116,11 @@ def toolkit_step(profile: str, unet, args, device):
     batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     counter = iter(range(10**9))
+    activations = saved_activations(training.gradient_checkpointing, training.gradient_checkpointing_mode, device, unet)
 
     def step():  # Run.micro_step without the data loader and the NaN guard
         generator = step_generator(0, next(counter), 0, 0, device)
-        with autocast, saved_activations(training.gradient_checkpointing, training.gradient_checkpointing_mode, device,
-                                         unet):
+        with autocast, activations:
             loss = diffusion_step_loss(model, scheduler, batch["latents"], batch["prompt_embeds"], batch["pooled"],
                                        batch["add_time_ids"], batch["loss_weight"], loss_cfg, "epsilon", generator)
         loss.backward()  # with fused_backward this is also the optimizer step
@@ -273,70 +273,6 @@ def run_row(name: str, args, device) -> dict:
     return row
 
 
-def make_synthetic_folder(folder: Path, count: int, max_side: int = 160) -> None:
-    """`count` small, distinct PNGs of many aspect ratios (distinct bytes: no duplicates to drop)."""
-    import random
-
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    rng = random.Random(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        h, w = rng.randint(max_side // 4, max_side), rng.randint(max_side // 4, max_side)
-        info = PngInfo()
-        info.add_text("id", str(i))
-        Image.new("RGB", (w, h), (i % 256, (i // 256) % 256, 90)).save(folder / f"{i:06d}.png", pnginfo=info)
-        (folder / f"{i:06d}.txt").write_text(f"synthetic image {i % 50}", encoding="utf-8")
-
-
-def planning_throughput(count: int, work: Path) -> dict:
-    """Bucket planning of `count` images: first build (validates, decodes each file once) and re-plan (headers only)."""
-    from bucketing.manifest import BuildOptions, SubsetSpec, build_manifest
-
-    folder = work / "images"
-    make_synthetic_folder(folder, count)
-    options = BuildOptions(resolution=1024)
-    start = time.perf_counter()
-    build_manifest([SubsetSpec(folder=folder)], options, work_dir=work / "plan")
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    result = build_manifest([SubsetSpec(folder=folder)], options, work_dir=work / "plan")
-    again = time.perf_counter() - start
-    return {"row": "bucket_planning", "images": len(result.dataset), "first_build_images_per_s": round(count / first, 1),
-            "replan_images_per_s": round(count / again, 1)}
-
-
-def cache_throughput(count: int, work: Path, device: torch.device) -> dict:
-    """Latent cache build for `count` images with the tiny model's VAE (full-size VAE on a GPU)."""
-    from diffusers import AutoencoderKL
-
-    from bucketing.manifest import BuildOptions, SubsetSpec, build_manifest
-    from finetune.cache import build_latent_cache
-    from finetune.models.configs import sdxl_vae_config
-    from finetune.models.tiny import tiny_vae_config
-
-    folder = work / "cache-images"
-    make_synthetic_folder(folder, count, max_side=512)
-    tiny = device.type != "cuda"
-    options = BuildOptions(resolution=256 if tiny else 1024, min_side=128 if tiny else 512)
-    manifest = build_manifest([SubsetSpec(folder=folder)], options, work_dir=work / "cache-plan").dataset
-    config = tiny_vae_config() if tiny else {k: v for k, v in sdxl_vae_config().items() if not k.startswith("_")}
-    with torch.device(device):
-        vae = AutoencoderKL(**config).eval()
-    stats = build_latent_cache(manifest, vae, work / "cache", batch_size=4, progress=False)
-    return {"row": "latent_cache_build", "model": "tiny" if tiny else "sdxl-vae", "resolution": options.resolution,
-            "images": stats.encoded, "images_per_s": round(stats.items_per_second, 2)}
-
-
-def data_rows(args, device) -> list[dict]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return [planning_throughput(args.planning_images, Path(tmp)),
-                cache_throughput(args.cache_images, Path(tmp), device)]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="all", help="all, baseline, full, or one of " + ", ".join(PROFILE_ROWS))
@@ -394,7 +330,9 @@ def main(argv=None) -> int:
         row["ratio_vs_baseline"] = round(row["step_ms"] / baseline_ms, 3) if baseline_ms and "step_ms" in row else None
         print(json.dumps(row), flush=True)
     if not args.no_data:
-        for row in data_rows(args, device):
+        from benchmark_data import data_rows  # beside this script
+
+        for row in data_rows(args.planning_images, args.cache_images, device):
             print(json.dumps(row), flush=True)
     return 0
 
