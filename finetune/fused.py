@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from finetune.step import keyed_generator
 
 # bf16 is the high half of fp32; clearing the low 16 bits of an fp32 value leaves a bf16 value exactly.
 _HIGH_HALF = -(1 << 16)  # 0xFFFF0000 as an int32
@@ -35,8 +36,7 @@ def stochastic_round_(target_bf16: torch.Tensor, source_fp32: torch.Tensor, gene
 
 def _rounding_generator(seed: int, update: int, index: int, device: torch.device) -> torch.Generator:
     """The generator for one update of one parameter; a resumed run rebuilds it from the same three numbers."""
-    digest = hashlib.sha256(f"stochastic-rounding:{seed}:{update}:{index}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return keyed_generator(f"stochastic-rounding:{seed}:{update}:{index}", device)
 
 
 def _released(device: torch.device) -> torch.Tensor:

@@ -16,14 +16,19 @@ from finetune.loss import (
 )
 
 
+def keyed_generator(key: str, device: torch.device) -> torch.Generator:
+    """A generator seeded by a hash of `key`: the same key always draws the same numbers."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 def step_generator(seed: int, epoch: int, batch: int, rank: int, device: torch.device) -> torch.Generator:
     """A generator owned by one micro-batch (epoch, batch index) of one process.
 
     Noise, timesteps and latent sampling draw only from it, so a resumed run draws exactly what the
     uninterrupted run drew, whatever happened to the global RNG in between.
     """
-    digest = hashlib.sha256(f"{seed}:{epoch}:{batch}:{rank}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return keyed_generator(f"{seed}:{epoch}:{batch}:{rank}", device)
 
 
 def batch_latents(batch: dict, vae, generator: torch.Generator) -> torch.Tensor:
