@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,8 @@ def toolkit_settings(profile: str, args):
     from finetune.profiles import profile_settings
 
     # The full row: full fine-tuning as low_vram sets it up (fused backward, bf16 weights, 8-bit AdamW).
-    method = "full" if profile == "full" else "lora"
+    # memory_trace.py's --method full prices every profile for full fine-tuning.
+    method = "full" if profile == "full" or getattr(args, "method", "lora") == "full" else "lora"
     settings = profile_settings("low_vram" if profile == "full" else profile, method)
     training = {k: v for (t, k), v in settings.items() if t == "training"}
     if args.checkpointing:
@@ -90,13 +92,9 @@ def toolkit_settings(profile: str, args):
 
 
 def toolkit_step(profile: str, unet, args, device):
-    """The training step `finetune train` runs, set up as the profile says. Returns (step_fn, note)."""
-    from finetune.activations import saved_activations
-    from finetune.config import LoraConfig, LossConfig
-    from finetune.loss import make_noise_scheduler
-    from finetune.models.configs import sdxl_scheduler_config
-    from finetune.setup import build_training_optimizer, compile_unet, prepare_unet
-    from finetune.step import diffusion_step_loss, step_generator
+    """The training step `finetune train` runs, set up as the profile says. Returns (step_fn, note, settings)."""
+    from finetune.config import LoraConfig
+    from finetune.setup import prepare_unet
 
     training, optim = toolkit_settings(profile, args)
     notes = []
@@ -109,6 +107,36 @@ def toolkit_step(profile: str, unet, args, device):
         notes.append("torch.compile skipped on the CPU")
     params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
     unet.to(device)
+    step, _ = make_toolkit_step(unet, params, training, optim, args, device)
+    return step, "; ".join(notes) or None, row_settings(training, optim)
+
+
+def row_settings(training, optim) -> dict:
+    """The settings a toolkit row reports."""
+    settings = {"method": training.method, "checkpointing": training.gradient_checkpointing_mode
+                if training.gradient_checkpointing else "off", "optimizer": optim.name,
+                "fused_backward": training.fused_backward, "compile": training.compile and training.compile_mode,
+                "channels_last": training.channels_last}
+    if training.method == "full":
+        settings["weight_dtype"] = training.weight_dtype
+    else:
+        settings["base_dtype"] = training.base_dtype
+    return settings
+
+
+def make_toolkit_step(unet, params, training, optim, args, device):
+    """Run.micro_step without the data loader and the NaN guard, on a prepared UNet and its trained `params`.
+
+    Returns:
+        (step function, the optimizer it steps)
+    """
+    from finetune.activations import saved_activations
+    from finetune.config import LossConfig
+    from finetune.loss import make_noise_scheduler
+    from finetune.models.configs import sdxl_scheduler_config
+    from finetune.setup import build_training_optimizer, compile_unet
+    from finetune.step import diffusion_step_loss, step_generator
+
     optimizer = build_training_optimizer([{"params": params}], training, optim)
     model = compile_unet(unet, Path(args.compile_cache), training.compile_mode) if training.compile else unet
     scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=False)
@@ -118,7 +146,7 @@ def toolkit_step(profile: str, unet, args, device):
     counter = iter(range(10**9))
     activations = saved_activations(training.gradient_checkpointing, training.gradient_checkpointing_mode, device, unet)
 
-    def step():  # Run.micro_step without the data loader and the NaN guard
+    def step():
         generator = step_generator(0, next(counter), 0, 0, device)
         with autocast, activations:
             loss = diffusion_step_loss(model, scheduler, batch["latents"], batch["prompt_embeds"], batch["pooled"],
@@ -129,15 +157,7 @@ def toolkit_step(profile: str, unet, args, device):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    settings = {"method": training.method, "checkpointing": training.gradient_checkpointing_mode
-                if training.gradient_checkpointing else "off", "optimizer": optim.name,
-                "fused_backward": training.fused_backward, "compile": training.compile and training.compile_mode,
-                "channels_last": training.channels_last}
-    if training.method == "full":
-        settings["weight_dtype"] = training.weight_dtype
-    else:
-        settings["base_dtype"] = training.base_dtype
-    return step, "; ".join(notes) or None, settings
+    return step, optimizer
 
 
 def baseline_step(unet, args, device):
@@ -191,10 +211,28 @@ def baseline_step(unet, args, device):
     return step, None, settings
 
 
+def flop_counter():
+    """torch's FlopCounterMode, also counting the CPU flash-attention kernels it has no formula for.
+
+    On CUDA, SDPA runs flash or memory-efficient attention, which the counter knows; on the CPU it runs
+    `_scaled_dot_product_flash_attention_for_cpu`, the same FLOPs under another name.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes, not tensors
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
 def measure(step, args, device) -> dict:
     """Median step time after warm-up, peak memory, and FLOPs of one step (forward + backward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     for _ in range(args.warmup):
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -213,7 +251,7 @@ def measure(step, args, device) -> dict:
         row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
     else:
         row["peak_allocated_gib"] = row["peak_reserved_gib"] = None
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter:
         step()
     flops = counter.get_total_flops()
@@ -273,6 +311,18 @@ def run_row(name: str, args, device) -> dict:
     return row
 
 
+def source_commit() -> str | None:
+    """The checkout's commit, "-dirty" when files differ from it: every figure names the code it measured."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout (or no git): the row still stands, unattributed
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--profile", default="all", help="all, baseline, full, or one of " + ", ".join(PROFILE_ROWS))
@@ -318,6 +368,7 @@ def main(argv=None) -> int:
             total = torch.cuda.get_device_properties(0).total_memory / 2**30
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_gib / total))
     header = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "commit": source_commit(), "command": " ".join(["python", *sys.argv]),
               "resolution": args.resolution, "batch_size": args.batch_size, "rank": args.rank,
               "model": "tiny" if args.tiny else "sdxl-base-1.0 (random weights)", "vram_gib": args.vram_gib}
     print(json.dumps({"benchmark": header}), flush=True)

@@ -19,6 +19,9 @@ def test_tiny_benchmark_prints_json_rows():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert rows[0]["benchmark"]["device"] == "cpu"
+    # every figure names the code and the exact command that measured it
+    assert rows[0]["benchmark"]["command"].startswith("python ") and "--tiny" in rows[0]["benchmark"]["command"]
+    assert len(rows[0]["benchmark"]["commit"].split("-")[0]) == 40
     profiles = {r["profile"]: r for r in rows if "profile" in r}
     assert set(profiles) == {"baseline", "fast", "balanced", "low_vram", "min_vram", "full"}
     for row in profiles.values():
