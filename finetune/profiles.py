@@ -21,7 +21,11 @@ LORA_PROFILES: dict[str, Settings] = {
                  ("optimizer", "name"): "adamw8bit", ("training", "batch_size"): 1, ("training", "compile"): False},
     "low_vram": {**_BF16, ("training", "gradient_checkpointing"): True,
                  ("optimizer", "name"): "adamw8bit", ("training", "compile"): False},
-    "balanced": {**_BF16, ("training", "gradient_checkpointing"): False,
+    # Recomputing only the transformer blocks keeps 87 % of full checkpointing's saving for 80 % of its
+    # recompute (scripts/memory_trace.py, SDXL 1024²: 6.4 GiB, 18.7 TFLOP a step; `full` 5.6 GiB,
+    # 19.7 TFLOP; none 12.3 GiB, 14.6 TFLOP). Without any, balanced would need what fast needs.
+    "balanced": {**_BF16, ("training", "gradient_checkpointing"): True,
+                 ("training", "gradient_checkpointing_mode"): "transformer",
                  ("optimizer", "name"): "adamw8bit", ("training", "compile"): False},
     "fast": {**_BF16, ("training", "gradient_checkpointing"): False,
              ("optimizer", "name"): "adamw", ("training", "compile"): True},
@@ -39,11 +43,13 @@ FULL_PROFILES: dict[str, Settings] = {
              ("optimizer", "name"): "adamw", ("training", "compile"): True},
 }
 
-# Free GPU memory (GiB) from which `auto` picks each profile: the estimate below for SDXL at 1024²,
-# batch 1, with headroom. Measured rows belong in docs/benchmarks.md.
+# Free GPU memory (GiB) from which `auto` picks each profile: the peak that scripts/memory_trace.py
+# traces for SDXL at 1024², batch 1 (LoRA 12.3 / 6.4 / 5.6 GiB, full 41.6 / 17.8 / 10.5 GiB), plus
+# 15 % and 0.75 GiB for what only a GPU adds (allocator cache, cuBLAS/cuDNN workspaces). GPU
+# measurements, when there are some, belong in docs/benchmarks.md and may move these.
 AUTO_THRESHOLDS = {
-    "lora": (("fast", 20.0), ("balanced", 14.0), ("low_vram", 9.0), ("min_vram", 0.0)),
-    "full": (("fast", 60.0), ("balanced", 24.0), ("low_vram", 14.0), ("min_vram", 0.0)),
+    "lora": (("fast", 15.0), ("balanced", 8.5), ("low_vram", 7.0), ("min_vram", 0.0)),
+    "full": (("fast", 48.0), ("balanced", 21.0), ("low_vram", 13.0), ("min_vram", 0.0)),
 }
 
 
@@ -62,7 +68,7 @@ def free_gpu_gib() -> float | None:
 def pick_auto(free_gib: float | None, method: str = "lora") -> tuple[str, str]:
     """The profile `auto` stands for, and why."""
     if free_gib is None:
-        return "balanced", "no CUDA GPU: memory is not the limit, checkpointing would only slow the CPU"
+        return "custom", "no CUDA GPU: memory is not the limit, so the config's own keys apply"
     for name, threshold in AUTO_THRESHOLDS[method]:
         if free_gib >= threshold:
             return name, f"{free_gib:.1f} GiB free on the GPU (>= {threshold:g} GiB)"
@@ -88,6 +94,9 @@ def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int 
     if name == "auto":
         name, reason = pick_auto(free_gib if free_gib is not None else free_gpu_gib(), cfg.training.method)
     cfg = cfg.model_copy(deep=True)
+    if name == "custom":  # what auto picks without a GPU: recorded, so a resume keeps it
+        cfg.training.memory_profile = name
+        return cfg, f"memory profile auto -> custom ({reason})"
     applied = {}
     for (table, key), value in profile_settings(name, cfg.training.method).items():
         section = getattr(cfg, table)
@@ -133,10 +142,11 @@ def _soften(cfg, applied: dict[str, str], num_processes: int) -> None:
 # SDXL's UNet weights) and keep the rest in bf16: 2.93 GB and 1.86 GB for the 2.567 B weights.
 BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.14, "nf4": 0.72}
 STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "paged_adamw8bit": 2, "lion8bit": 1, "adafactor": 4, "prodigy": 16}
-# Activation GiB per megapixel per image, bf16, SDXL-sized UNet: about 10 stored without
-# checkpointing and 1.5 with full checkpointing or offload; the partial modes are taken halfway
-# until the benchmark measures them.
-ACTIVATION_GIB_PER_MPX = {None: 10.0, "full": 1.5, "offload": 1.5, "transformer": 5.0, "resnet": 5.0}
+# Activation GiB per megapixel per image under bf16 autocast, SDXL-sized UNet, as scripts/memory_trace.py
+# traces the step (SDXL at 1024², batch 1 and 4): 7.2 without checkpointing, 0.6 with `full`, 1.45
+# recomputing only the transformer blocks, 6.4 only the ResNets. Offload is not traced; it keeps
+# about what `full` keeps on the GPU.
+ACTIVATION_GIB_PER_MPX = {None: 7.2, "full": 0.6, "offload": 0.6, "transformer": 1.45, "resnet": 6.4}
 
 
 def estimate_peak_gib(num_base_params: int, num_trained_params: int, *, base_dtype: str, optimizer: str,

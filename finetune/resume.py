@@ -47,7 +47,7 @@ def profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:
         return cfg
     saved = tomllib.loads((folder / ckpt.CONFIG_FILE).read_text(encoding="utf-8"))
     chosen = saved.get("training", {}).get("memory_profile", "auto")
-    if chosen in ("auto", "custom"):
+    if chosen == "auto":  # a checkpoint from before auto recorded its choice
         return cfg
     cfg = cfg.model_copy(deep=True)
     cfg.training.memory_profile = chosen

@@ -30,14 +30,31 @@ def test_custom_changes_nothing(tmp_path):
 
 
 def test_auto_picks_by_free_memory_and_says_why(tmp_path):
-    assert pick_auto(None)[0] == "balanced"
-    assert pick_auto(7.5)[0] == "min_vram"
-    assert pick_auto(11.0)[0] == "low_vram"
-    assert pick_auto(15.0)[0] == "balanced"
-    name, why = pick_auto(70.0)
-    assert name == "fast" and "70.0 GiB free" in why
-    out, message = apply_memory_profile(config(tmp_path, memory_profile="auto"), free_gib=11.0)
-    assert out.training.gradient_checkpointing and "low_vram" in message and "11.0 GiB" in message
+    assert pick_auto(None)[0] == "custom"
+    assert pick_auto(6.5)[0] == "min_vram"
+    assert pick_auto(7.5)[0] == "low_vram"
+    assert pick_auto(11.0)[0] == "balanced"
+    name, why = pick_auto(15.5)
+    assert name == "fast" and "15.5 GiB free" in why
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="auto"), free_gib=7.5)
+    assert out.training.gradient_checkpointing and "low_vram" in message and "7.5 GiB" in message
+
+
+def test_auto_without_a_gpu_keeps_the_configs_own_keys(tmp_path, monkeypatch):
+    from finetune import profiles
+
+    monkeypatch.setattr(profiles, "free_gpu_gib", lambda: None)
+    cfg = config(tmp_path, memory_profile="auto")
+    out, message = apply_memory_profile(cfg)
+    assert out.training.memory_profile == "custom" and "no CUDA GPU" in message
+    assert out.training.gradient_checkpointing == cfg.training.gradient_checkpointing
+    assert out.training.compile == cfg.training.compile
+
+
+def test_balanced_lora_recomputes_only_the_transformer_blocks(tmp_path):
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="balanced"))
+    assert out.training.gradient_checkpointing and out.training.gradient_checkpointing_mode == "transformer"
+    assert "training.gradient_checkpointing_mode=transformer" in message
 
 
 def test_estimate_orders_the_profiles():
@@ -67,6 +84,7 @@ def test_profiles_depend_on_the_method(tmp_path):
     assert full.training.fused_backward and full.training.weight_dtype == "bf16"
     assert full.optimizer.name == "adamw8bit" and "training.fused_backward=True" in message
     assert pick_auto(20.0, "full")[0] == "low_vram" and pick_auto(20.0, "lora")[0] == "fast"
+    assert pick_auto(12.0, "full")[0] == "min_vram" and pick_auto(22.0, "full")[0] == "balanced"
 
 
 def test_profile_drops_the_fused_backward_where_it_cannot_work_and_says_why(tmp_path):
@@ -96,7 +114,7 @@ def test_a_profile_that_would_contradict_the_config_is_refused_with_both_sides(t
 def test_profile_keeps_relative_paths_and_records_what_auto_chose(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
     cfg = config(tmp_path, memory_profile="auto")
-    out, _ = apply_memory_profile(cfg, free_gib=11.0)
+    out, _ = apply_memory_profile(cfg, free_gib=7.5)
     assert out.output.dir == cfg.output.dir == tmp_path / "output"  # resolved against the config's folder
     assert out.training.memory_profile == "low_vram"
 
