@@ -148,3 +148,7 @@ def test_auto_on_resume_keeps_the_profile_the_stopped_run_chose(tmp_path):
     (tmp_path / "fresh").mkdir()
     fresh = config(tmp_path / "fresh", memory_profile="auto")
     assert profile_of_checkpoint(fresh, "latest").training.memory_profile == "auto"  # nothing saved yet
+    # a run that auto started without a GPU resumes on one without profile keys appearing mid-run
+    (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "custom"\n', encoding="utf-8")
+    out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
+    assert out.training.memory_profile == "custom" and message is None and not out.training.compile
