@@ -20,20 +20,11 @@ def flat_config(data: dict, prefix: str = "") -> dict:
 
 def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) -> None:
     """Samples, batches, steps per epoch, effective batch, trained parameters, and the memory estimate."""
-    from finetune.profiles import estimate_peak_gib, free_gpu_gib
-    from finetune.quant import base_weight_nbytes, logical_numel
+    from finetune.profiles import estimate_run_gib, free_gpu_gib
 
     per_epoch = math.ceil(batches / cfg.training.gradient_accumulation_steps)
     trained = sum(p.numel() for p in params)
-    total = sum(logical_numel(p) for p in unet.parameters())
-    training = cfg.training
-    estimate = estimate_peak_gib(
-        total - trained if training.method == "lora" else 0, trained, base_dtype=training.base_dtype,
-        optimizer=cfg.optimizer.name, pixels=cfg.dataset.resolution**2, batch_size=training.batch_size,
-        checkpointing=training.gradient_checkpointing_mode if training.gradient_checkpointing else None,
-        trained_bytes=2 if training.method == "full" and training.weight_dtype == "bf16" else 4,
-        fused_backward=training.fused_backward,
-        base_weight_bytes=base_weight_nbytes(unet) if training.method == "lora" else None)
+    estimate = estimate_run_gib(unet, params, cfg.training, cfg.optimizer.name, cfg.dataset.resolution**2)
     free = free_gpu_gib()
     if free is not None:
         warning = f"  WARNING: more than the {free:.1f} GiB free on the GPU" if estimate > free else ""

@@ -172,3 +172,22 @@ def estimate_peak_gib(num_base_params: int, num_trained_params: int, *, base_dty
     unet_size = (num_base_params + num_trained_params) / 2.567e9
     activations = ACTIVATION_GIB_PER_MPX[checkpointing] * 2**30 * pixels / 2**20 * batch_size * unet_size
     return (weights + activations) / 2**30
+
+
+def estimate_run_gib(unet, trained_params, training, optimizer: str, pixels: int) -> float:
+    """`estimate_peak_gib` for a UNet that `prepare_unet` set up, with `training`'s settings.
+
+    What `finetune train` prints before its first step, and what scripts/memory_trace.py compares
+    with the traced peak.
+    """
+    from finetune.quant import base_weight_nbytes, logical_numel
+
+    trained = sum(p.numel() for p in trained_params)
+    total = sum(logical_numel(p) for p in unet.parameters())
+    lora = training.method == "lora"
+    return estimate_peak_gib(
+        total - trained if lora else 0, trained, base_dtype=training.base_dtype, optimizer=optimizer,
+        pixels=pixels, batch_size=training.batch_size,
+        checkpointing=training.gradient_checkpointing_mode if training.gradient_checkpointing else None,
+        trained_bytes=2 if not lora and training.weight_dtype == "bf16" else 4,
+        fused_backward=training.fused_backward, base_weight_bytes=base_weight_nbytes(unet) if lora else None)

@@ -37,7 +37,15 @@ from torch.utils._pytree import tree_leaves
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from benchmark import PROFILE_ROWS, build_unet, flop_counter, make_toolkit_step, row_settings, toolkit_settings  # noqa: E402
+from benchmark import (  # noqa: E402
+    PROFILE_ROWS,
+    build_unet,
+    flop_counter,
+    make_toolkit_step,
+    row_settings,
+    source_commit,
+    toolkit_settings,
+)
 
 GIB = 2**30
 BNB_STATES = {"adamw8bit": 2, "paged_adamw8bit": 2, "lion8bit": 1}  # 8-bit state tensors per parameter
@@ -183,8 +191,7 @@ def trace_prepared(unet, training, optim, args, fake: bool = True) -> dict:
 def trace_row(profile: str, args) -> dict:
     """The traced peak memory and FLOPs of one profile's step, beside the pre-flight estimate."""
     from finetune.config import LoraConfig
-    from finetune.profiles import estimate_peak_gib
-    from finetune.quant import base_weight_nbytes, logical_numel
+    from finetune.profiles import estimate_run_gib
     from finetune.setup import prepare_unet
 
     training, optim = toolkit_settings(profile, args)
@@ -204,20 +211,12 @@ def trace_row(profile: str, args) -> dict:
     meta = torch.device("meta")
     unet = build_unet(args.tiny, meta)
     params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=meta)
-    trained = sum(p.numel() for p in params)
-    total = sum(logical_numel(p) for p in unet.parameters())
-    base_bytes = base_weight_nbytes(unet) if training.method == "lora" else None
+    estimate = estimate_run_gib(unet, params, training, settings["optimizer"], args.resolution**2)
     traced = trace_prepared(unet, training, optim, args)
     peak, state = traced["peak"], traced["state"]
     if settings["optimizer"] in BNB_STATES:
         corrected = bnb_state_bytes(traced["params"], settings["optimizer"])
         peak, state = peak - (state - corrected), corrected
-    estimate = estimate_peak_gib(
-        total - trained if training.method == "lora" else 0, trained, base_dtype=training.base_dtype,
-        optimizer=settings["optimizer"], pixels=args.resolution**2, batch_size=args.batch_size,
-        checkpointing=training.gradient_checkpointing_mode if training.gradient_checkpointing else None,
-        trained_bytes=2 if training.method == "full" and training.weight_dtype == "bf16" else 4,
-        fused_backward=training.fused_backward, base_weight_bytes=base_bytes)
     row.update(traced_peak_gib=round(peak / GIB, 4), weights_gib=round(traced["weights"] / GIB, 4),
                optimizer_state_gib=round(state / GIB, 4),
                # activations, gradients and the batch: what the step adds to what stays between steps
@@ -250,6 +249,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     header = {"model": "tiny" if args.tiny else "sdxl-base-1.0 UNet", "torch": torch.__version__,
+              "commit": source_commit(), "command": " ".join(["python", *sys.argv]),
               "counts": "live tensor bytes on fake tensors, CUDA autocast rules; no CUDA context or allocator cache"}
     print(json.dumps({"memory_trace": header}), flush=True)
     if args.profile == "all":
