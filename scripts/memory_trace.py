@@ -197,8 +197,6 @@ def trace_row(profile: str, args) -> dict:
     training, optim = toolkit_settings(profile, args)
     settings = row_settings(training, optim)
     row = {"profile": profile, **settings, "resolution": args.resolution, "batch_size": args.batch_size}
-    if training.gradient_checkpointing and training.gradient_checkpointing_mode == "offload":
-        return {**row, "error": "offload is not traced: host and device memory are one here"}
     if training.method == "lora" and training.base_dtype == "nf4":
         return {**row, "error": "an nf4 base is not traced: bitsandbytes' 4-bit kernels need real tensors"}
     notes = []
