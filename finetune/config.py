@@ -239,6 +239,9 @@ class ValidationConfig(Section):
 class OutputConfig(Section):
     dir: Path = Field(Path("output"), validate_default=True, description="Folder for manifest, caches, checkpoints, adapter, samples and logs.")
     name: str = Field("lora", min_length=1, description="File stem of the final adapter: <dir>/<name>.safetensors.")
+    save_dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Precision of the written weights (the "
+                                                        "LoRA or UNet .safetensors; resumable state stays exact). "
+                                                        "fp16 loads everywhere at half the size of fp32.")
 
     _paths = field_validator("dir")(_resolve)
 

@@ -18,15 +18,18 @@ def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, 
     `text_encoders` is the trained pair, or None when only the UNet trained; `unet_state`, when
     given, holds the full UNet's weights gathered from FSDP shards.
     """
+    from finetune.setup import DTYPES
+
+    dtype = DTYPES[cfg.output.save_dtype]
     if cfg.training.method == "lora":
         from finetune.adapters.save import save_adapter
 
-        return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format,
+        return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format, dtype=dtype,
                             metadata=training_metadata(cfg, state, manifest, base_name))
-    return save_full_unet(path, unet, unet_state)
+    return save_full_unet(path, unet, unet_state, dtype)
 
 
-def save_full_unet(path: Path, unet, state_dict: dict | None = None) -> Path:
+def save_full_unet(path: Path, unet, state_dict: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
     """The UNet alone, SGM keys (`model.diffusion_model.…`), as ComfyUI's UNet loader and merges read it."""
     from safetensors.torch import save_file
 
@@ -34,7 +37,7 @@ def save_full_unet(path: Path, unet, state_dict: dict | None = None) -> Path:
     from finetune.models.sgm_keys import unet_state_dict_to_sgm
 
     sgm = unet_state_dict_to_sgm(unet.state_dict() if state_dict is None else state_dict, dict(unet.config))
-    tensors = {f"model.diffusion_model.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in sgm.items()}
+    tensors = {f"model.diffusion_model.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in sgm.items()}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base"})
     return path

@@ -38,6 +38,9 @@ def test_lora_run_writes_a_kohya_lora_that_changes_the_unet(tmp_path, tiny_model
     assert ups and all(k.startswith("lora_unet_") for k in ups)
     assert any(tensors[k].abs().sum() > 0 for k in ups)  # trained: up weights left zero-init
     assert all(float(tensors[k]) == 4.0 for k in tensors if k.endswith(".alpha"))
+    # output.save_dtype = "fp16" by default (what LoRAs are shared as); alpha is a scale and stays fp32.
+    assert {tensors[k].dtype for k in tensors if not k.endswith(".alpha")} == {torch.float16}
+    assert {tensors[k].dtype for k in tensors if k.endswith(".alpha")} == {torch.float32}
     from safetensors import safe_open
 
     with safe_open(str(result.output_path), "pt") as fh:
@@ -402,7 +405,7 @@ def test_fsdp_full_fine_tune_saves_resumes_and_writes_the_whole_unet(tmp_path, t
 
 def test_fused_backward_with_bf16_weights_trains_and_resumes_bitwise(tmp_path, tiny_model_dir, shapes_folder):
     overrides = ["training.method=full", "training.learning_rate=1e-4", "training.fused_backward=true",
-                 "training.weight_dtype=bf16", "training.mixed_precision=bf16"]
+                 "training.weight_dtype=bf16", "training.mixed_precision=bf16", "output.save_dtype=bf16"]
     whole = tmp_path / "whole"
     whole.mkdir()
     full = train(load_config(write_config(whole, tiny_model_dir, shapes_folder, steps=2, every=1), overrides),
@@ -418,6 +421,7 @@ def test_fused_backward_with_bf16_weights_trains_and_resumes_bitwise(tmp_path, t
     resumed = train(load_config(path, overrides), resume="latest", progress=False)
     a, b = adapter_tensors(full.output_path), adapter_tensors(resumed.output_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {v.dtype for v in a.values()} == {torch.bfloat16}  # the UNet file in output.save_dtype
     assert full.losses[1:] == resumed.losses
 
     from diffusers import UNet2DConditionModel
