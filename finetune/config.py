@@ -201,6 +201,15 @@ class LossConfig(Section):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="auto: from the scheduler config.")
     masked: bool = Field(False, description="Weight the loss by mask images found beside the images.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization (prior-preservation) images.")
+    min_timestep: int = Field(0, ge=0, description="Train on timesteps from this one (0 = the noise-free end).")
+    max_timestep: int | None = Field(None, ge=1, description="…up to this one, exclusive (default: all the "
+                                     "scheduler's, 1000 for SDXL). Lower it for detail, raise min for composition.")
+
+    @model_validator(mode="after")
+    def _timesteps(self) -> LossConfig:
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep: {self.min_timestep} must be below max_timestep {self.max_timestep}")
+        return self
 
 
 class CacheConfig(Section):

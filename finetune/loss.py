@@ -64,11 +64,26 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator | None,
     return noise
 
 
+def timestep_range(num_train_timesteps: int, min_timestep: int = 0, max_timestep: int | None = None) -> tuple[int, int]:
+    """The [low, high) timesteps training draws from: all of the scheduler's unless the config narrows them.
+
+    Raises:
+        ConfigError: the range reaches past the scheduler's last timestep or is empty.
+    """
+    high = num_train_timesteps if max_timestep is None else max_timestep
+    if high > num_train_timesteps:
+        raise ConfigError(f"loss.max_timestep = {max_timestep}: the model's scheduler has {num_train_timesteps} "
+                          f"timesteps; use at most {num_train_timesteps}")
+    if min_timestep >= high:
+        raise ConfigError(f"loss.min_timestep = {min_timestep}: must be below {high} (loss.max_timestep)")
+    return min_timestep, high
+
+
 def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator | None,
-                     device: torch.device | str) -> torch.Tensor:
-    """Uniform integer timesteps in [0, num_train_timesteps), a LongTensor of shape (B,)."""
+                     device: torch.device | str, low: int = 0) -> torch.Tensor:
+    """Uniform integer timesteps in [low, num_train_timesteps), a LongTensor of shape (B,)."""
     draw_on = generator.device if generator is not None else device
-    timesteps = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=draw_on)
+    timesteps = torch.randint(low, num_train_timesteps, (batch_size,), generator=generator, device=draw_on)
     return timesteps.to(device)
 
 

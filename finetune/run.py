@@ -74,13 +74,15 @@ class Run:
 
     def _setup_models(self):
         """Load SDXL, build the caches, and keep on the GPU only what training still needs."""
-        from finetune.loss import make_noise_scheduler, resolve_prediction_type
+        from finetune.loss import make_noise_scheduler, resolve_prediction_type, timestep_range
         from finetune.models.load import load_models
         from finetune.setup import prepare_caches, release
         from finetune.text import encode_prompts
 
         cfg, acc = self.cfg, self.accelerator
         self.models = models = load_models(cfg.model, dtype=torch.float32)
+        # Before the caches are built (minutes), not at the first step.
+        timestep_range(models.noise_scheduler.config.num_train_timesteps, cfg.loss.min_timestep, cfg.loss.max_timestep)
         latents, text, self.cache_stats = prepare_caches(cfg, self.manifest, models, acc, progress=self.progress)
         # With both caches, the VAE and text encoders leave the GPU: only the UNet trains there.
         release(models.vae if latents else None, *(models.text_encoders if text else ()))

@@ -12,6 +12,7 @@ from finetune.loss import (
     noisy_latents,
     sample_noise,
     sample_timesteps,
+    timestep_range,
     training_target,
 )
 
@@ -61,7 +62,8 @@ def diffusion_step_loss(unet, noise_scheduler, latents, prompt_embeds, pooled_pr
     """The SDXL denoising loss for one batch (scalar, fp32)."""
     device = latents.device
     noise = sample_noise(latents, generator, loss_cfg.noise_offset)
-    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator, device)
+    low, high = timestep_range(noise_scheduler.config.num_train_timesteps, loss_cfg.min_timestep, loss_cfg.max_timestep)
+    timesteps = sample_timesteps(latents.shape[0], high, generator, device, low)
     noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, loss_cfg.input_perturbation, generator)
     pred = unet(
         noisy,

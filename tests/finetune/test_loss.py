@@ -14,6 +14,7 @@ from finetune.loss import (
     resolve_prediction_type,
     sample_noise,
     sample_timesteps,
+    timestep_range,
     snr,
     training_target,
 )
@@ -104,6 +105,21 @@ def test_timesteps_are_uniform_integers_in_range():
     assert t.float().mean().item() == pytest.approx(499.5, abs=10)
     assert torch.bincount(t // 100, minlength=10).min() > 1800  # every tenth of the range is drawn
     assert torch.equal(t[:5], sample_timesteps(20000, 1000, gen(0), "cpu")[:5])
+
+
+def test_a_timestep_range_narrows_the_draw_and_keeps_the_default_stream():
+    assert timestep_range(1000) == (0, 1000)
+    low, high = timestep_range(1000, 200, 800)
+    t = sample_timesteps(20000, high, gen(0), "cpu", low)
+    assert t.min() == 200 and t.max() == 799  # [min, max): both ends drawn, max excluded
+    # The default range draws exactly what the plain call draws: old runs resume unchanged.
+    assert torch.equal(sample_timesteps(64, 1000, gen(0), "cpu", 0), sample_timesteps(64, 1000, gen(0), "cpu"))
+
+
+@pytest.mark.parametrize("low, high, key", [(0, 1001, "loss.max_timestep = 1001"), (1000, None, "loss.min_timestep = 1000")])
+def test_a_timestep_range_outside_the_schedule_names_the_key(low, high, key):
+    with pytest.raises(ConfigError, match=key):
+        timestep_range(1000, low, high)
 
 
 def test_noisy_latents_follow_the_formula(scheduler):

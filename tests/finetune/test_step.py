@@ -63,6 +63,20 @@ def test_noisy_input_target_and_loss_follow_the_scheduler_formulas(pipe, predict
     assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
 
 
+def test_the_unet_sees_only_timesteps_of_the_configured_range(pipe):
+    scheduler = make_noise_scheduler(sdxl_scheduler_config(), False)
+    unet = Recorder(pipe.unet.eval())
+    latents = torch.randn(16, 4, 8, 8)
+    cond = torch.randn(16, 77, pipe.unet.config.cross_attention_dim), torch.randn(16, 64)
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 16)
+    with torch.no_grad():
+        diffusion_step_loss(unet, scheduler, latents, *cond, time_ids, torch.ones(16),
+                            LossConfig(min_timestep=900, max_timestep=950), "epsilon",
+                            step_generator(0, 0, 0, 0, torch.device("cpu")))
+    timesteps = unet.calls[0][1]
+    assert timesteps.min() >= 900 and timesteps.max() < 950
+
+
 def test_cached_and_fresh_latents_are_sampled_alike(pipe):
     """mean + std·ε from the same generator, whether the distribution was cached or encoded now."""
     vae = pipe.vae.eval()
