@@ -115,6 +115,8 @@ class DatasetConfig(Section):
 class TrainingConfig(Section):
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (peft) or full fine-tuning of the UNet.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    max_epochs: int | None = Field(None, ge=1, description="Train this many passes over the dataset instead; "
+                                   "when set it replaces max_steps (as kohya's max_train_epochs does).")
     batch_size: int = Field(1, ge=1, description="Images per step per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0, description="UNet learning rate (LoRA: 1e-4; full: 1e-6..1e-5).")
@@ -226,6 +228,8 @@ class CacheConfig(Section):
 
 class CheckpointConfig(Section):
     every_n_steps: int = Field(500, ge=1, description="Save a resumable checkpoint every N optimizer steps (and at the end).")
+    every_n_epochs: int | None = Field(None, ge=1, description="Also save one after every N epochs (at the first "
+                                       "optimizer step that ends or follows the epoch's last batch).")
     keep_last: int = Field(3, ge=1, description="Keep this many checkpoints; older ones are deleted.")
 
 
@@ -233,6 +237,7 @@ class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered with the current weights.")
     seeds: list[int] = Field(default_factory=lambda: [0], description="One image per prompt and seed.")
     every_n_steps: int = Field(0, ge=0, description="Render samples every N steps (0: only at the end).")
+    every_n_epochs: int | None = Field(None, ge=1, description="Also render them after every N epochs.")
     steps: int = Field(25, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(5.0, ge=0)
     height: int | None = Field(None, ge=64, description="Sample height (default: dataset.resolution).")

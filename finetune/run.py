@@ -44,9 +44,12 @@ class Run:
             acc.print(profile_message)
         self._setup_manifest()
         latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
-        self._setup_optimization()  # needs the models; the LR schedule needs the optimizer
         self._setup_data(latents, text)  # needs the cache lookups
+        cfg = self._set_length()  # max_epochs needs the batch count; the LR schedule needs the length
+        self._setup_optimization()  # needs the models; the LR schedule needs the optimizer
         self.losses: list[float] = []
+        self.epochs_done = 0  # whole passes over the data when the last optimizer step ended
+        self.rendered_step: int | None = None
         self.val_losses: list[tuple[int, float]] = []
         self.last_checkpoint: Path | None = None
         self.started = time.time()
@@ -177,6 +180,22 @@ class Run:
         self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
                                      dataset_hash=dataset_hash(self.manifest))
 
+    def _set_length(self) -> TrainConfig:
+        """training.max_epochs, when set, becomes max_steps: the loop and the LR schedule count steps."""
+        import math
+
+        training = self.cfg.training
+        if training.max_epochs is None:
+            return self.cfg
+        batches, accumulation = len(self.loader), training.gradient_accumulation_steps
+        steps = max(1, math.ceil(training.max_epochs * batches / accumulation))
+        self.cfg = self.cfg.model_copy(deep=True)
+        self.cfg.training.max_steps = steps
+        self.accelerator.print(f"training.max_epochs = {training.max_epochs}: {steps} optimizer steps "
+                               f"({batches} batches per epoch per process, accumulation {accumulation}); "
+                               "it replaces training.max_steps")
+        return self.cfg
+
     # --- resume ----------------------------------------------------------------------------------
 
     def resume(self, resume: str) -> Path | None:
@@ -193,6 +212,7 @@ class Run:
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
         self.state.images_seen, self.state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
         self.last_checkpoint = folder
+        self.epochs_done = self.epochs_completed()
         self.accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
         return folder
 
@@ -252,26 +272,32 @@ class Run:
         self.grad_norm = acc.clip_grad_norm_(self.params, max_norm)  # the synced gradients: every process agrees
         return acc.scaler is not None or bool(torch.isfinite(self.grad_norm))
 
+    def epochs_completed(self) -> int:
+        """Whole passes over the data: an epoch's last batch completes it before the loop moves on."""
+        return self.state.epoch + (self.state.batch_in_epoch >= len(self.loader))
+
     def after_step(self, loss: float, bar) -> None:
-        """Log, sample and checkpoint on their cadences."""
+        """Log, sample and checkpoint on their cadences (every N steps, and every N epochs)."""
         cfg, state = self.cfg, self.state
+        before, self.epochs_done = self.epochs_done, self.epochs_completed()
+
+        def epoch_due(every: int | None) -> bool:  # this step completed the Nth epoch since the last output
+            return bool(every) and self.epochs_done // every > before // every
+
         self.losses.append(loss)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
         if state.step % cfg.logging.every_n_steps == 0 and cfg.logging.report_to != "none":
             self.accelerator.log(self._metrics(loss), step=state.step)
-        if self._samples_due():
+        every = cfg.sample.every_n_steps
+        if cfg.sample.prompts and (every and state.step % every == 0 or epoch_due(cfg.sample.every_n_epochs)):
             self.render_samples()
         if self.val_dataset is not None and state.step % cfg.validation.every_n_steps == 0:
             self.log_validation_loss()
-        if state.step % cfg.checkpoint.every_n_steps == 0 and state.step < cfg.training.max_steps:
+        on_cadence = state.step % cfg.checkpoint.every_n_steps == 0 or epoch_due(cfg.checkpoint.every_n_epochs)
+        if on_cadence and state.step < cfg.training.max_steps:  # the last step's checkpoint is finish()'s
             self.save_checkpoint()
-
-    def _samples_due(self) -> bool:
-        """Whether the step just finished is on the sample cadence."""
-        every = self.cfg.sample.every_n_steps
-        return bool(self.cfg.sample.prompts and every and self.state.step % every == 0)
 
     def log_validation_loss(self) -> float | None:
         from finetune.validation import validation_loss
@@ -350,6 +376,7 @@ class Run:
         if not acc.is_main_process:
             return []
         paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device)
+        self.rendered_step = self.state.step
         if cfg.logging.report_to != "none":
             log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
         return paths
@@ -370,7 +397,7 @@ class Run:
             self.save_checkpoint(unet_state)
             if acc.is_main_process:
                 self.write_weights(cfg.output.adapter_path, unet_state)
-                if cfg.sample.prompts and not self._samples_due():  # else after_step rendered this step
+                if cfg.sample.prompts and self.rendered_step != self.state.step:  # else after_step did
                     self.render_samples()
         acc.wait_for_everyone()
         acc.end_training()

@@ -84,6 +84,27 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_mode
     assert full.losses[3:] == resumed.losses
 
 
+def test_max_epochs_sets_the_length_and_epoch_cadences_save_and_sample(tmp_path, tiny_model_dir, shapes_folder, capsys):
+    import re
+
+    path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=1000, every=1000)
+    per_epoch = ['sample.prompts=["a red drawing"]', "sample.every_n_epochs=1", "sample.steps=2",
+                 "sample.height=64", "sample.width=64", "checkpoint.every_n_epochs=1"]
+    result = train(load_config(path, ["training.max_epochs=2", *per_epoch]), progress=False)
+    found = re.search(r"training.max_epochs = 2: (\d+) optimizer steps \((\d+) batches", capsys.readouterr().out)
+    steps, batches = int(found[1]), int(found[2])
+    assert batches >= 2 and steps == 2 * batches == result.step  # max_epochs replaced max_steps = 1000
+    checkpoints = sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("step-*"))
+    assert checkpoints == [f"step-{batches:06d}", f"step-{2 * batches:06d}"]  # each epoch's end, no other
+    samples = sorted(p.name for p in (tmp_path / "out" / "samples").glob("*.png"))
+    assert samples == [f"step-{batches:06d}.png", f"step-{2 * batches:06d}.png"]  # the last one rendered once
+
+    resumed = train(load_config(path, ["training.max_epochs=3", *per_epoch]), resume="latest", progress=False)
+    assert resumed.step == 3 * batches and len(resumed.losses) == batches  # one more epoch, none repeated
+    state = json.loads((resumed.checkpoint / "train_state.json").read_text())
+    assert state["images_seen"] == 3 * len(list(shapes_folder.glob("*.png")))
+
+
 def test_resume_without_checkpoint_starts_fresh_and_refuses_changed_config(tmp_path, tiny_model_dir, shapes_folder, capsys):
     path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=1)
     result = train(load_config(path), resume="latest", progress=False)
