@@ -112,10 +112,19 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str
     return final
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints, and stale temp folders."""
+def prune_checkpoints(root: Path, keep_last: int, keep_weights: str | None = None) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temp folders.
+
+    Args:
+        keep_weights: the usable weight file's name inside each checkpoint (`<name>.safetensors`).
+            When given, a pruned checkpoint's file is first moved beside the checkpoints folder as
+            `<name>-step-NNNNNN.safetensors`, so every saved epoch or step stays usable.
+    """
     removed = []
     for _, folder in list_checkpoints(root)[:-keep_last]:
+        weights = folder / keep_weights if keep_weights else None
+        if weights is not None and weights.is_file():
+            os.replace(weights, root.parent / f"{weights.stem}-{folder.name}{weights.suffix}")
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     for stale in root.glob(".step-*.tmp"):

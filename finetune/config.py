@@ -231,6 +231,8 @@ class CheckpointConfig(Section):
     every_n_epochs: int | None = Field(None, ge=1, description="Also save one after every N epochs (at the first "
                                        "optimizer step that ends or follows the epoch's last batch).")
     keep_last: int = Field(3, ge=1, description="Keep this many checkpoints; older ones are deleted.")
+    keep_weights: bool = Field(False, description="Before deleting an old checkpoint, move its LoRA/UNet file to "
+                                "<output.dir>/<name>-step-NNNNNN.safetensors, to compare epochs or steps later.")
 
 
 class SampleConfig(Section):

@@ -365,7 +365,8 @@ class Run:
             self.accelerator, cfg.output.checkpoints_dir, self.state, dump_config(cfg),
             lambda tmp: self.write_weights(tmp / f"{cfg.output.name}.safetensors", unet_state))
         if self.accelerator.is_main_process:
-            ckpt.prune_checkpoints(cfg.output.checkpoints_dir, cfg.checkpoint.keep_last)
+            ckpt.prune_checkpoints(cfg.output.checkpoints_dir, cfg.checkpoint.keep_last,
+                                   keep_weights=cfg.output.adapter_path.name if cfg.checkpoint.keep_weights else None)
         self.last_checkpoint = folder
         return folder
 

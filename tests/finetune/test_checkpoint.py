@@ -55,6 +55,17 @@ def test_prune_keeps_the_newest(accelerator, tmp_path):
     assert not list(tmp_path.glob(".step-*"))
 
 
+def test_prune_can_keep_each_pruned_checkpoints_weights_beside_the_checkpoints(accelerator, tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        save(accelerator, root, step, write=lambda folder: (folder / "lora.safetensors").write_bytes(folder.name.encode()))
+    ckpt.prune_checkpoints(root, keep_last=1, keep_weights="lora.safetensors")
+    assert [s for s, _ in ckpt.list_checkpoints(root)] == [3]
+    kept = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert kept == ["lora-step-000001.safetensors", "lora-step-000002.safetensors"]
+    assert (tmp_path / "lora-step-000002.safetensors").read_bytes() == b".step-000002.tmp"  # the file it held
+
+
 def test_disk_full_removes_the_partial_checkpoint_and_keeps_the_previous(accelerator, tmp_path):
     save(accelerator, tmp_path, 5)
 

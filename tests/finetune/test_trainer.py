@@ -89,18 +89,22 @@ def test_max_epochs_sets_the_length_and_epoch_cadences_save_and_sample(tmp_path,
 
     path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=1000, every=1000)
     per_epoch = ['sample.prompts=["a red drawing"]', "sample.every_n_epochs=1", "sample.steps=2",
-                 "sample.height=64", "sample.width=64", "checkpoint.every_n_epochs=1"]
+                 "sample.height=64", "sample.width=64", "checkpoint.every_n_epochs=1",
+                 "checkpoint.keep_last=1", "checkpoint.keep_weights=true"]
     result = train(load_config(path, ["training.max_epochs=2", *per_epoch]), progress=False)
     found = re.search(r"training.max_epochs = 2: (\d+) optimizer steps \((\d+) batches", capsys.readouterr().out)
     steps, batches = int(found[1]), int(found[2])
     assert batches >= 2 and steps == 2 * batches == result.step  # max_epochs replaced max_steps = 1000
-    checkpoints = sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("step-*"))
-    assert checkpoints == [f"step-{batches:06d}", f"step-{2 * batches:06d}"]  # each epoch's end, no other
+    # A checkpoint at each epoch's end and no other; the pruned one left its LoRA behind.
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").glob("step-*")] == [f"step-{2 * batches:06d}"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("lora-step-*")) == [f"lora-step-{batches:06d}.safetensors"]
+    assert adapter_tensors(tmp_path / "out" / f"lora-step-{batches:06d}.safetensors")
     samples = sorted(p.name for p in (tmp_path / "out" / "samples").glob("*.png"))
     assert samples == [f"step-{batches:06d}.png", f"step-{2 * batches:06d}.png"]  # the last one rendered once
 
     resumed = train(load_config(path, ["training.max_epochs=3", *per_epoch]), resume="latest", progress=False)
     assert resumed.step == 3 * batches and len(resumed.losses) == batches  # one more epoch, none repeated
+    assert len(list((tmp_path / "out").glob("lora-step-*"))) == 2
     state = json.loads((resumed.checkpoint / "train_state.json").read_text())
     assert state["images_seen"] == 3 * len(list(shapes_folder.glob("*.png")))
 
