@@ -197,6 +197,8 @@ class LossConfig(Section):
     type: Literal["l2", "huber", "smooth_l1"] = Field("l2")
     huber_c: float = Field(0.1, gt=0, description="Huber/smooth-L1 threshold.")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-γ weighting (5.0 is the paper's value).")
+    debiased_estimation: bool = Field(False, description="Weight each timestep by 1/√SNR (kohya's "
+                                      "debiased_estimation_loss); with min_snr_gamma the two weights multiply.")
     noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0.0357 is common for SDXL).")
     input_perturbation: float = Field(0.0, ge=0, description="Perturb the noise fed to the model (0.1 in the paper).")
     zero_terminal_snr: bool = Field(False, description="Rescale betas to zero terminal SNR (v-prediction models).")

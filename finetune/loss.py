@@ -130,6 +130,21 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction
     raise ConfigError(f"loss.prediction_type = {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
 
 
+def debiased_weights(scheduler, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Debiased-estimation loss weights (Yu et al. 2023), fp32, shape (B,).
+
+    epsilon: 1/√SNR, which evens out how much each timestep's noise error counts; v_prediction:
+    √SNR/(SNR + 1), the same weighting seen through the v target (as min_snr_weights converts it).
+    SNR is floored at 1e-3 so a zero-SNR last step gets a finite weight (≈ 32) under epsilon.
+    """
+    value = snr(scheduler, timesteps)
+    if prediction_type == "v_prediction":
+        return value.sqrt() / (value + 1)
+    if prediction_type == "epsilon":
+        return value.clamp(min=1e-3).rsqrt()
+    raise ConfigError(f"loss.prediction_type = {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}")
+
+
 def _elementwise(pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float) -> torch.Tensor:
     residual = pred - target
     if loss_type == "l2":

@@ -7,6 +7,7 @@ import hashlib
 import torch
 
 from finetune.loss import (
+    debiased_weights,
     diffusion_loss,
     min_snr_weights,
     noisy_latents,
@@ -75,5 +76,7 @@ def diffusion_step_loss(unet, noise_scheduler, latents, prompt_embeds, pooled_pr
     weights = loss_weight.float().to(device)
     if loss_cfg.min_snr_gamma is not None:
         weights = weights * min_snr_weights(noise_scheduler, timesteps, loss_cfg.min_snr_gamma, prediction_type)
+    if loss_cfg.debiased_estimation:
+        weights = weights * debiased_weights(noise_scheduler, timesteps, prediction_type)
     return diffusion_loss(pred.float(), target.float(), loss_type=loss_cfg.type, huber_c=loss_cfg.huber_c,
                           weights=weights, mask=mask)

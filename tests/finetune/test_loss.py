@@ -7,6 +7,7 @@ import torch
 
 from finetune.errors import ConfigError
 from finetune.loss import (
+    debiased_weights,
     diffusion_loss,
     make_noise_scheduler,
     min_snr_weights,
@@ -192,6 +193,24 @@ def test_min_snr_weights_are_finite_with_zero_terminal_snr():
     assert torch.isfinite(eps).all() and torch.isfinite(v).all()
     assert eps[1].item() == pytest.approx(1.0)  # the limit of min(snr, γ)/snr as snr → 0
     assert v[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_debiased_weights_are_one_over_root_snr_for_either_target(scheduler):
+    t = torch.tensor([0, 250, 500, 999])
+    value = snr(scheduler, t).double()
+    eps = debiased_weights(scheduler, t, "epsilon").double()
+    torch.testing.assert_close(eps, value.rsqrt(), rtol=1e-5, atol=0)
+    assert eps[0] < 0.05 and eps[-1] > 10  # easy (low-noise) steps count far less
+    # v error = eps error · (SNR + 1)/SNR: the v weight makes both objectives weigh each step alike.
+    v = debiased_weights(scheduler, t, "v_prediction").double()
+    torch.testing.assert_close(v * (value + 1) / value, eps, rtol=1e-5, atol=0)
+
+
+def test_debiased_weights_are_finite_with_zero_terminal_snr():
+    scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=True)
+    t = torch.tensor([0, 999])
+    for prediction_type in ("epsilon", "v_prediction"):
+        assert torch.isfinite(debiased_weights(scheduler, t, prediction_type)).all()
 
 
 def test_l2_loss_is_the_mean_square():

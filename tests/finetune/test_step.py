@@ -77,6 +77,26 @@ def test_the_unet_sees_only_timesteps_of_the_configured_range(pipe):
     assert timesteps.min() >= 900 and timesteps.max() < 950
 
 
+def test_debiased_estimation_scales_each_samples_loss_by_its_timesteps_weight(pipe):
+    from finetune.loss import debiased_weights
+
+    scheduler = make_noise_scheduler(sdxl_scheduler_config(), False)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    cond = torch.randn(1, 77, pipe.unet.config.cross_attention_dim), torch.randn(1, 64)
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
+
+    def loss(**cfg):
+        unet = Recorder(pipe.unet.eval())
+        with torch.no_grad():
+            value = diffusion_step_loss(unet, scheduler, latents, *cond, time_ids, torch.ones(1), LossConfig(**cfg),
+                                        "epsilon", step_generator(0, 3, 0, 0, torch.device("cpu")))
+        return value, unet.calls[0][1]
+
+    (plain, t), (debiased, t_again) = loss(), loss(debiased_estimation=True)
+    assert torch.equal(t, t_again)  # the same draw: only the weight differs
+    assert debiased.item() == pytest.approx(plain.item() * debiased_weights(scheduler, t, "epsilon").item(), rel=1e-5)
+
+
 def test_cached_and_fresh_latents_are_sampled_alike(pipe):
     """mean + std·ε from the same generator, whether the distribution was cached or encoded now."""
     vae = pipe.vae.eval()
