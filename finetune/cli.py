@@ -93,6 +93,12 @@ def cmd_extract(args) -> None:
     print(extract_lora(Path(args.base), Path(args.tuned), args.rank, Path(args.out)))
 
 
+def cmd_resize(args) -> None:
+    from finetune.resize import resize_lora
+
+    print(resize_lora(Path(args.lora), Path(args.out), args.rank, energy=args.energy))
+
+
 def cmd_caption(args) -> None:
     from finetune.autocaption import caption_folder, format_stats
 
@@ -158,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("resize", help="shrink a LoRA to a lower rank (SVD of each module's change)")
+    p.add_argument("lora")
+    p.add_argument("--rank", type=int, required=True, help="the new rank (at most, per module)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="per module, the smallest rank keeping this share of the change, e.g. 0.95")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_resize)
 
     p = sub.add_parser("caption", help="write sidecar captions with a local image-to-text model")
     p.add_argument("folder")

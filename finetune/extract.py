@@ -113,11 +113,17 @@ def low_rank(diff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
         u, s, vh = u[:, :r], s[:r], vh[:r]
     total = matrix.square().sum()
     energy = float(s.square().sum() / total) if total > 0 else 1.0
+    up, down = lora_factors(u, s, vh, tuple(diff.shape))
+    return up, down, min(energy, 1.0)
+
+
+def lora_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) from a truncated SVD u·diag(s)·vh of a weight of `shape` (conv: (out, r, 1, 1), (r, in, kh, kw))."""
     root = s.sqrt()  # split σ evenly: neither matrix gets the whole dynamic range (fp16-friendly)
     up, down = u * root, root[:, None] * vh
-    if diff.dim() == 4:
-        up, down = up[:, :, None, None], down.reshape(r, *diff.shape[1:])
-    return up, down, min(energy, 1.0)
+    if len(shape) == 4:
+        up, down = up[:, :, None, None], down.reshape(len(s), *shape[1:])
+    return up, down
 
 
 def _load(loc: _Loc) -> torch.Tensor:
