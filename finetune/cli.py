@@ -65,8 +65,10 @@ def cmd_cache(args) -> None:
 def cmd_merge(args) -> None:
     from finetune.merge import merge_loras
 
+    from finetune.setup import DTYPES
+
     loras = [_lora_arg(item) for item in args.lora]
-    report = merge_loras(Path(args.base), loras, Path(args.out))
+    report = merge_loras(Path(args.base), loras, Path(args.out), dtype=DTYPES[args.dtype] if args.dtype else None)
     print(report)
 
 
@@ -110,7 +112,7 @@ def cmd_sample(args) -> None:
     from finetune.sample import render_from_model
 
     out = render_from_model(Path(args.model), args.prompt, Path(args.out), seed=args.seed, steps=args.steps,
-                            height=args.height, width=args.width)
+                            height=args.height, width=args.width, negative_prompt=args.negative)
     print(f"written {out}")
 
 
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="SDXL diffusers folder or single-file .safetensors")
     p.add_argument("--lora", required=True, action="append", metavar="FILE[:SCALE]", help="repeatable")
     p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="write every weight in this precision (default: each keeps the base's; fp16 halves an fp32 base)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("convert", help="convert a LoRA between kohya (A1111/ComfyUI) and diffusers keys")
@@ -183,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="render one image from a saved model")
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="", help="negative prompt")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)

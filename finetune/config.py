@@ -239,6 +239,7 @@ class CheckpointConfig(Section):
 
 class SampleConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered with the current weights.")
+    negative_prompt: str = Field("", description="Negative prompt of every sample (used when guidance_scale > 1).")
     seeds: list[int] = Field(default_factory=lambda: [0], description="One image per prompt and seed.")
     every_n_steps: int = Field(0, ge=0, description="Render samples every N steps (0: only at the end).")
     every_n_epochs: int | None = Field(None, ge=1, description="Also render them after every N epochs.")

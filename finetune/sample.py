@@ -21,15 +21,16 @@ def sdxl_pipeline(models, unet, device):
 
 
 def render(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
-           height: int, width: int) -> list:
+           height: int, width: int, negative_prompt: str = "") -> list:
     """One PIL image per (prompt, seed), seeded on the CPU so images match across devices."""
     images = []
     for prompt in prompts:
         for seed in seeds:
             generator = torch.Generator("cpu").manual_seed(seed)
             with torch.no_grad():
-                images.append(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
-                                   height=height, width=width, generator=generator).images[0])
+                images.append(pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                                   guidance_scale=guidance_scale, height=height, width=width,
+                                   generator=generator).images[0])
     return images
 
 
@@ -57,7 +58,7 @@ def render_training_samples(unet, models, cfg, step: int, device) -> list[Path]:
     size = cfg.dataset.resolution
     images = render(pipe, cfg.sample.prompts, cfg.sample.seeds, steps=cfg.sample.steps,
                     guidance_scale=cfg.sample.guidance_scale, height=cfg.sample.height or size,
-                    width=cfg.sample.width or size)
+                    width=cfg.sample.width or size, negative_prompt=cfg.sample.negative_prompt)
     for module, home in zip(parts, homes):
         module.to(home)  # back off the GPU if that is where caching left them
     unet.train(was_training)
@@ -80,7 +81,8 @@ def log_sample_grids(tracker, paths: list[Path], step: int) -> None:
 
 
 def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0, steps: int = 20,
-                      guidance_scale: float = 5.0, height: int = 1024, width: int = 1024) -> Path:
+                      guidance_scale: float = 5.0, height: int = 1024, width: int = 1024,
+                      negative_prompt: str = "") -> Path:
     """Load a saved SDXL (diffusers folder or single file) and render one PNG."""
     from finetune.config import ModelConfig
     from finetune.io import atomic_file
@@ -89,7 +91,8 @@ def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0
     models = load_models(ModelConfig(pretrained=model_path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = sdxl_pipeline(models, models.unet, device)
-    image = render(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale, height=height, width=width)[0]
+    image = render(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+                   negative_prompt=negative_prompt)[0]
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
     return out

@@ -176,6 +176,16 @@ def test_folder_merge_keeps_half_precision(tiny_model_dir, lora_file, tmp_path):
         assert fh.get_tensor("conv_in.weight").dtype == torch.float16
 
 
+def test_cli_merge_writes_the_precision_asked_for(tiny_model_dir, lora_file, tmp_path):
+    from finetune.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(tiny_model_dir), "--lora", f"{lora_file}:0.5", "--out", str(out),
+                 "--dtype", "bf16"]) == 0
+    with safe_open(str(out / "unet/diffusion_pytorch_model.safetensors"), "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
+
+
 def test_two_loras_add_up(tiny_model_dir, tmp_path):
     first = write_kohya_lora(tmp_path / "a.safetensors", TINY_MODULES, seed=1)
     second = write_kohya_lora(tmp_path / "b.safetensors", TINY_MODULES, seed=2)
