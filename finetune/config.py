@@ -172,12 +172,21 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     targets: Literal["attn", "attn_ff", "locon"] = Field("attn", description="attn: attention projections; attn_ff: + feed-forward; locon: + ResNet convs and samplers.")
     variant: Literal["lora", "dora", "loha", "lokr"] = Field("lora", description="peft adapter type.")
+    plus_ratio: float | None = Field(None, gt=0, description="LoRA+: the up matrices learn this many times faster "
+                                     "than the down ones (16 in the paper; kohya's loraplus_lr_ratio). LoRA/DoRA only.")
     text_encoder_rank: int | None = Field(None, ge=1, description="Rank of the text-encoder adapters (default: rank).")
     block_ranks: dict[str, int] = Field(default_factory=dict, description="Per-block rank overrides, e.g. {\"down_blocks.1\" = 4}.")
     format: Literal["kohya", "diffusers"] = Field("kohya", description="Adapter file keys: kohya (A1111/Forge/ComfyUI) or diffusers (PEFT).")
     init_from: Path | None = Field(None, description="Start from an existing LoRA file (kohya, diffusers or OneTrainer naming).")
 
     _paths = field_validator("init_from")(_resolve)
+
+    @model_validator(mode="after")
+    def _plus(self) -> LoraConfig:
+        if self.plus_ratio is not None and self.variant not in ("lora", "dora"):
+            raise ValueError(f"plus_ratio: LoRA+ speeds up LoRA's up matrices; lora.variant = '{self.variant}' has "
+                             "none (use variant 'lora' or 'dora', or unset plus_ratio)")
+        return self
 
 
 class OptimizerConfig(Section):

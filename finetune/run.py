@@ -106,8 +106,8 @@ class Run:
 
         from finetune.activations import saved_activations
         from finetune.optim import build_lr_scheduler
-        from finetune.setup import (build_training_optimizer, check_parallelism, compile_unet, prepare_text_encoders,
-                                    prepare_unet, unet_param_groups)
+        from finetune.setup import (build_training_optimizer, check_parallelism, compile_unet, lora_plus_groups,
+                                    prepare_text_encoders, prepare_unet, unet_param_groups)
 
         cfg, acc, models = self.cfg, self.accelerator, self.models
         self.fsdp = acc.distributed_type == DistributedType.FSDP
@@ -119,6 +119,8 @@ class Run:
         if cfg.training.train_text_encoder:
             te_params = prepare_text_encoders(models.text_encoders, cfg.training, cfg.lora)
             groups.append({"params": te_params, "lr": cfg.training.text_encoder_lr or cfg.training.learning_rate})
+        if cfg.lora.plus_ratio and cfg.training.method == "lora":
+            groups = lora_plus_groups(groups, [models.unet, *models.text_encoders], cfg.lora.plus_ratio)
         if not self.fsdp:
             # On the device before the optimizer: AdamW picks its fused CUDA kernel there, and the fused
             # backward's fp32 stand-ins sit beside their weights. (FSDP places the shards itself.)

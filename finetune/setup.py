@@ -162,6 +162,21 @@ def unet_param_groups(unet, learning_rate: float, block_lr_scale: dict[str, floa
             for prefix, params in groups.items() if params]
 
 
+def lora_plus_groups(groups: list[dict], models, ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024): each group's `up` (peft lora_B) matrices at `ratio` × its learning rate.
+
+    `down`, DoRA magnitudes and anything else stay at the group's rate; groups keep their order.
+    """
+    ups = {id(p) for model in models for name, p in model.named_parameters() if ".lora_B." in name}
+    out = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in ups]
+        fast = [p for p in group["params"] if id(p) in ups]
+        out += [{**group, "params": params, "lr": group["lr"] * scale}
+                for params, scale in ((rest, 1.0), (fast, ratio)) if params]
+    return out
+
+
 def build_training_optimizer(groups: list[dict], training, optimizer_cfg) -> torch.optim.Optimizer:
     """The configured optimizer, or with training.fused_backward one per tensor stepped inside backward.
 

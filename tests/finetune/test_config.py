@@ -117,6 +117,11 @@ def test_fused_backward_with_bf16_weights_is_accepted_for_full_fine_tuning(proje
     assert cfg.training.fused_backward and cfg.training.weight_dtype == "bf16"
 
 
+def test_lora_plus_needs_a_variant_with_up_matrices(project):
+    assert "lora: plus_ratio: LoRA+" in error_of(write(project, MINIMAL), ["lora.plus_ratio=16", 'lora.variant="loha"'])
+    assert load_config(write(project, MINIMAL), ["lora.plus_ratio=16", 'lora.variant="dora"']).lora.plus_ratio == 16
+
+
 def test_an_empty_timestep_range_names_both_keys(project):
     message = error_of(write(project, MINIMAL), ["loss.min_timestep=600", "loss.max_timestep=400"])
     assert "loss: min_timestep: 600 must be below max_timestep 400" in message

@@ -100,3 +100,20 @@ def test_block_learning_rates_group_the_trained_parameters_by_the_most_specific_
     assert sum(len(v) for v in by_lr.values()) == sum(p.requires_grad for p in unet.parameters())
     with pytest.raises(ConfigError, match="'down_blocks.9'"):
         unet_param_groups(unet, 1e-4, {"down_blocks.9": 0.5})
+
+
+def test_lora_plus_gives_the_up_matrices_of_every_group_ratio_times_its_rate():
+    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.setup import lora_plus_groups, prepare_unet, unet_param_groups
+
+    unet = tiny_unet()
+    prepare_unet(unet, TrainingConfig(), LoraConfig(rank=4))
+    names = {id(p): n for n, p in unet.named_parameters()}
+    groups = lora_plus_groups(unet_param_groups(unet, 1e-4, {"mid_block": 0.5}), [unet], 16.0)
+    by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert set(by_lr) == {1e-4, 16e-4, 0.5e-4, 8e-4}
+    assert all(".lora_B." in n for n in by_lr[16e-4] | by_lr[8e-4])
+    assert all(".lora_A." in n for n in by_lr[1e-4] | by_lr[0.5e-4])
+    assert all(n.startswith("mid_block.") for n in by_lr[0.5e-4] | by_lr[8e-4])
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert set().union(*by_lr.values()) == trained and sum(len(v) for v in by_lr.values()) == len(trained)

@@ -109,6 +109,16 @@ def test_max_epochs_sets_the_length_and_epoch_cadences_save_and_sample(tmp_path,
     assert state["images_seen"] == 3 * len(list(shapes_folder.glob("*.png")))
 
 
+def test_lora_plus_reaches_the_optimizer_and_its_schedule(tmp_path, tiny_model_dir, shapes_folder):
+    from finetune.run import Run
+
+    run = Run.setup(load_config(write_config(tmp_path, tiny_model_dir, shapes_folder), ["lora.plus_ratio=16"]),
+                    progress=False)
+    assert sorted({group["lr"] for group in run.optimizer.param_groups}) == [2e-3, 32e-3]
+    assert sorted(set(run.lr_scheduler.get_last_lr())) == [2e-3, 32e-3]
+    run.accelerator.end_training()
+
+
 def test_resume_without_checkpoint_starts_fresh_and_refuses_changed_config(tmp_path, tiny_model_dir, shapes_folder, capsys):
     path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=1)
     result = train(load_config(path), resume="latest", progress=False)
