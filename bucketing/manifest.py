@@ -17,7 +17,7 @@ from bucketing.errors import DatasetError
 from bucketing.export import export_hf_dataset
 from bucketing.report import DatasetReport
 from bucketing.scan import ImageRecord, ValidationCache, scan_folder
-from captions.sources import read_metadata_jsonl, resolve_caption
+from captions.sources import folder_repeats, read_metadata_jsonl, resolve_caption
 
 __all__ = ["BuildOptions", "BuildResult", "DatasetError", "SubsetSpec", "build_manifest", "load_manifest",
            "save_manifest"]
@@ -37,6 +37,7 @@ class SubsetSpec:
     instance_prompt: str | None = None
     class_prompt: str | None = None
     repeats: int = 1
+    kohya_repeats: bool = False  # images under a "<N>_<caption>" folder are repeated N times instead
     is_regularization: bool = False
     recursive: bool = True
 
@@ -163,10 +164,16 @@ def _rows(record: ImageRecord, root: Path, caption: str, subset_name: str, subse
             "path": record.rel_path, "root": str(root.resolve()), "caption": caption,
             "original_size": list(record.original_size), "bucket": [a.bucket.height, a.bucket.width],
             "crop_top_left": [a.crop_top, a.crop_left], "flip": flip, "subset": subset_name,
-            "repeats": subset.repeats, "is_regularization": subset.is_regularization,
+            "repeats": _repeats(record, root, subset), "is_regularization": subset.is_regularization,
             "fingerprint": record.fingerprint, "mask_path": record.mask_path,
         })
     return rows
+
+
+def _repeats(record: ImageRecord, root: Path, subset: SubsetSpec) -> int:
+    """The subset's repeats, or with kohya_repeats the N of the image's "<N>_<caption>" folder."""
+    found = folder_repeats(record.path, root) if subset.kohya_repeats else None
+    return subset.repeats if found is None else found
 
 
 def _subset_root(subset: SubsetSpec, work_dir: Path, max_pixels: int

@@ -11,7 +11,7 @@ from pathlib import Path
 # A prefix ending in one of these is joined to the caption with a space instead of ", ".
 PREFIX_SEPARATORS = ",;:."
 # kohya's folder convention: "<repeats>_<caption>", e.g. "10_sks dog".
-_REPEATS_FOLDER = re.compile(r"^\d+_(.*)$")
+_REPEATS_FOLDER = re.compile(r"^(\d+)_(.*)$")
 
 
 class CaptionError(ValueError):
@@ -117,14 +117,25 @@ def _metadata_entry(line: str, where: str, text_column: str) -> tuple[str, str]:
 def folder_caption(image_path: Path, root: Path) -> str:
     """kohya's folder convention: the nearest folder named "<repeats>_<caption>" ("10_sks dog" -> "sks dog"),
     looking from the image's folder up to `root` (included); else the image's folder name."""
+    match = _kohya_folder(image_path, root)
+    return match.group(2).strip() if match else Path(image_path).parent.name.strip()
+
+
+def folder_repeats(image_path: Path, root: Path) -> int | None:
+    """The <repeats> of the nearest kohya "<repeats>_<caption>" folder (as folder_caption finds it), else None."""
+    match = _kohya_folder(image_path, root)
+    return int(match.group(1)) if match else None
+
+
+def _kohya_folder(image_path: Path, root: Path) -> re.Match | None:
     image_path, root = Path(image_path), Path(root)
     folder = image_path.parent
     levels_below_root = len(Path(_relative_key(image_path, root)).parts) - 1
     for candidate in (folder, *folder.parents[:levels_below_root]):
         match = _REPEATS_FOLDER.match(candidate.name)
         if match:
-            return match.group(1).strip()
-    return folder.name.strip()
+            return match
+    return None
 
 
 def join_prefix(prefix: str, text: str) -> str:

@@ -65,6 +65,8 @@ class SubsetConfig(Section):
     instance_prompt: str | None = Field(None, description="Caption for images without one (DreamBooth instance prompt).")
     class_prompt: str | None = Field(None, description="Caption for regularization images (DreamBooth class prompt).")
     repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
+    kohya_repeats: bool = Field(False, description="kohya's folder layout: images under a sub-folder named "
+                                "'<N>_<caption>' (e.g. '10_sks dog') are seen N times per epoch instead.")
     is_regularization: bool = Field(False, description="Prior-preservation images, weighted by loss.prior_loss_weight.")
     recursive: bool = Field(True, description="Look into sub-folders.")
 

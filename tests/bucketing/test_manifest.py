@@ -117,6 +117,21 @@ def test_caption_sources_subsets_and_regularization(tmp_path):
                    "r.png": ("a dog", "prior", True, 3)}
 
 
+def test_kohya_repeats_come_from_the_folder_names_when_asked(tmp_path):
+    root = tmp_path / "img"
+    make_image(root / "10_sks dog" / "a.png", 64, 64)
+    make_image(root / "2_dog" / "b.png", 64, 64, color=(1, 1, 1))
+    make_image(root / "loose" / "c.png", 64, 64, color=(2, 2, 2))
+
+    def repeats(**subset):
+        rows = build_manifest([SubsetSpec(folder=root, **subset)], BuildOptions(**OPTIONS), work_dir=tmp_path / "w").dataset
+        return {r["path"]: (r["repeats"], r["caption"]) for r in rows}
+
+    assert repeats(kohya_repeats=True, repeats=3) == {"10_sks dog/a.png": (10, "sks dog"), "2_dog/b.png": (2, "dog"),
+                                                      "loose/c.png": (3, "loose")}  # outside: the subset's
+    assert {r for r, _ in repeats(repeats=3).values()} == {3}  # off by default: folder names are only captions
+
+
 def test_rebuild_reads_no_pixels(folder, tmp_path, count_decodes):
     options = BuildOptions(**OPTIONS)
     first = build_manifest([SubsetSpec(folder=folder)], options, work_dir=tmp_path / "work")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from captions import CaptionError, CaptionResult, join_prefix, read_metadata_jsonl, read_sidecar, resolve_caption
-from captions.sources import folder_caption
+from captions.sources import folder_caption, folder_repeats
 
 
 def touch_image(path: Path) -> Path:
@@ -124,6 +124,14 @@ def test_folder_caption_kohya_repeats(tmp_path):
     assert folder_caption(root / "a.png", root) == "train"  # the root's own name counts
     kohya_root = tmp_path / "5_ohwx_man"
     assert folder_caption(kohya_root / "a.png", kohya_root) == "ohwx_man"  # kohya keeps underscores
+
+
+def test_folder_repeats_read_the_same_folder_as_the_caption(tmp_path):
+    root = tmp_path / "img"
+    assert folder_repeats(root / "10_sks dog" / "closeups" / "a.png", root) == 10
+    assert folder_repeats(root / "3_style" / "a.png", root) == 3
+    assert folder_repeats(root / "cats" / "a.png", root) is None
+    assert folder_repeats(tmp_path / "3_outside" / "data" / "a.png", tmp_path / "3_outside" / "data") is None
 
 
 def test_folder_caption_does_not_look_above_root(tmp_path):
