@@ -170,3 +170,36 @@ def test_cli_config_error_is_one_line_without_traceback(project):
     assert proc.returncode == 2
     assert "training.learning_rate = -1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def config_keys() -> set[str]:
+    """Every dotted key of the config, `[[dataset.subsets]]` keys as `dataset.subsets.<key>`."""
+    from pydantic import BaseModel
+
+    from finetune.config import SubsetConfig, TrainConfig
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from walk(kind, f"{prefix}{name}.")
+            else:
+                yield prefix + name
+
+    return set(walk(TrainConfig, "")) | set(walk(SubsetConfig, "dataset.subsets."))
+
+
+def test_the_kohya_guide_names_only_real_keys_and_commands():
+    import re
+
+    from finetune.cli import build_parser
+
+    text = (ROOT / "docs" / "from-kohya.md").read_text(encoding="utf-8")
+    ours = [row.split("|")[2] for row in text.splitlines() if row.startswith("| ") and row.count("|") >= 3]
+    named = [m.split(" =")[0] for cell in ours for m in re.findall(r"`([^`]+)`", cell)]
+    keys = [n for n in named if re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", n)]
+    commands = [n.split()[1] for n in named if n.startswith("finetune ")]
+    assert len(keys) > 60 and len(commands) >= 5  # the table was read
+    assert [k for k in keys if k not in config_keys()] == []
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    assert [c for c in commands if c not in subcommands] == []
