@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,6 +175,9 @@ def _diff(prefix: str, old, new) -> list[str]:
             if old.get(key) != new.get(key):
                 out.extend(_diff(f"{prefix}.{key}", old.get(key), new.get(key)))
         return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and all(
+            isinstance(item, dict) for item in old + new):  # [[dataset.subsets]]: table by table
+        return [line for i, (a, b) in enumerate(zip(old, new)) for line in _diff(f"{prefix}.{i}", a, b)]
     if old is None and new == _default_of(prefix):
         return []  # a key newer than the checkpoint, left at its default: the old run behaved so too
     return [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
@@ -187,6 +191,9 @@ def _default_of(dotted: str):
 
     model, field = TrainConfig, None
     for part in dotted.split("."):
+        if part.isdigit():  # an item of a list of tables: the item's model
+            model = next(iter(typing.get_args(model)), None)
+            continue
         field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None:
             return None

@@ -99,6 +99,18 @@ def test_a_checkpoint_older_than_a_key_resumes_while_the_key_keeps_its_default()
     assert any(c.startswith("training.learning_rate") for c in conflicts)  # the scheduler would keep the old one
 
 
+def test_a_subset_key_newer_than_the_checkpoint_resumes_and_subset_changes_are_named():
+    saved = {"dataset": {"subsets": [{"folder": "/a", "repeats": 1}, {"folder": "/b", "repeats": 2}]}}
+    current = {"dataset": {"subsets": [{"folder": "/a", "repeats": 1, "kohya_repeats": False},
+                                       {"folder": "/b", "repeats": 2, "kohya_repeats": False}]}}
+    assert ckpt.resume_conflicts(saved, current) == []  # a checkpoint from before kohya_repeats existed
+    current["dataset"]["subsets"][1].update(repeats=3, kohya_repeats=True)
+    assert ckpt.resume_conflicts(saved, current) == ["dataset.subsets.1.kohya_repeats: None in the checkpoint, True now",
+                                                     "dataset.subsets.1.repeats: 2 in the checkpoint, 3 now"]
+    current["dataset"]["subsets"].pop()
+    assert [c.split(":")[0] for c in ckpt.resume_conflicts(saved, current)] == ["dataset.subsets"]
+
+
 def test_trainable_weights_are_saved_by_their_bare_names_through_torch_compile(tmp_path):
     from accelerate import Accelerator
 
