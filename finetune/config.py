@@ -150,7 +150,8 @@ class TrainingConfig(Section):
     channels_last: bool = Field(False, description="UNet convolutions in channels-last memory layout (often faster "
                                 "in bf16 on tensor cores; measure with scripts/benchmark.py --channels-last).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="Full fine-tuning: keep EMA weights with this decay.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the trained weights (UNet or "
+                                    "adapter) with this decay, and write it as the result; 0.999 is common.")
     max_nan_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
     allow_cpu: bool = Field(True, description="Run on the CPU when no GPU is found (tests, quickstart).")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -148,7 +149,7 @@ class Run:
             self.trained_models += [models.text_encoder, models.text_encoder_2]
         acc.register_for_checkpointing(self.lr_scheduler)
         self.ema = None
-        if cfg.training.method == "full" and cfg.training.ema_decay:
+        if cfg.training.ema_decay:
             from diffusers.training_utils import EMAModel
 
             # The EMA copy lives beside the trained weights and is saved/restored with them.
@@ -184,8 +185,6 @@ class Run:
 
     def _set_length(self) -> TrainConfig:
         """training.max_epochs, when set, becomes max_steps: the loop and the LR schedule count steps."""
-        import math
-
         training = self.cfg.training
         if training.max_epochs is None:
             return self.cfg
@@ -351,7 +350,7 @@ class Run:
 
         if self.ema is None:
             return save()
-        # Full fine-tuning with EMA: the file holds the averaged weights; training continues on its own.
+        # With EMA the file holds the averaged weights (UNet or adapter); training continues on its own.
         self.ema.store(self.params)
         self.ema.copy_to(self.params)
         try:

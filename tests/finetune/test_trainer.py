@@ -294,6 +294,20 @@ def test_full_fine_tune_with_ema_writes_a_unet_file(tmp_path, tiny_model_dir, sh
     assert changed  # trained (EMA-averaged) weights differ from the base
 
 
+def test_lora_with_ema_trains_the_same_and_writes_the_averaged_adapter(tmp_path, tiny_model_dir, shapes_folder):
+    results = []
+    for name, overrides in (("plain", []), ("ema", ["training.ema_decay=0.5"])):
+        (tmp_path / name).mkdir()
+        cfg = load_config(write_config(tmp_path / name, tiny_model_dir, shapes_folder, steps=6, every=10), overrides)
+        results.append(train(cfg, progress=False))
+    plain, ema = results
+    assert plain.losses == ema.losses  # the average never feeds back into training
+    a, b = adapter_tensors(plain.output_path), adapter_tensors(ema.output_path)
+    ups = [k for k in a if k.endswith(".lora_up.weight")]
+    # up matrices start at zero and grow: their average over recent steps is smaller than the last step
+    assert sum(b[k].float().norm() for k in ups) < 0.95 * sum(a[k].float().norm() for k in ups)
+
+
 def test_training_from_caches_matches_training_from_images(tmp_path, tiny_model_dir, shapes_folder):
     losses = []
     for cached in (True, False):
