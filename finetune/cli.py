@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -201,6 +202,12 @@ def quiet_libraries() -> None:
     """Keep the console for our own messages: library chatter goes to warnings only."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub; local paths only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # diffusers and transformers set their loggers' level from these when first imported, which
+    # would undo a setLevel made before that import.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # diffusers >= 0.42 renamed from_pretrained's torch_dtype to dtype; we support older releases too.
+    warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("bitsandbytes", "diffusers", "transformers", "accelerate", "datasets", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -54,3 +54,16 @@ def test_cache_command_prints_encoded_and_reused(tmp_path, tiny_model_dir):
     second = run("cache", config)
     assert "latents: 0 encoded, 3 reused" in second.stdout and "text: 0 encoded, 2 reused" in second.stdout
     shutil.rmtree(tmp_path / "output")
+
+
+@pytest.mark.slow
+def test_quickstart_runs_offline_and_keeps_library_noise_off_the_console(tmp_path):
+    """The README's first command, end to end (3 steps): every file it lists exists, and the console
+    shows our lines, not library deprecation or dtype chatter."""
+    done = run("quickstart", "--out", tmp_path / "qs", "--steps", 3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("train_config.toml", "output/quickstart_lora.safetensors", "merged-sdxl/unet", "sample.png"):
+        assert (tmp_path / "qs" / name).exists(), name
+    assert "quickstart finished" in done.stdout
+    for noise in ("FutureWarning", "should be kept in float32", "requires torchvision", "Traceback"):
+        assert noise not in done.stdout + done.stderr, noise
