@@ -20,6 +20,20 @@ def find_resume_folder(root: Path, resume: str) -> Path | None:
     return folder
 
 
+def check_fresh_start(root: Path) -> None:
+    """A run started without --resume must not write over (and prune) an earlier run's checkpoints.
+
+    Raises:
+        CheckpointError: `root` holds a complete checkpoint; says how to continue or start over.
+    """
+    latest = ckpt.latest_checkpoint(root)
+    if latest is not None:
+        raise CheckpointError(
+            f"{root}: holds the checkpoints of an earlier run (latest: {latest.name}); a new run would write "
+            "over them. Continue that run with --resume, or start a new one in another output.dir "
+            "(or delete that folder first)")
+
+
 def check_resumable(folder: Path, cfg: TrainConfig, state: ckpt.TrainState) -> None:
     """Refuse a resume that could not continue exactly: the config, dataset or process count changed.
 

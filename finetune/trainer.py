@@ -52,8 +52,11 @@ class StopFlag:
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
     """Run training as `cfg` says; `resume` is None, "latest" or a checkpoint folder."""
+    from finetune.resume import check_fresh_start
     from finetune.run import Run
 
+    if resume is None:
+        check_fresh_start(cfg.output.checkpoints_dir)  # before minutes of scanning and caching
     run = Run.setup(cfg, progress=progress, resume=resume)  # accelerator, manifest, models, caches, optimizer, loader
     start = run.resume(resume) if resume else None
     try:

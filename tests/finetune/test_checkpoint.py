@@ -66,6 +66,17 @@ def test_prune_can_keep_each_pruned_checkpoints_weights_beside_the_checkpoints(a
     assert (tmp_path / "lora-step-000002.safetensors").read_bytes() == b".step-000002.tmp"  # the file it held
 
 
+def test_a_fresh_start_is_refused_where_an_earlier_run_left_checkpoints(accelerator, tmp_path):
+    from finetune.resume import check_fresh_start
+
+    check_fresh_start(tmp_path / "checkpoints")  # no folder yet
+    (tmp_path / "checkpoints" / ".step-000003.tmp").mkdir(parents=True)
+    check_fresh_start(tmp_path / "checkpoints")  # a half-written folder is no run to protect
+    save(accelerator, tmp_path / "checkpoints", 4)
+    with pytest.raises(CheckpointError, match=r"latest: step-000004.*--resume.*another output.dir"):
+        check_fresh_start(tmp_path / "checkpoints")
+
+
 def test_disk_full_removes_the_partial_checkpoint_and_keeps_the_previous(accelerator, tmp_path):
     save(accelerator, tmp_path, 5)
 

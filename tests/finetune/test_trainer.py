@@ -76,6 +76,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tiny_mode
     path = write_config(parts, tiny_model_dir, shapes_folder, steps=6, every=3)
     first = train(load_config(path, ["training.max_steps=3"]), progress=False)
     assert first.step == 3
+    with pytest.raises(CheckpointError, match="--resume"):  # forgot --resume: refused before anything is written
+        train(load_config(path), progress=False)
     resumed = train(load_config(path), resume="latest", progress=False)
     assert resumed.step == 6
     a, b = adapter_tensors(full.output_path), adapter_tensors(resumed.output_path)
