@@ -8,8 +8,11 @@ sample with the merged model.
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from pathlib import Path
+
+from finetune.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60), "yellow": (230, 200, 40)}
@@ -80,6 +83,22 @@ def draw_images(folder: Path, count: int = 12, seed: int = 0) -> list[Path]:
     return paths
 
 
+def claim_folder(out: Path) -> None:
+    """The quickstart writes into a new or empty folder, or one an earlier quickstart made (whose run
+    it replaces); any other folder is the user's and is refused untouched.
+
+    Raises:
+        ConfigError: `out` holds files the quickstart did not make.
+    """
+    if out.is_dir() and any(out.iterdir()):
+        config = out / "train_config.toml"
+        if not (config.is_file() and config.read_text(encoding="utf-8").startswith(QUICKSTART_TOML.splitlines()[0])):
+            raise ConfigError(f"--out {out}: not empty and not made by an earlier quickstart; name a new folder")
+        for made in ("output", "merged-sdxl"):  # the earlier quickstart's run, which this one replaces
+            shutil.rmtree(out / made, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
     """Run the quickstart into `out`; returns the output files by role."""
     from finetune.config import load_config
@@ -90,7 +109,7 @@ def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
 
     start = time.time()
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out)
     print(f"[1/5] drawing images into {out / 'images'}")
     draw_images(out / "images")
     print(f"[2/5] building the tiny SDXL-architecture model in {out / 'tiny-sdxl'}")

@@ -67,3 +67,18 @@ def test_quickstart_runs_offline_and_keeps_library_noise_off_the_console(tmp_pat
     assert "quickstart finished" in done.stdout
     for noise in ("FutureWarning", "should be kept in float32", "requires torchvision", "Traceback"):
         assert noise not in done.stdout + done.stderr, noise
+    again = run("quickstart", "--out", tmp_path / "qs", "--steps", 2)  # its own folder: the run is replaced
+    assert again.returncode == 0 and "quickstart finished" in again.stdout, again.stderr[-3000:]
+
+
+def test_quickstart_never_writes_into_a_folder_it_did_not_make(tmp_path):
+    from finetune.errors import ConfigError
+    from finetune.quickstart import claim_folder
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "holiday.jpg").write_bytes(b"a user's file")
+    with pytest.raises(ConfigError, match="not made by an earlier quickstart"):
+        claim_folder(tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["holiday.jpg"]
+    claim_folder(tmp_path / "new" / "folder")  # new folders are made
+    assert (tmp_path / "new" / "folder").is_dir()
