@@ -142,8 +142,10 @@ def _totals(rows: list[dict], report: DatasetReport) -> dict[str, int]:
     plain = [r for r in rows if not r["flip"]]  # one per image, whether or not flips are on
     upscaled = sum(1 for r in plain if _upscaled(r["original_size"], r["bucket"]))
     subsets = Counter(r["subset"] for r in plain)
+    per_epoch = sum(r["repeats"] for r in rows)  # what one epoch trains on, repeats and flips included
     return {"rows": len(rows), "images": len(plain), "skipped": len(report.problems),
             "upscaled": upscaled, "buckets used": len({tuple(r["bucket"]) for r in rows}),
+            **({"samples per epoch": per_epoch} if per_epoch != len(rows) else {}),
             **{f"subset {name}": count for name, count in subsets.items()}}
 
 

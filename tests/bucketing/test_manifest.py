@@ -129,6 +129,9 @@ def test_kohya_repeats_come_from_the_folder_names_when_asked(tmp_path):
 
     assert repeats(kohya_repeats=True, repeats=3) == {"10_sks dog/a.png": (10, "sks dog"), "2_dog/b.png": (2, "dog"),
                                                       "loose/c.png": (3, "loose")}  # outside: the subset's
+    report = build_manifest([SubsetSpec(folder=root, kohya_repeats=True)], BuildOptions(**OPTIONS),
+                            work_dir=tmp_path / "w").report
+    assert report.totals["samples per epoch"] == 10 + 2 + 1  # what inspect shows a kohya user
     assert {r for r, _ in repeats(repeats=3).values()} == {3}  # off by default: folder names are only captions
 
 
