@@ -12,8 +12,10 @@ reuses them. A shard whose size or hash no longer matches is dropped and its ent
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import shutil
 import logging
 import os
 import time
@@ -156,11 +158,20 @@ class ShardWriter:
         name = f"{self.prefix}-{self.written:05d}.safetensors"
         path = self.cache_dir / name
         flat = {f"{key}/{field}": t for key, fields in self.pending.items() for field, t in fields.items()}
-        with atomic_file(path) as tmp:
-            save_file(flat, str(tmp))
-        record = {"bytes": path.stat().st_size, "sha256": _sha256(path),
-                  "entries": {key: sorted(fields) for key, fields in self.pending.items()}}
-        write_text_atomic(self.cache_dir / f"{name}{RECORD_SUFFIX}", json.dumps(record))
+        try:
+            with atomic_file(path) as tmp:
+                save_file(flat, str(tmp))
+            record = {"bytes": path.stat().st_size, "sha256": _sha256(path),
+                      "entries": {key: sorted(fields) for key, fields in self.pending.items()}}
+            write_text_atomic(self.cache_dir / f"{name}{RECORD_SUFFIX}", json.dumps(record))
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            path.unlink(missing_ok=True)  # a shard without its record would only be checked and dropped
+            free = shutil.disk_usage(self.cache_dir).free / 2**30
+            raise CacheError(f"{self.cache_dir}: disk full while writing the cache ({free:.2f} GiB free). The "
+                             f"{self.written} shard(s) already written are kept and reused: free some space, or "
+                             "set cache.dir to another disk, and run again") from None
         self.pending = {}
         self.written += 1
 

@@ -44,6 +44,24 @@ def test_shards_appear_as_they_fill(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors.json"))) == 1
 
 
+def test_disk_full_is_a_clear_error_and_the_shards_written_before_stay_usable(tmp_path, monkeypatch):
+    import errno
+
+    import finetune.cache.store as store
+
+    writer = ShardWriter(tmp_path, "t-run-r0", shard_size=1)
+    writer.add("a", {"x": torch.zeros(1)})  # the first shard is written
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "save_file", full)
+    with pytest.raises(CacheError, match=r"disk full.*1 shard\(s\) already written are kept.*cache.dir"):
+        writer.add("b", {"x": torch.ones(1)})
+    records, invalid = scan_shards(tmp_path)
+    assert [list(r["entries"]) for r in records.values()] == [["a"]] and invalid == []
+
+
 def test_missing_shard_is_invalid_and_reader_refuses(tmp_path):
     _write(tmp_path, 4, shard_size=2)
     records, _ = scan_shards(tmp_path)
