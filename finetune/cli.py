@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -232,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file is written to a temporary name and renamed: what was there before is intact.
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: disk full{where}; files written before are intact: free some space and run the "
+              "command again (training: with --resume)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -82,3 +82,24 @@ def test_quickstart_never_writes_into_a_folder_it_did_not_make(tmp_path):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["holiday.jpg"]
     claim_folder(tmp_path / "new" / "folder")  # new folders are made
     assert (tmp_path / "new" / "folder").is_dir()
+
+
+def test_a_full_disk_anywhere_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    from finetune import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/lora.safetensors.tmp")
+
+    monkeypatch.setattr(cli, "cmd_tiny_model", full)
+    assert cli.main(["tiny-model", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: disk full writing /out/lora.safetensors.tmp;") and "--resume" in err
+
+    def other(args):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(cli, "cmd_tiny_model", other)
+    with pytest.raises(PermissionError):  # not ours to reword: the traceback says what failed
+        cli.main(["tiny-model", "x"])
