@@ -79,11 +79,11 @@ def timestep_range(num_train_timesteps: int, min_timestep: int = 0, max_timestep
     return min_timestep, high
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator | None,
+def sample_timesteps(batch_size: int, high: int, generator: torch.Generator | None,
                      device: torch.device | str, low: int = 0) -> torch.Tensor:
-    """Uniform integer timesteps in [low, num_train_timesteps), a LongTensor of shape (B,)."""
+    """Uniform integer timesteps in [low, high), a LongTensor of shape (B,); see `timestep_range`."""
     draw_on = generator.device if generator is not None else device
-    timesteps = torch.randint(low, num_train_timesteps, (batch_size,), generator=generator, device=draw_on)
+    timesteps = torch.randint(low, high, (batch_size,), generator=generator, device=draw_on)
     return timesteps.to(device)
 
 
