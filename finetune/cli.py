@@ -66,7 +66,6 @@ def cmd_cache(args) -> None:
 
 def cmd_merge(args) -> None:
     from finetune.merge import merge_loras
-
     from finetune.setup import DTYPES
 
     loras = [_lora_arg(item) for item in args.lora]
