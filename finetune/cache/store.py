@@ -15,9 +15,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import shutil
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
