@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune.adapters.modules import AdapterModule, LoraModule
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, ModelError
 from finetune.extract import lora_factors
 from finetune.io import atomic_file
 
@@ -56,12 +56,15 @@ def resize_lora(src: Path, dst: Path, rank: int, *, energy: float | None = None,
     if Path(dst).resolve() == Path(src).resolve():
         raise ConfigError(f"--out {dst}: write the resized file next to the original, not over it")
     lora = read_lora(Path(src), unet_config=unet_config)
+    if not lora.modules:
+        raise ModelError(f"{src}: holds no adapter modules to resize")
     report, resized = ResizeReport(Path(dst)), {}
     for (component, path), module in lora.modules.items():
         name = f"{component}:{path}"
         resized[(component, path)], report.energy[name] = resize_module(module, rank, energy)
         report.ranks[name] = (module.rank or min(module.out_shape[:2]), resized[(component, path)].rank)
-    metadata = dict(lora.metadata)
+    # A diffusers file's peft config describes its own keys, not the kohya ones written here.
+    metadata = {k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"}
     metadata.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(max(r for _, r in report.ranks.values())),

@@ -115,6 +115,18 @@ def test_resized_file_loads_in_diffusers_with_the_same_or_a_close_effect(tmp_pat
     assert json.loads(metadata["resized"])["rank"] == 2
 
 
+def test_a_diffusers_file_resizes_to_kohya_keys_without_its_peft_header(tmp_path):
+    from finetune.adapters.convert import convert_lora
+
+    source = trained_lora_file(tmp_path / "r4.safetensors")
+    diffusers = convert_lora(source, tmp_path / "d.safetensors", to="diffusers")
+    out = resize_lora(diffusers, tmp_path / "r4k.safetensors", 4).out
+    assert set(load_file(str(out))) == set(load_file(str(source)))
+    with safe_open(str(out), "pt") as fh:
+        assert "lora_adapter_metadata" not in fh.metadata()
+    torch.testing.assert_close(unet_output(out), unet_output(source), rtol=1e-4, atol=1e-5)
+
+
 def test_resize_keeps_the_files_precision(tmp_path):
     source = trained_lora_file(tmp_path / "half.safetensors", dtype=torch.float16)
     tensors = load_file(str(resize_lora(source, tmp_path / "r2.safetensors", 2).out))
