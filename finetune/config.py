@@ -212,6 +212,8 @@ class LossConfig(Section):
     debiased_estimation: bool = Field(False, description="Weight each timestep by 1/√SNR (kohya's "
                                       "debiased_estimation_loss); with min_snr_gamma the two weights multiply.")
     noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0.0357 is common for SDXL).")
+    noise_offset_random_strength: bool = Field(False, description="Draw each sample's offset strength from "
+                                               "[0, noise_offset) (kohya's noise_offset_random_strength).")
     input_perturbation: float = Field(0.0, ge=0, description="Perturb the noise fed to the model (0.1 in the paper).")
     zero_terminal_snr: bool = Field(False, description="Rescale betas to zero terminal SNR (v-prediction models).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="auto: from the scheduler config.")

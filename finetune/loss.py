@@ -51,15 +51,19 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torc
 
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator | None,
-                 noise_offset: float = 0.0) -> torch.Tensor:
+                 noise_offset: float = 0.0, random_strength: bool = False) -> torch.Tensor:
     """Gaussian noise like `latents` (B, C, h, w).
 
     Offset noise adds noise_offset · N(0, 1) per sample and channel, shifting each channel's mean:
     the model then learns to change an image's overall brightness (very dark or bright images).
+    With `random_strength` each sample's offset strength is drawn uniformly from [0, noise_offset).
     """
     noise = _randn(tuple(latents.shape), generator, latents)
     if noise_offset > 0:
         offset = _randn((latents.shape[0], latents.shape[1], 1, 1), generator, latents)  # (B, C, 1, 1)
+        if random_strength:
+            device = generator.device if generator is not None else latents.device
+            offset = offset * torch.rand((latents.shape[0], 1, 1, 1), generator=generator, device=device).to(offset)
         noise = noise + noise_offset * offset
     return noise
 

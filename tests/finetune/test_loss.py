@@ -98,6 +98,16 @@ def test_noise_offset_shifts_each_channels_mean():
     assert offset.std(dim=(2, 3)).mean().item() == pytest.approx(1.0, abs=0.05)
 
 
+def test_random_offset_strength_scales_each_samples_offset_within_the_bound():
+    latents = torch.zeros(256, 4, 8, 8)
+    plain = sample_noise(latents, gen(0))
+    fixed = sample_noise(latents, gen(0), noise_offset=0.5) - plain  # 0.5·N(0, 1) per (sample, channel)
+    scaled = sample_noise(latents, gen(0), noise_offset=0.5, random_strength=True) - plain
+    ratio = (scaled[:, :, 0, 0] / fixed[:, :, 0, 0])  # the same offset draw, times one strength per sample
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), atol=1e-4)  # one strength for all channels
+    assert 0 <= ratio.min() and ratio.max() < 1 and ratio[:, 0].std() > 0.2  # uniform in [0, 1), not fixed
+
+
 def test_timesteps_are_uniform_integers_in_range():
     t = sample_timesteps(20000, 1000, gen(0), torch.device("cpu"))
     assert t.dtype == torch.long and t.shape == (20000,)
