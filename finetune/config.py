@@ -177,6 +177,9 @@ class LoraConfig(Section):
     variant: Literal["lora", "dora", "loha", "lokr"] = Field("lora", description="peft adapter type.")
     plus_ratio: float | None = Field(None, gt=0, description="LoRA+: the up matrices learn this many times faster "
                                      "than the down ones (16 in the paper; kohya's loraplus_lr_ratio). LoRA/DoRA only.")
+    max_norm: float | None = Field(None, gt=0, description="After each step, shrink any module whose change "
+                                   "‖(alpha/rank)·up@down‖ exceeds this (kohya's scale_weight_norms; 1.0 is common). "
+                                   "LoRA/DoRA only.")
     text_encoder_rank: int | None = Field(None, ge=1, description="Rank of the text-encoder adapters (default: rank).")
     block_ranks: dict[str, int] = Field(default_factory=dict, description="Per-block rank overrides, e.g. {\"down_blocks.1\" = 4}.")
     format: Literal["kohya", "diffusers"] = Field("kohya", description="Adapter file keys: kohya (A1111/Forge/ComfyUI) or diffusers (PEFT).")
@@ -185,10 +188,15 @@ class LoraConfig(Section):
     _paths = field_validator("init_from")(_resolve)
 
     @model_validator(mode="after")
-    def _plus(self) -> LoraConfig:
-        if self.plus_ratio is not None and self.variant not in ("lora", "dora"):
+    def _up_down_only(self) -> LoraConfig:
+        if self.variant in ("lora", "dora"):
+            return self
+        if self.plus_ratio is not None:
             raise ValueError(f"plus_ratio: LoRA+ speeds up LoRA's up matrices; lora.variant = '{self.variant}' has "
                              "none (use variant 'lora' or 'dora', or unset plus_ratio)")
+        if self.max_norm is not None:
+            raise ValueError(f"max_norm: bounds LoRA's up @ down; lora.variant = '{self.variant}' has no such "
+                             "product (use variant 'lora' or 'dora', or unset max_norm)")
         return self
 
 

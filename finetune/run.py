@@ -252,6 +252,13 @@ class Run:
             return None
         self.optimizer.step()
         if acc.sync_gradients:
+            if cfg.lora.max_norm and cfg.training.method == "lora":
+                from finetune.adapters.norms import clamp_lora_norms
+
+                # The same on every process: the weights it reads are the synced, stepped ones.
+                self.norms_scaled, self.largest_norm = clamp_lora_norms(
+                    [self.bare_unet(), *(self.models.text_encoders if cfg.training.train_text_encoder else ())],
+                    cfg.lora.max_norm)
             self.lr_scheduler.step()
             if self.ema is not None:
                 self.ema.step(self.params)
@@ -320,6 +327,8 @@ class Run:
                    "images_per_s": self.state.images_seen / max(time.time() - self.started, 1e-6)}
         if getattr(self, "grad_norm", None) is not None:
             metrics["grad_norm"] = float(self.grad_norm)
+        if getattr(self, "largest_norm", None) is not None:  # lora.max_norm: what kohya logs beside the loss
+            metrics["keys_scaled"], metrics["max_norm"] = self.norms_scaled, self.largest_norm
         if torch.cuda.is_available():
             metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics

@@ -120,6 +120,8 @@ def test_fused_backward_with_bf16_weights_is_accepted_for_full_fine_tuning(proje
 def test_lora_plus_needs_a_variant_with_up_matrices(project):
     assert "lora: plus_ratio: LoRA+" in error_of(write(project, MINIMAL), ["lora.plus_ratio=16", 'lora.variant="loha"'])
     assert load_config(write(project, MINIMAL), ["lora.plus_ratio=16", 'lora.variant="dora"']).lora.plus_ratio == 16
+    assert "lora: max_norm: bounds LoRA's up @ down" in error_of(write(project, MINIMAL),
+                                                                 ["lora.max_norm=1", 'lora.variant="lokr"'])
 
 
 def test_an_empty_timestep_range_names_both_keys(project):

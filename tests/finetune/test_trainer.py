@@ -121,6 +121,24 @@ def test_lora_plus_reaches_the_optimizer_and_its_schedule(tmp_path, tiny_model_d
     run.accelerator.end_training()
 
 
+def test_lora_max_norm_bounds_every_written_module(tmp_path, tiny_model_dir, shapes_folder):
+    from finetune.adapters.norms import lora_delta_norm
+
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=4, every=10),
+                      ["lora.max_norm=0.001", "output.save_dtype=fp32", "logging.report_to=tensorboard",
+                       "logging.every_n_steps=1"])
+    tensors = adapter_tensors(train(cfg, progress=False).output_path)
+    downs = [k[: -len(".lora_down.weight")] for k in tensors if k.endswith(".lora_down.weight")]
+    norms = [lora_delta_norm(tensors[f"{m}.lora_down.weight"], tensors[f"{m}.lora_up.weight"],
+                             float(tensors[f"{m}.alpha"]) / tensors[f"{m}.lora_down.weight"].shape[0]).item()
+             for m in downs]
+    assert max(norms) <= 0.001 * (1 + 1e-4) and sum(n > 0.0009 for n in norms) > 0  # bounded, and binding
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((cfg.output.dir / "logs").rglob("events.out.tfevents*"))
+    assert {"keys_scaled", "max_norm"} <= set(EventAccumulator(str(events.parent)).Reload().Tags()["scalars"])
+
+
 def test_resume_without_checkpoint_starts_fresh_and_refuses_changed_config(tmp_path, tiny_model_dir, shapes_folder, capsys):
     path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=1)
     result = train(load_config(path), resume="latest", progress=False)
