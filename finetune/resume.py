@@ -30,8 +30,8 @@ def check_fresh_start(root: Path) -> None:
     if latest is not None:
         raise CheckpointError(
             f"{root}: holds the checkpoints of an earlier run (latest: {latest.name}); a new run would write "
-            "over them. Continue that run with --resume, or start a new one in another output.dir "
-            "(or delete that folder first)")
+            "over them. Continue that run with --resume, or start a new one in another output.dir (its "
+            "cache.dir may point at this run's cache: entries are keyed by what made them, so they are reused)")
 
 
 def check_resumable(folder: Path, cfg: TrainConfig, state: ckpt.TrainState) -> None:
