@@ -328,7 +328,7 @@ class Run:
         if getattr(self, "grad_norm", None) is not None:
             metrics["grad_norm"] = float(self.grad_norm)
         if getattr(self, "largest_norm", None) is not None:  # lora.max_norm: what kohya logs beside the loss
-            metrics["keys_scaled"], metrics["max_norm"] = self.norms_scaled, self.largest_norm
+            metrics["keys_scaled"], metrics["max_norm"] = int(self.norms_scaled), float(self.largest_norm)
         if torch.cuda.is_available():
             metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics

@@ -15,21 +15,25 @@ def lora_delta_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch
 
 
 @torch.no_grad()
-def clamp_lora_norms(models, max_norm: float) -> tuple[int, float]:
+def clamp_lora_norms(models, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale down every LoRA module of `models` whose change exceeds `max_norm`.
 
+    Runs every step, so nothing here waits on the GPU: modules within the bound are multiplied
+    by exactly 1 instead of being tested on the host.
+
     Returns:
-        (modules scaled, the largest norm found before scaling): the numbers kohya logs.
+        (modules scaled, the largest norm found before scaling) as 0-d tensors: what kohya logs.
     """
-    scaled, largest = 0, 0.0
+    norms = []
     for model in models:
         for _, layer in lora_layers(model):
             down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            norm = float(lora_delta_norm(down, up, layer.scaling["default"]))
-            largest = max(largest, norm)
-            if norm > max_norm:
-                factor = (max_norm / norm) ** 0.5  # split between the two factors
-                down.mul_(factor)
-                up.mul_(factor)
-                scaled += 1
-    return scaled, largest
+            norm = lora_delta_norm(down, up, layer.scaling["default"])
+            factor = (max_norm / norm.clamp(min=max_norm)).sqrt()  # split between the two factors; 1 within
+            down.mul_(factor)
+            up.mul_(factor)
+            norms.append(norm)
+    if not norms:
+        return torch.zeros((), dtype=torch.long), torch.zeros(())
+    norms = torch.stack(norms)
+    return (norms > max_norm).sum(), norms.max()
