@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -185,19 +184,13 @@ def _diff(prefix: str, old, new) -> list[str]:
 
 def _default_of(dotted: str):
     """The default of a config key, as the resolved TOML writes it (None when it has none)."""
-    from pydantic import BaseModel
+    from finetune.config import table_model
 
-    from finetune.config import TrainConfig
-
-    model, field = TrainConfig, None
-    for part in dotted.split("."):
-        if part.isdigit():  # an item of a list of tables: the item's model
-            model = next(iter(typing.get_args(model)), None)
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        model = field.annotation
+    *table, key = dotted.split(".")
+    model = table_model(table)
+    field = model.model_fields.get(key) if model is not None else None
+    if field is None:
+        return None
     value = field.get_default(call_default_factory=True)
     return list(value) if isinstance(value, tuple) else value
 

@@ -468,20 +468,27 @@ def _describe(error: dict, raw: dict[str, Any], source: str) -> str:
     return f"{source}: {key + ': ' if key else ''}{message}"
 
 
-def _suggest(loc: list[str]) -> str:
-    """' (did you mean learning_rate?)' for a misspelt key, from the fields of its table."""
+def table_model(loc: list[str]) -> type[BaseModel] | None:
+    """The model of the table at `loc` (["training"], ["dataset", "subsets", "0"]); None where no table is."""
     model: type[BaseModel] = TrainConfig
-    for part in loc[:-1]:
-        if part.isdigit():
+    for part in loc:
+        if part.isdigit():  # an item of a list of tables, e.g. [[dataset.subsets]]
             continue
         field = model.model_fields.get(part)
         if field is None:
-            return ""
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", (annotation,))
+            return None
+        inner = getattr(field.annotation, "__args__", (field.annotation,))
         model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if model is None:
-            return ""
+            return None
+    return model
+
+
+def _suggest(loc: list[str]) -> str:
+    """' (did you mean learning_rate?)' for a misspelt key, from the fields of its table."""
+    model = table_model(loc[:-1])
+    if model is None:
+        return ""
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(model.model_fields)})"
 
