@@ -157,6 +157,12 @@ class Run:
             acc.register_for_checkpointing(self.ema)
         if not self.fsdp:  # FSDP saves its shards itself; a full fine-tune trains every weight anyway
             ckpt.register_trainable_only_hooks(acc)
+        self.norm_bounded = []  # lora.max_norm: the LoRA layers it bounds, found once rather than every step
+        if cfg.lora.max_norm and cfg.training.method == "lora":
+            from finetune.adapters.save import lora_layers
+
+            bounded = [self.bare_unet(), *(models.text_encoders if cfg.training.train_text_encoder else ())]
+            self.norm_bounded = [layer for model in bounded for _, layer in lora_layers(model)]
 
     def _setup_data(self, latents, text) -> None:
         """Train/validation split, datasets, the bucket loader, and the resume state."""
@@ -252,13 +258,11 @@ class Run:
             return None
         self.optimizer.step()
         if acc.sync_gradients:
-            if cfg.lora.max_norm and cfg.training.method == "lora":
+            if self.norm_bounded:
                 from finetune.adapters.norms import clamp_lora_norms
 
                 # The same on every process: the weights it reads are the synced, stepped ones.
-                self.norms_scaled, self.largest_norm = clamp_lora_norms(
-                    [self.bare_unet(), *(self.models.text_encoders if cfg.training.train_text_encoder else ())],
-                    cfg.lora.max_norm)
+                self.norms_scaled, self.largest_norm = clamp_lora_norms(self.norm_bounded, cfg.lora.max_norm)
             self.lr_scheduler.step()
             if self.ema is not None:
                 self.ema.step(self.params)

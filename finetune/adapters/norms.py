@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from finetune.adapters.save import lora_layers
-
 
 def lora_delta_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
     """‖scale · up @ down‖_F from r × r products (trace identity), without forming the (out, in) matrix."""
@@ -15,8 +13,8 @@ def lora_delta_norm(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch
 
 
 @torch.no_grad()
-def clamp_lora_norms(models, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale down every LoRA module of `models` whose change exceeds `max_norm`.
+def clamp_lora_norms(layers, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale down every peft LoRA layer in `layers` (see adapters.save.lora_layers) whose change exceeds `max_norm`.
 
     Runs every step, so nothing here waits on the GPU: modules within the bound are multiplied
     by exactly 1 instead of being tested on the host.
@@ -25,14 +23,13 @@ def clamp_lora_norms(models, max_norm: float) -> tuple[torch.Tensor, torch.Tenso
         (modules scaled, the largest norm found before scaling) as 0-d tensors: what kohya logs.
     """
     norms = []
-    for model in models:
-        for _, layer in lora_layers(model):
-            down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-            norm = lora_delta_norm(down, up, layer.scaling["default"])
-            factor = (max_norm / norm.clamp(min=max_norm)).sqrt()  # split between the two factors; 1 within
-            down.mul_(factor)
-            up.mul_(factor)
-            norms.append(norm)
+    for layer in layers:
+        down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        norm = lora_delta_norm(down, up, layer.scaling["default"])
+        factor = (max_norm / norm.clamp(min=max_norm)).sqrt()  # split between the two factors; 1 within
+        down.mul_(factor)
+        up.mul_(factor)
+        norms.append(norm)
     if not norms:
         return torch.zeros((), dtype=torch.long), torch.zeros(())
     norms = torch.stack(norms)

@@ -39,7 +39,7 @@ def test_modules_over_the_bound_are_shrunk_onto_it_and_the_rest_untouched():
 
     before = norms()
     small = {n: layers[n].lora_B["default"].weight.clone() for n, v in before.items() if v <= 1.0}
-    scaled, largest = (t.item() for t in clamp_lora_norms([unet], 1.0))
+    scaled, largest = (t.item() for t in clamp_lora_norms(list(layers.values()), 1.0))
     after = norms()
     assert largest == pytest.approx(max(before.values()), rel=1e-5)
     assert scaled == sum(v > 1.0 for v in before.values()) > 0 and len(small) > 0
