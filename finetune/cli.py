@@ -18,7 +18,7 @@ def _config(args):
 
 
 def cmd_quickstart(args) -> None:
-    from finetune.quickstart import run_quickstart
+    from finetune.tools.quickstart import run_quickstart
 
     run_quickstart(Path(args.out), steps=args.steps)
 
@@ -31,7 +31,7 @@ def cmd_tiny_model(args) -> None:
 
 def cmd_train(args) -> None:
     cfg = _config(args)  # config errors first, before the heavy imports
-    from finetune.trainer import train
+    from finetune.train.recipe import train
 
     result = train(cfg, resume=args.resume)
     if result.interrupted:
@@ -58,15 +58,16 @@ def cmd_dataset_inspect(args) -> None:
 
 def cmd_cache(args) -> None:
     cfg = _config(args)
-    from finetune.cache_cli import build_caches
+    from finetune.cache.prepare import build_caches
+    from finetune.train.builders import make_accelerator
 
-    for line in build_caches(cfg):
+    for line in build_caches(cfg, make_accelerator(cfg.training, cfg.logging, cfg.output.dir)):
         print(line)
 
 
 def cmd_merge(args) -> None:
-    from finetune.merge import merge_loras
-    from finetune.setup import DTYPES
+    from finetune.tools.merge import merge_loras
+    from finetune.dtypes import DTYPES
 
     loras = [_lora_arg(item) for item in args.lora]
     report = merge_loras(Path(args.base), loras, Path(args.out), dtype=DTYPES[args.dtype] if args.dtype else None)
@@ -91,26 +92,26 @@ def cmd_convert(args) -> None:
 
 
 def cmd_extract(args) -> None:
-    from finetune.extract import extract_lora
+    from finetune.tools.extract import extract_lora
 
     print(extract_lora(Path(args.base), Path(args.tuned), args.rank, Path(args.out)))
 
 
 def cmd_resize(args) -> None:
-    from finetune.resize import resize_lora
+    from finetune.tools.resize import resize_lora
 
     print(resize_lora(Path(args.lora), Path(args.out), args.rank, energy=args.energy))
 
 
 def cmd_caption(args) -> None:
-    from finetune.autocaption import caption_folder, format_stats
+    from finetune.tools.caption import caption_folder, format_stats
 
     print(format_stats(caption_folder(Path(args.folder), Path(args.model), overwrite=args.overwrite,
                                       caption_ext=args.caption_ext)))
 
 
 def cmd_sample(args) -> None:
-    from finetune.sample import render_from_model
+    from finetune.tools.sample import render_from_model
 
     out = render_from_model(Path(args.model), args.prompt, Path(args.out), seed=args.seed, steps=args.steps,
                             height=args.height, width=args.width, negative_prompt=args.negative)

@@ -72,7 +72,7 @@ def long_caption_warning(captions: list[str]) -> str | None:
     """One warning for captions over CLIP's 75 tokens (SDXL's tokenizers share CLIP's vocabulary)."""
     from captions.length import check_caption_lengths
     from finetune.models.tokenizers import load_clip_tokenizer
-    from finetune.text import count_tokens
+    from finetune.models.text import count_tokens
 
     tokenizer = load_clip_tokenizer()
     return check_caption_lengths(captions, lambda c: count_tokens(tokenizer, c))

@@ -69,7 +69,7 @@ def synthetic_batch(unet, batch_size: int, resolution: int, device: torch.device
 def toolkit_settings(profile: str, args):
     """The TrainingConfig and OptimizerConfig that `finetune train` would run for this row."""
     from finetune.config import OptimizerConfig, TrainingConfig
-    from finetune.profiles import profile_settings
+    from finetune.memory.profiles import profile_settings
 
     # The full row: full fine-tuning as low_vram sets it up (fused backward, bf16 weights, 8-bit AdamW).
     # memory_trace.py's --method full prices every profile for full fine-tuning.
@@ -94,7 +94,7 @@ def toolkit_settings(profile: str, args):
 def toolkit_step(profile: str, unet, args, device):
     """The training step `finetune train` runs, set up as the profile says. Returns (step_fn, note, settings)."""
     from finetune.config import LoraConfig
-    from finetune.setup import prepare_unet
+    from finetune.train.builders import prepare_unet
 
     training, optim = toolkit_settings(profile, args)
     notes = []
@@ -130,12 +130,13 @@ def make_toolkit_step(unet, params, training, optim, args, device):
     Returns:
         (step function, the optimizer it steps)
     """
-    from finetune.activations import saved_activations
+    from finetune.memory.activations import saved_activations
     from finetune.config import LossConfig
-    from finetune.loss import make_noise_scheduler
+    from finetune.train.loss import make_noise_scheduler
     from finetune.models.configs import sdxl_scheduler_config
-    from finetune.setup import build_training_optimizer, compile_unet
-    from finetune.step import diffusion_step_loss, step_generator
+    from finetune.train.builders import build_training_optimizer, compile_unet
+    from finetune.train.step import diffusion_step_loss
+    from finetune.rng import step_generator
 
     optimizer = build_training_optimizer([{"params": params}], training, optim)
     model = compile_unet(unet, Path(args.compile_cache), training.compile_mode) if training.compile else unet

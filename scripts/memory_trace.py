@@ -191,8 +191,8 @@ def trace_prepared(unet, training, optim, args, fake: bool = True) -> dict:
 def trace_row(profile: str, args) -> dict:
     """The traced peak memory and FLOPs of one profile's step, beside the pre-flight estimate."""
     from finetune.config import LoraConfig
-    from finetune.profiles import estimate_run_gib
-    from finetune.setup import prepare_unet
+    from finetune.memory.profiles import estimate_run_gib
+    from finetune.train.builders import prepare_unet
 
     training, optim = toolkit_settings(profile, args)
     settings = row_settings(training, optim)

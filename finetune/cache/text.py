@@ -11,7 +11,7 @@ import torch
 from finetune.cache.build import run_build, store_dtype
 from finetune.cache.keys import text_identity, text_key
 from finetune.cache.store import CacheError, CacheStats, ShardReader
-from finetune.text import CONTEXT_LENGTH, encode_prompts, num_chunks
+from finetune.models.text import CONTEXT_LENGTH, encode_prompts, num_chunks
 
 
 def build_text_cache(captions: Iterable[str], tokenizers, text_encoders, cache_dir: Path, *, dtype: str = "fp16",

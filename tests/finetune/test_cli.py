@@ -73,7 +73,7 @@ def test_quickstart_runs_offline_and_keeps_library_noise_off_the_console(tmp_pat
 
 def test_quickstart_never_writes_into_a_folder_it_did_not_make(tmp_path):
     from finetune.errors import ConfigError
-    from finetune.quickstart import claim_folder
+    from finetune.tools.quickstart import claim_folder
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "holiday.jpg").write_bytes(b"a user's file")

@@ -156,7 +156,7 @@ def test_every_shipped_toml_is_valid(tmp_path):
 
 
 def test_quickstart_toml_is_valid(tmp_path):
-    from finetune.quickstart import QUICKSTART_TOML
+    from finetune.tools.quickstart import QUICKSTART_TOML
 
     (tmp_path / "tiny-sdxl").mkdir()
     (tmp_path / "images").mkdir()

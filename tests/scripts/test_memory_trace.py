@@ -61,7 +61,7 @@ def _args(**overrides):
 def test_fake_trace_counts_what_real_tensors_hold(profile, checkpointing):
     """The same step on the tiny model, traced on fake tensors and run on real ones: the same peak and FLOPs."""
     from finetune.config import LoraConfig
-    from finetune.setup import prepare_unet
+    from finetune.train.builders import prepare_unet
 
     args = _args(checkpointing=checkpointing)
     traced = {}
@@ -115,7 +115,7 @@ def test_trace_matches_what_the_cuda_allocator_holds(profile):
     from benchmark import make_toolkit_step
 
     from finetune.config import LoraConfig
-    from finetune.setup import prepare_unet
+    from finetune.train.builders import prepare_unet
 
     # 512², batch 4: activations of a few hundred MiB, so cuBLAS workspaces are noise
     args = _args(resolution=512, batch_size=4, compile_cache=None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from finetune.cache import TextCache, build_text_cache
-from finetune.text import encode_prompts
+from finetune.models.text import encode_prompts
 
 CAPTIONS = ["a photo of a cat", "a red square", "a photo of a cat"]
 LONG = " ".join(f"word{i % 7} thing" for i in range(60))

@@ -1,0 +1,78 @@
+"""The caches a run needs, built (or reused) before training: lookups for the data loader, and `finetune cache`."""
+
+from __future__ import annotations
+
+import torch
+
+from bucketing.manifest import load_manifest
+from finetune.cache.latents import LatentCache, build_latent_cache, latent_keys_for_manifest
+from finetune.cache.text import TextCache, build_text_cache
+from finetune.dataset import build_dataset
+from finetune.models.load import load_models
+
+
+def prepare_caches(cfg, manifest, models, accelerator, progress: bool = True):
+    """Build (or reuse) the latent and text caches; return row/caption lookups and build stats.
+
+    Returns:
+        (latent_lookup or None, text_lookup or None, [CacheStats...])
+    """
+    stats = []
+    latent_lookup = text_lookup = None
+    device = accelerator.device
+    if cfg.cache.latents:
+        models.vae.to(device)
+        stats.append(build_latent_cache(
+            manifest, models.vae, cfg.cache_dir / "latents", dtype=cfg.cache.dtype, store_std=cfg.cache.latent_std,
+            batch_size=cfg.cache.batch_size, alpha_color=tuple(cfg.dataset.alpha_color),
+            accelerator=accelerator, progress=progress,
+        ))
+        keys = latent_keys_for_manifest(manifest, models.vae, dtype=cfg.cache.dtype, store_std=cfg.cache.latent_std,
+                                        alpha_color=tuple(cfg.dataset.alpha_color))
+        cache = LatentCache(cfg.cache_dir / "latents", in_memory=cfg.cache.in_memory)
+        latent_lookup = _RowLookup(cache, keys)
+    if cfg.cache.text:
+        for encoder in models.text_encoders:
+            encoder.to(device)
+        captions = sorted(set(manifest["caption"]) | {""})
+        stats.append(build_text_cache(
+            captions, models.tokenizers, models.text_encoders, cfg.cache_dir / "text",
+            dtype=cfg.cache.dtype, long_captions=cfg.dataset.long_captions, batch_size=cfg.cache.batch_size,
+            accelerator=accelerator, progress=progress,
+        ))
+        text_lookup = TextCache(cfg.cache_dir / "text", in_memory=cfg.cache.in_memory).get
+    return latent_lookup, text_lookup, stats
+
+
+class _RowLookup:
+    """Picklable row-index -> cached latents (DataLoader workers need to pickle it)."""
+
+    def __init__(self, cache, keys: list[str]):
+        self.cache, self.keys = cache, keys
+
+    def __call__(self, index: int) -> dict:
+        return self.cache.get(self.keys[index])
+
+    def subset(self, indices) -> _RowLookup:
+        """The lookup for `manifest.select(indices)`."""
+        return _RowLookup(self.cache, [self.keys[i] for i in indices])
+
+
+def release(*modules) -> None:
+    """Move models off the GPU once their work is cached: training needs only the UNet there."""
+    for module in modules:
+        if module is not None:
+            module.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_caches(cfg, accelerator) -> list[str]:
+    """`finetune cache`: build (or reuse) the manifest and both caches, as training would; the summary lines."""
+    if accelerator.is_main_process:
+        build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
+    accelerator.wait_for_everyone()
+    manifest = load_manifest(cfg.output.manifest_dir)
+    models = load_models(cfg.model, dtype=torch.float32)
+    _, _, stats = prepare_caches(cfg, manifest, models, accelerator)
+    return [str(s) for s in stats]  # "latents: E encoded, R reused", "text: E encoded, R reused"

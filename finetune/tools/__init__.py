@@ -1,0 +1,1 @@
+"""Commands around training: merge, extract, resize, caption, sample and the offline quickstart."""

@@ -1,0 +1,214 @@
+"""The trainer's builders: each takes its slice of the config and returns one object."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from finetune.dtypes import DTYPES
+from finetune.errors import ConfigError
+
+log = logging.getLogger("finetune")
+
+def make_accelerator(training, logging_cfg, output_dir: Path):
+    """The run's `Accelerator`: devices, mixed precision, accumulation, trackers."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    # Accelerate keeps one state per process; a second run in the same process (a notebook, the
+    # tests) may ask for another mixed precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not training.allow_cpu:
+        raise ConfigError("training.allow_cpu = false and no CUDA GPU was found")
+    if not cuda and training.mixed_precision == "fp16":
+        raise ConfigError("training.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on the CPU")
+    if cuda:
+        # fp32 matmuls (mixed_precision = "no", the fp32 parts of autocast) run on TF32 tensor cores.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    report_to = None if logging_cfg.report_to == "none" else logging_cfg.report_to
+    if report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no key, no network: log locally, sync later
+    return Accelerator(
+        # Without cpu=True, `accelerate launch --multi_gpu` on a CPU machine starts processes that
+        # each train alone; with it they form a gloo group.
+        cpu=not cuda,
+        mixed_precision=training.mixed_precision,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+
+
+def check_parallelism(training, *, fsdp_version: int | None, num_processes: int, renders: bool) -> None:
+    """Refuse launch/config pairs that would train wrongly; `accelerate launch` decides FSDP and the count.
+
+    Args:
+        fsdp_version: None without FSDP, else the launcher's --fsdp_version.
+        renders: the run renders samples or computes a validation loss (a forward on one process).
+
+    Raises:
+        ConfigError: naming the key or the launch flag to change.
+    """
+    problems = []
+    if training.fused_backward and (num_processes > 1 or fsdp_version):
+        problems.append("training.fused_backward = true steps each GPU on its own gradients before DDP/FSDP averages "
+                        "them: run one process without FSDP, or set training.fused_backward = false")
+    if fsdp_version:
+        if fsdp_version != 2:
+            problems.append("FSDP: launch with --fsdp_version 2 (FSDP1 flattens the parameters the optimizer holds)")
+        if training.method != "full":
+            problems.append("FSDP shards full fine-tuning; a LoRA fits on each GPU: launch with --multi_gpu (DDP) "
+                            "instead of --use_fsdp, or set training.method = 'full'")
+        if training.train_text_encoder:
+            problems.append("FSDP shards the UNet only: set training.train_text_encoder = false")
+        if training.ema_decay:
+            problems.append("FSDP keeps sharded weights, which the EMA copy cannot follow: unset training.ema_decay")
+        if renders:
+            problems.append("FSDP needs every process in each forward, and samples and the validation loss run on "
+                            "one: set sample.prompts = [] and validation.split = 0, and sample the saved model")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def compile_unet(unet, cache_dir: Path, mode: str = "default"):
+    """torch.compile for bucketed training: one static graph per bucket shape, kernels kept between runs."""
+    # Buckets make shapes static: dynamic=False compiles each bucket shape once as a static graph
+    # (no symbolic-shape graph after the second shape), and the limit leaves room for every bucket.
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    # Inductor's kernels live with the other caches, so the next run (or a resume) reuses them.
+    # Importing diffusers already wrote torch's default folder into the variable: only a folder
+    # the user chose is kept.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+    return torch.compile(unet, dynamic=False, mode=mode)
+
+
+def prepare_unet(unet, training, lora_cfg, device: torch.device | None = None):
+    """Freeze or unfreeze the UNet, add adapters, cast; return the trainable parameters.
+
+    LoRA: base weights in `training.base_dtype` (fp8/nf4: the transformer Linears quantized, the
+    rest in the compute dtype), adapter weights fp32. Full: every UNet weight is
+    trained, in `training.weight_dtype` (fp32 master weights, or bf16 rounded stochastically by the
+    fused optimizer); autocast gives the bf16/fp16 speed.
+    """
+    unet.requires_grad_(False)
+    if training.method == "lora":
+        from finetune.adapters.inject import add_unet_adapter
+
+        quantized = training.base_dtype in ("fp8", "nf4")
+        # Under a quantized base the layers it leaves (convs, embeddings, norms) are in the compute dtype.
+        compute_dtype = DTYPES["fp16" if training.mixed_precision == "fp16" else "bf16"]
+        unet.to(dtype=compute_dtype if quantized else DTYPES[training.base_dtype])
+        if quantized:
+            from finetune.memory.quant import quantize_base_linears
+
+            # Before the adapters, so peft wraps the quantized layers; layer by layer onto the device,
+            # so the full-precision base never sits on the GPU whole.
+            quantize_base_linears(unet, training.base_dtype, compute_dtype, device=device)
+        add_unet_adapter(unet, lora_cfg)
+        if lora_cfg.init_from is not None:
+            from finetune.adapters.load import load_adapter_weights
+
+            load_adapter_weights(unet, None, lora_cfg.init_from)
+    else:
+        # fp32 master weights, or bf16 weights that the fused optimizer rounds stochastically.
+        unet.to(dtype=DTYPES[training.weight_dtype])
+        unet.requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if training.method == "lora":
+        for p in params:
+            p.data = p.data.float()  # adapters stay fp32 whatever the base precision
+    if training.channels_last:
+        unet.to(memory_format=torch.channels_last)  # 4-D conv weights only; Linear layers are unaffected
+    if training.gradient_checkpointing:
+        from finetune.memory.activations import enable_checkpointing
+
+        enable_checkpointing(unet, training.gradient_checkpointing_mode)
+    unet.train()
+    return params
+
+
+def unet_param_groups(unet, learning_rate: float, block_lr_scale: dict[str, float]) -> list[dict]:
+    """The UNet's trained parameters as optimizer groups: one per `block_lr_scale` prefix, the rest at `learning_rate`.
+
+    Raises:
+        ConfigError: a prefix matches no trained parameter.
+    """
+    from finetune.adapters.inject import block_pattern
+
+    patterns = {prefix: re.compile(block_pattern(prefix) + "$") for prefix in block_lr_scale}
+    groups: dict[str | None, list] = {None: [], **{prefix: [] for prefix in block_lr_scale}}
+    for name, param in unet.named_parameters():
+        if param.requires_grad:
+            matching = [prefix for prefix, pattern in patterns.items() if pattern.match(name)]
+            groups[max(matching, key=len) if matching else None].append(param)  # the most specific prefix wins
+    empty = [prefix for prefix, params in groups.items() if prefix is not None and not params]
+    if empty:
+        raise ConfigError(f"training.block_lr_scale: {', '.join(map(repr, empty))} match no trained parameter; use "
+                          "diffusers block paths like 'down_blocks.1', 'mid_block' or 'up_blocks.0.attentions.1'")
+    return [{"params": params, "lr": learning_rate * (1.0 if prefix is None else block_lr_scale[prefix])}
+            for prefix, params in groups.items() if params]
+
+
+def lora_plus_groups(groups: list[dict], models, ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024): each group's `up` (peft lora_B) matrices at `ratio` × its learning rate.
+
+    `down`, DoRA magnitudes and anything else stay at the group's rate; groups keep their order.
+    """
+    ups = {id(p) for model in models for name, p in model.named_parameters() if ".lora_B." in name}
+    out = []
+    for group in groups:
+        rest = [p for p in group["params"] if id(p) not in ups]
+        fast = [p for p in group["params"] if id(p) in ups]
+        out += [{**group, "params": params, "lr": group["lr"] * scale}
+                for params, scale in ((rest, 1.0), (fast, ratio)) if params]
+    return out
+
+
+def build_training_optimizer(groups: list[dict], training, optimizer_cfg) -> torch.optim.Optimizer:
+    """The configured optimizer, or with training.fused_backward one per tensor stepped inside backward.
+
+    Build it once the trained weights are on their device (fused AdamW, the fused backward's stand-ins).
+    """
+    from finetune.train.optim import build_optimizer
+
+    if not training.fused_backward:
+        return build_optimizer(groups, optimizer_cfg, training.learning_rate)
+    from finetune.memory.fused import FusedBackwardOptimizer
+
+    # Each gradient is clipped (per tensor), applied and freed as soon as backward completes it.
+    return FusedBackwardOptimizer(
+        groups, lambda group: build_optimizer(group, optimizer_cfg, training.learning_rate),
+        max_grad_norm=training.max_grad_norm, stochastic_rounding=training.weight_dtype == "bf16",
+        seed=training.seed)
+
+
+def prepare_text_encoders(text_encoders, training, lora_cfg) -> list:
+    """Make both text encoders trainable (LoRA adapters, or every weight for full); return their parameters."""
+    for encoder in text_encoders:
+        encoder.requires_grad_(False)
+    if training.method == "lora":
+        from finetune.adapters.inject import add_text_encoder_adapters
+
+        add_text_encoder_adapters(text_encoders, lora_cfg)
+    else:
+        for encoder in text_encoders:
+            encoder.requires_grad_(True)
+    params = [p for encoder in text_encoders for p in encoder.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    for encoder in text_encoders:
+        if training.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+        encoder.train()
+    return params

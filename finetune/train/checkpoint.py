@@ -1,0 +1,295 @@
+"""Checkpoints and resume: `checkpoints/step-NNNNNN/` written whole or not at all, `latest` last; which
+checkpoint `--resume` means and whether the config still fits it.
+
+A checkpoint holds the Accelerate state (trainable weights, optimizer, LR scheduler, grad scaler,
+RNG of every process), `train_state.json` (the one resume object), the resolved config and a usable
+adapter/model `.safetensors`. It is written into a hidden temp folder and renamed; a folder without
+`train_state.json` (killed mid-save) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from finetune.config import TrainConfig, dump_config, table_model
+from finetune.errors import CheckpointError
+from finetune.io import write_text_atomic
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STATE_FILE = "train_state.json"
+CONFIG_FILE = "config.toml"
+
+
+@dataclass
+class TrainState:
+    """Everything a resume needs beyond the Accelerate state."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # sampler position: batches of this epoch already consumed
+    images_seen: int = 0  # all processes together
+    num_processes: int = 1
+    seed: int = 0
+    nan_steps_skipped: int = 0
+    dataset_hash: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainState:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root`, oldest first, as (step, folder)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The folder named by `latest` if it is complete, else the newest complete one."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str, write_weights) -> Path:
+    """Write `root/step-NNNNNN/` atomically and prune nothing (see `prune_checkpoints`).
+
+    Args:
+        write_weights: callable(folder) that writes the usable adapter/model file into the folder.
+
+    Raises:
+        CheckpointError: the disk is full or not writable; the half-written folder is removed and
+            earlier checkpoints are untouched.
+    """
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".step-{state.step:06d}.tmp"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_weights(tmp)
+            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+            # Written last: its presence marks the folder complete.
+            (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+            _fsync_files(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            write_text_atomic(root / "latest", final.name)
+        accelerator.wait_for_everyone()
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(root).free / 2**30
+            raise CheckpointError(
+                f"{root}: disk full while saving step {state.step} ({free:.2f} GiB free); the partial "
+                "checkpoint was removed and earlier ones are intact: free some space and rerun with --resume"
+            ) from None
+        raise CheckpointError(f"{final}: could not write checkpoint: {err}") from None
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep_weights: str | None = None) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temp folders.
+
+    Args:
+        keep_weights: the usable weight file's name inside each checkpoint (`<name>.safetensors`).
+            When given, a pruned checkpoint's file is first moved beside the checkpoints folder as
+            `<name>-step-NNNNNN.safetensors`, so every saved epoch or step stays usable.
+    """
+    removed = []
+    for _, folder in list_checkpoints(root)[:-keep_last]:
+        weights = folder / keep_weights if keep_weights else None
+        if weights is not None and weights.is_file():
+            os.replace(weights, root.parent / f"{weights.stem}-{folder.name}{weights.suffix}")
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    for stale in root.glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return removed
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+# Changing these between the stopped run and the resume would make "continue exactly" a lie.
+FROZEN_ON_RESUME = ("model", "dataset", "training.method", "training.batch_size",
+                    "training.gradient_accumulation_steps", "training.seed", "training.train_text_encoder",
+                    "training.base_dtype",
+                    # the optimizer state's layout, and the LRs its scheduler restores from the checkpoint
+                    "training.fused_backward", "training.weight_dtype", "training.block_lr_scale",
+                    "training.learning_rate", "training.text_encoder_lr",
+                    "lora", "optimizer.name", "loss", "cache.latent_std")
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between the checkpoint's config and the current one."""
+    conflicts = []
+    for key in FROZEN_ON_RESUME:
+        old, new = _get(saved, key), _get(current, key)
+        if old != new:
+            conflicts.extend(_diff(key, old, new))
+    return conflicts
+
+
+def _get(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _diff(prefix: str, old, new) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                out.extend(_diff(f"{prefix}.{key}", old.get(key), new.get(key)))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and all(
+            isinstance(item, dict) for item in old + new):  # [[dataset.subsets]]: table by table
+        return [line for i, (a, b) in enumerate(zip(old, new)) for line in _diff(f"{prefix}.{i}", a, b)]
+    if old is None and new == _default_of(prefix):
+        return []  # a key newer than the checkpoint, left at its default: the old run behaved so too
+    return [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
+
+
+def _default_of(dotted: str):
+    """The default of a config key, as the resolved TOML writes it (None when it has none)."""
+    *table, key = dotted.split(".")
+    model = table_model(table)
+    field = model.model_fields.get(key) if model is not None else None
+    if field is None:
+        return None
+    value = field.get_default(call_default_factory=True)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def find_resume_folder(root: Path, resume: str) -> Path | None:
+    """The checkpoint folder `--resume` names: "latest" (None when there is none yet) or a path."""
+    if resume == "latest":
+        return latest_checkpoint(root)
+    folder = Path(resume)
+    if not (folder / STATE_FILE).is_file():
+        raise CheckpointError(f"{folder}: not a complete checkpoint (no {STATE_FILE}); use --resume for the latest")
+    return folder
+
+
+def check_fresh_start(root: Path) -> None:
+    """A run started without --resume must not write over (and prune) an earlier run's checkpoints.
+
+    Raises:
+        CheckpointError: `root` holds a complete checkpoint; says how to continue or start over.
+    """
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        raise CheckpointError(
+            f"{root}: holds the checkpoints of an earlier run (latest: {latest.name}); a new run would write "
+            "over them. Continue that run with --resume, or start a new one in another output.dir (its "
+            "cache.dir may point at this run's cache: entries are keyed by what made them, so they are reused)")
+
+
+def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
+    """Refuse a resume that could not continue exactly: the config, dataset or process count changed.
+
+    Raises:
+        CheckpointError: listing every difference and what to do.
+    """
+    saved_cfg = tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    problems = resume_conflicts(saved_cfg, tomllib.loads(dump_config(cfg)))
+    saved = TrainState.from_file(folder / STATE_FILE)
+    if saved.dataset_hash and saved.dataset_hash != state.dataset_hash:
+        problems.append("dataset: the images, captions or crops changed since the checkpoint")
+    if saved.num_processes != state.num_processes:
+        problems.append(f"processes: {saved.num_processes} in the checkpoint, {state.num_processes} now")
+    if problems:
+        raise CheckpointError(
+            f"{folder}: cannot resume, the config changed in ways that would make the result wrong:\n  "
+            + "\n  ".join(problems)
+            + "\nrestore those settings, or start a new run in another output.dir")
+
+
+def profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:
+    """`auto` on resume keeps the profile the stopped run chose: free memory moves, the run must not."""
+    folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
+    if folder is None:
+        return cfg
+    saved = tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    chosen = saved.get("training", {}).get("memory_profile", "auto")
+    if chosen == "auto":  # a checkpoint from before auto recorded its choice
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.training.memory_profile = chosen
+    return cfg
+
+
+def register_trainable_only_hooks(acc) -> None:
+    """Checkpoints hold the trained parameters only (a LoRA checkpoint is MBs, not the 5 GB UNet).
+
+    Names are the bare model's, so a checkpoint reads the same with or without DDP or torch.compile.
+    """
+    from safetensors.torch import load_file, save_file
+
+    def trained_parameters(model) -> dict:
+        bare = acc.unwrap_model(model, keep_torch_compile=False)
+        return {n: p for n, p in bare.named_parameters() if p.requires_grad}
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            trained = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items()}
+            save_file(trained, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        weights.clear()  # accelerate must not write the full state dicts as well
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            saved = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
+            saved = {_bare_name(n): v for n, v in saved.items()}  # checkpoints that kept a wrapper's prefix
+            params = trained_parameters(model)
+            if set(params) != set(saved):
+                raise CheckpointError(f"{input_dir}: its trained weights do not match this model's "
+                                      f"({len(set(params) ^ set(saved))} names differ)")
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+        models.clear()  # loaded here; accelerate must not look for full state dicts
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+
+
+def _bare_name(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name

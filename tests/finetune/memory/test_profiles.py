@@ -1,0 +1,154 @@
+"""Memory profiles fill only what the user left unset; auto picks by free memory and says why."""
+
+from __future__ import annotations
+
+from finetune.config import validate_config
+from finetune.memory.profiles import apply_memory_profile, estimate_peak_gib, pick_auto
+
+
+def config(tmp_path, **training):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "i").mkdir(exist_ok=True)
+    raw = {"model": {"pretrained": "m"}, "dataset": {"resolution": 256, "subsets": [{"folder": "i"}]},
+           "training": training}
+    return validate_config(raw, base_dir=tmp_path)
+
+
+def test_profile_fills_unset_keys_and_keeps_the_users(tmp_path):
+    cfg = config(tmp_path, memory_profile="low_vram", base_dtype="fp32")
+    out, message = apply_memory_profile(cfg)
+    assert out.training.gradient_checkpointing is True
+    assert out.optimizer.name == "adamw8bit"
+    assert out.training.base_dtype == "fp32"  # written by the user: the profile leaves it
+    assert "low_vram" in message and "training.base_dtype" not in message
+    assert cfg.training.gradient_checkpointing is False  # the original is not modified
+
+
+def test_custom_changes_nothing(tmp_path):
+    cfg = config(tmp_path)
+    assert apply_memory_profile(cfg) == (cfg, None)
+
+
+def test_auto_picks_by_free_memory_and_says_why(tmp_path):
+    assert pick_auto(None)[0] == "custom"
+    assert pick_auto(6.5)[0] == "min_vram"
+    assert pick_auto(7.5)[0] == "low_vram"
+    assert pick_auto(11.0)[0] == "balanced"
+    name, why = pick_auto(15.5)
+    assert name == "fast" and "15.5 GiB free" in why
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="auto"), free_gib=7.5)
+    assert out.training.gradient_checkpointing and "low_vram" in message and "7.5 GiB" in message
+
+
+def test_auto_without_a_gpu_keeps_the_configs_own_keys(tmp_path, monkeypatch):
+    from finetune.memory import profiles
+
+    monkeypatch.setattr(profiles, "free_gpu_gib", lambda: None)
+    cfg = config(tmp_path, memory_profile="auto")
+    out, message = apply_memory_profile(cfg)
+    assert out.training.memory_profile == "custom" and "no CUDA GPU" in message
+    assert out.training.gradient_checkpointing == cfg.training.gradient_checkpointing
+    assert out.training.compile == cfg.training.compile
+
+
+def test_balanced_lora_recomputes_only_the_transformer_blocks(tmp_path):
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="balanced"))
+    assert out.training.gradient_checkpointing and out.training.gradient_checkpointing_mode == "transformer"
+    assert "training.gradient_checkpointing_mode=transformer" in message
+
+
+def test_estimate_orders_the_profiles():
+    common = dict(num_base_params=2_567_000_000, num_trained_params=23_000_000, pixels=1024 * 1024, batch_size=1)
+    fast = estimate_peak_gib(base_dtype="bf16", optimizer="adamw", checkpointing=None, **common)
+    low = estimate_peak_gib(base_dtype="bf16", optimizer="adamw8bit", checkpointing="full", **common)
+    partial = estimate_peak_gib(base_dtype="bf16", optimizer="adamw8bit", checkpointing="transformer", **common)
+    minimal = estimate_peak_gib(base_dtype="nf4", optimizer="adamw8bit", checkpointing="full", **common)
+    fp32 = estimate_peak_gib(base_dtype="fp32", optimizer="adamw", checkpointing=None, **common)
+    assert minimal < low < partial < fast < fp32
+    assert 5 < low < 8 and 12 < fast < 18 and minimal < 4.5
+
+
+def test_estimate_of_full_fine_tuning_counts_bf16_weights_and_the_fused_backward():
+    common = dict(num_base_params=0, num_trained_params=2_567_000_000, pixels=1024 * 1024, batch_size=1,
+                  base_dtype="fp32", checkpointing="full")
+    plain = estimate_peak_gib(optimizer="adamw", **common)
+    fused = estimate_peak_gib(optimizer="adamw8bit", trained_bytes=2, fused_backward=True, **common)
+    # bf16 weights (5.1 GB) + 8-bit state (5.1 GB), no gradients, checkpointed activations
+    assert 10 < fused < 12.5 < 35 < plain
+
+
+def test_profiles_depend_on_the_method(tmp_path):
+    lora, _ = apply_memory_profile(config(tmp_path, memory_profile="min_vram"))
+    assert lora.training.base_dtype == "nf4" and not lora.training.fused_backward
+    full, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full"))
+    assert full.training.fused_backward and full.training.weight_dtype == "bf16"
+    assert full.optimizer.name == "adamw8bit" and "training.fused_backward=True" in message
+    assert pick_auto(20.0, "full")[0] == "low_vram" and pick_auto(20.0, "lora")[0] == "fast"
+    assert pick_auto(12.0, "full")[0] == "min_vram" and pick_auto(22.0, "full")[0] == "balanced"
+
+
+def test_profile_drops_the_fused_backward_where_it_cannot_work_and_says_why(tmp_path):
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full",
+                                               gradient_accumulation_steps=4))
+    assert not out.training.fused_backward and out.training.weight_dtype == "fp32"
+    assert "not with gradient accumulation" in message
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full"), num_processes=2)
+    assert not out.training.fused_backward and "not with 2 processes" in message
+
+
+def test_a_profile_that_would_contradict_the_config_is_refused_with_both_sides(tmp_path, monkeypatch):
+    import pytest
+
+    from finetune.memory import profiles
+    from finetune.errors import ConfigError
+
+    broken = {**profiles.LORA_PROFILES["low_vram"], ("training", "weight_dtype"): "bf16"}
+    monkeypatch.setitem(profiles.LORA_PROFILES, "low_vram", broken)
+    with pytest.raises(ConfigError) as info:
+        apply_memory_profile(config(tmp_path, memory_profile="low_vram"))
+    message = str(info.value)
+    assert "memory_profile = 'low_vram'" in message and "training.weight_dtype=bf16" in message
+    assert "needs training.method = 'full'" in message and "memory_profile = 'custom'" in message
+
+
+def test_profile_keeps_relative_paths_and_records_what_auto_chose(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    cfg = config(tmp_path, memory_profile="auto")
+    out, _ = apply_memory_profile(cfg, free_gib=7.5)
+    assert out.output.dir == cfg.output.dir == tmp_path / "output"  # resolved against the config's folder
+    assert out.training.memory_profile == "low_vram"
+
+
+def test_profile_keeps_unset_keys_unset_and_softens_what_cannot_work(tmp_path):
+    cfg = config(tmp_path, memory_profile="min_vram")
+    cfg.lora.variant = "loha"
+    out, message = apply_memory_profile(cfg)
+    assert out.training.base_dtype == "bf16" and "cannot train on a quantized base" in message
+    assert "betas" not in out.optimizer.model_fields_set  # Lion's own betas still apply when unset
+
+
+def test_profile_keeps_fp32_base_when_the_user_turned_autocast_off(tmp_path):
+    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", mixed_precision="no"))
+    assert out.training.mixed_precision == "no" and out.training.base_dtype == "fp32"
+    assert "no autocast" in message
+
+
+def test_auto_on_resume_keeps_the_profile_the_stopped_run_chose(tmp_path):
+    from finetune.train import checkpoint as ckpt
+    from finetune.train.checkpoint import profile_of_checkpoint
+
+    cfg = config(tmp_path, memory_profile="auto")
+    folder = cfg.output.checkpoints_dir / "step-000010"
+    folder.mkdir(parents=True)
+    (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "low_vram"\n', encoding="utf-8")
+    (folder / ckpt.STATE_FILE).write_text(ckpt.TrainState(step=10).to_json(), encoding="utf-8")
+    assert profile_of_checkpoint(cfg, "latest").training.memory_profile == "low_vram"
+    out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
+    assert out.training.memory_profile == "low_vram" and "set in the config" in message  # free memory ignored
+    (tmp_path / "fresh").mkdir()
+    fresh = config(tmp_path / "fresh", memory_profile="auto")
+    assert profile_of_checkpoint(fresh, "latest").training.memory_profile == "auto"  # nothing saved yet
+    # a run that auto started without a GPU resumes on one without profile keys appearing mid-run
+    (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "custom"\n', encoding="utf-8")
+    out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
+    assert out.training.memory_profile == "custom" and message is None and not out.training.compile

@@ -1,0 +1,119 @@
+"""The trainer's builders: compile settings for bucketed shapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from finetune.train.builders import compile_unet
+
+
+from conftest import make_tiny_unet as tiny_unet, unet_inputs
+
+
+def test_compile_keeps_kernels_with_the_caches_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves
+    compiled = compile_unet(tiny_unet(), tmp_path / "compile")
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # wrapped lazily, nothing built yet
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compile")
+    assert torch._dynamo.config.cache_size_limit >= 64  # room for one graph per bucket shape
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compile_unet(tiny_unet(), tmp_path / "compile")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.gpu
+def test_compiled_unet_matches_eager_on_two_bucket_shapes(tmp_path):
+    unet = tiny_unet().cuda()
+    compiled = compile_unet(unet, tmp_path / "compile")
+    for h, w in ((16, 24), (24, 16)):
+        x, cond = unet_inputs(unet, h, w, device="cuda")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, torch.tensor([10], device="cuda"), **cond).sample,
+                                       unet(x, torch.tensor([10], device="cuda"), **cond).sample, rtol=1e-3, atol=1e-3)
+
+
+def test_fsdp_and_the_fused_backward_are_refused_where_they_would_train_wrongly():
+    from finetune.config import TrainingConfig
+    from finetune.errors import ConfigError
+    from finetune.train.builders import check_parallelism
+
+    full = TrainingConfig(method="full")
+    check_parallelism(full, fsdp_version=2, num_processes=2, renders=False)
+    check_parallelism(TrainingConfig(method="lora"), fsdp_version=None, num_processes=2, renders=True)
+    fused = TrainingConfig(method="full", fused_backward=True)
+    check_parallelism(fused, fsdp_version=None, num_processes=1, renders=True)
+    for training, kwargs, words in (
+            (TrainingConfig(method="lora"), {}, "--multi_gpu"),
+            (full, {"fsdp_version": 1}, "--fsdp_version 2"),
+            (full, {"renders": True}, r"sample.prompts = \[\]"),
+            (TrainingConfig(method="full", ema_decay=0.99), {}, "training.ema_decay"),
+            (TrainingConfig(method="full", train_text_encoder=True), {}, "training.train_text_encoder"),
+            (fused, {"fsdp_version": None}, "training.fused_backward = false"),
+            (fused, {"fsdp_version": 2, "num_processes": 1}, "training.fused_backward = false")):
+        with pytest.raises(ConfigError, match=words):
+            check_parallelism(training, **{"fsdp_version": 2, "num_processes": 2, "renders": False, **kwargs})
+
+
+def test_compile_passes_static_shapes_and_the_mode(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: seen.update(kwargs) or model)
+    compile_unet(tiny_unet(), tmp_path / "compile", "reduce-overhead")
+    assert seen == {"dynamic": False, "mode": "reduce-overhead"}
+
+
+def test_channels_last_changes_the_layout_not_the_result():
+    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.train.builders import prepare_unet
+
+    outputs = []
+    for channels_last in (False, True):
+        unet = tiny_unet()
+        prepare_unet(unet, TrainingConfig(channels_last=channels_last), LoraConfig(rank=4))
+        conv = unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        x, cond = unet_inputs(unet)
+        with torch.no_grad():
+            outputs.append(unet(x, torch.tensor([10]), **cond).sample)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_block_learning_rates_group_the_trained_parameters_by_the_most_specific_prefix():
+    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.errors import ConfigError
+    from finetune.train.builders import prepare_unet, unet_param_groups
+
+    unet = tiny_unet()
+    prepare_unet(unet, TrainingConfig(), LoraConfig(rank=4))
+    names = {id(p): n for n, p in unet.named_parameters()}
+    groups = unet_param_groups(unet, 1e-4, {"up_blocks": 0.5, "up_blocks.1": 2.0, "mid_block": 0.0})
+    by_lr = {g["lr"]: [names[id(p)] for p in g["params"]] for g in groups}
+    assert set(by_lr) == {1e-4, 0.5e-4, 2e-4, 0.0}
+    assert all(n.startswith("up_blocks.1.") for n in by_lr[2e-4])
+    assert all(n.startswith("up_blocks.") and not n.startswith("up_blocks.1.") for n in by_lr[0.5e-4])
+    assert all(n.startswith("mid_block.") for n in by_lr[0.0])
+    assert sum(len(v) for v in by_lr.values()) == sum(p.requires_grad for p in unet.parameters())
+    with pytest.raises(ConfigError, match="'down_blocks.9'"):
+        unet_param_groups(unet, 1e-4, {"down_blocks.9": 0.5})
+
+
+def test_lora_plus_gives_the_up_matrices_of_every_group_ratio_times_its_rate():
+    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.train.builders import lora_plus_groups, prepare_unet, unet_param_groups
+
+    unet = tiny_unet()
+    prepare_unet(unet, TrainingConfig(), LoraConfig(rank=4))
+    names = {id(p): n for n, p in unet.named_parameters()}
+    groups = lora_plus_groups(unet_param_groups(unet, 1e-4, {"mid_block": 0.5}), [unet], 16.0)
+    by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert set(by_lr) == {1e-4, 16e-4, 0.5e-4, 8e-4}
+    assert all(".lora_B." in n for n in by_lr[16e-4] | by_lr[8e-4])
+    assert all(".lora_A." in n for n in by_lr[1e-4] | by_lr[0.5e-4])
+    assert all(n.startswith("mid_block.") for n in by_lr[0.5e-4] | by_lr[8e-4])
+    trained = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert set().union(*by_lr.values()) == trained and sum(len(v) for v in by_lr.values()) == len(trained)
