@@ -21,7 +21,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             # Two renames: the old folder is only removed once the new one is in place.
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -60,7 +60,8 @@ def write_text_atomic(target: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk (before the rename that publishes the folder)."""
     for path in root.rglob("*"):
         if path.is_file():
             with open(path, "rb") as fh:

@@ -67,8 +67,8 @@ def synthetic_batch(unet, batch_size: int, resolution: int, device: torch.device
 
 
 def toolkit_settings(profile: str, args):
-    """The TrainingConfig and OptimizerConfig that `finetune train` would run for this row."""
-    from finetune.config import OptimizerConfig, TrainingConfig
+    """The TrainingConfig, MemoryConfig and OptimizerConfig that `finetune train` would run for this row."""
+    from finetune.config import MemoryConfig, OptimizerConfig, TrainingConfig
     from finetune.memory.profiles import profile_settings
 
     # The full row: full fine-tuning as low_vram sets it up (fused backward, bf16 weights, 8-bit AdamW).
@@ -76,19 +76,19 @@ def toolkit_settings(profile: str, args):
     method = "full" if profile == "full" or getattr(args, "method", "lora") == "full" else "lora"
     settings = profile_settings("low_vram" if profile == "full" else profile, method)
     training = {k: v for (t, k), v in settings.items() if t == "training"}
+    memory = {k: v for (t, k), v in settings.items() if t == "memory"}
     if args.checkpointing:
-        training.update(gradient_checkpointing=args.checkpointing != "off",
-                        gradient_checkpointing_mode="full" if args.checkpointing == "off" else args.checkpointing)
+        memory.update(gradient_checkpointing=args.checkpointing != "off",
+                      checkpointing_mode="full" if args.checkpointing == "off" else args.checkpointing)
     if args.base_dtype and method == "lora":
-        training["base_dtype"] = args.base_dtype
+        memory["base_dtype"] = args.base_dtype
     if args.compile_mode:
-        training.update(compile=True, compile_mode=args.compile_mode)
+        memory.update(compile=True, compile_mode=args.compile_mode)
     if args.no_compile:
-        training["compile"] = False
-    training["channels_last"] = args.channels_last
+        memory["compile"] = False
+    memory["channels_last"] = args.channels_last
     training.update(method=method, learning_rate=1e-4, batch_size=args.batch_size)  # the command line's batch wins
-    training = TrainingConfig(**training)
-    return training, OptimizerConfig(name=settings[("optimizer", "name")])
+    return TrainingConfig(**training), MemoryConfig(**memory), OptimizerConfig(name=settings[("optimizer", "name")])
 
 
 def toolkit_step(profile: str, unet, args, device):
@@ -96,36 +96,36 @@ def toolkit_step(profile: str, unet, args, device):
     from finetune.config import LoraConfig
     from finetune.train.builders import prepare_unet
 
-    training, optim = toolkit_settings(profile, args)
+    training, memory, optim = toolkit_settings(profile, args)
     notes = []
     if device.type != "cuda" and optim.name != "adamw":
         # bitsandbytes' CPU fallback takes seconds per step: a number that says nothing about a GPU.
         notes.append(f"{optim.name} is timed on CUDA only; AdamW here")
         optim.name = "adamw"
-    if device.type != "cuda" and training.compile:
-        training.compile = False
+    if device.type != "cuda" and memory.compile:
+        memory.compile = False
         notes.append("torch.compile skipped on the CPU")
-    params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
+    params = prepare_unet(unet, training, memory, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
     unet.to(device)
-    step, _ = make_toolkit_step(unet, params, training, optim, args, device)
-    return step, "; ".join(notes) or None, row_settings(training, optim)
+    step, _ = make_toolkit_step(unet, params, training, memory, optim, args, device)
+    return step, "; ".join(notes) or None, row_settings(training, memory, optim)
 
 
-def row_settings(training, optim) -> dict:
+def row_settings(training, memory, optim) -> dict:
     """The settings a toolkit row reports."""
-    settings = {"method": training.method, "checkpointing": training.gradient_checkpointing_mode
-                if training.gradient_checkpointing else "off", "optimizer": optim.name,
-                "fused_backward": training.fused_backward, "compile": training.compile and training.compile_mode,
-                "channels_last": training.channels_last}
+    settings = {"method": training.method, "checkpointing": memory.checkpointing_mode
+                if memory.gradient_checkpointing else "off", "optimizer": optim.name,
+                "fused_backward": memory.fused_backward, "compile": memory.compile and memory.compile_mode,
+                "channels_last": memory.channels_last}
     if training.method == "full":
-        settings["weight_dtype"] = training.weight_dtype
+        settings["weight_dtype"] = memory.weight_dtype
     else:
-        settings["base_dtype"] = training.base_dtype
+        settings["base_dtype"] = memory.base_dtype
     return settings
 
 
-def make_toolkit_step(unet, params, training, optim, args, device):
-    """Run.micro_step without the data loader and the NaN guard, on a prepared UNet and its trained `params`.
+def make_toolkit_step(unet, params, training, memory, optim, args, device):
+    """Recipe.micro_step without the data loader and the NaN guard, on a prepared UNet and its trained `params`.
 
     Returns:
         (step function, the optimizer it steps)
@@ -138,14 +138,14 @@ def make_toolkit_step(unet, params, training, optim, args, device):
     from finetune.train.step import diffusion_step_loss
     from finetune.rng import step_generator
 
-    optimizer = build_training_optimizer([{"params": params}], training, optim)
-    model = compile_unet(unet, Path(args.compile_cache), training.compile_mode) if training.compile else unet
+    optimizer = build_training_optimizer([{"params": params}], training, memory, optim)
+    model = compile_unet(unet, Path(args.compile_cache), memory.compile_mode) if memory.compile else unet
     scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=False)
     loss_cfg = LossConfig()
     batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     counter = iter(range(10**9))
-    activations = saved_activations(training.gradient_checkpointing, training.gradient_checkpointing_mode, device, unet)
+    activations = saved_activations(memory.gradient_checkpointing, memory.checkpointing_mode, device, unet)
 
     def step():
         generator = step_generator(0, next(counter), 0, 0, device)
@@ -153,7 +153,7 @@ def make_toolkit_step(unet, params, training, optim, args, device):
             loss = diffusion_step_loss(model, scheduler, batch["latents"], batch["prompt_embeds"], batch["pooled"],
                                        batch["add_time_ids"], batch["loss_weight"], loss_cfg, "epsilon", generator)
         loss.backward()  # with fused_backward this is also the optimizer step
-        if not training.fused_backward:
+        if not memory.fused_backward:
             torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -335,9 +335,9 @@ def parse_args(argv=None):
     p.add_argument("--vram-gib", type=float, default=None, help="cap this process's GPU memory, like a smaller card")
     p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a test runs this)")
     p.add_argument("--checkpointing", choices=["off", "full", "transformer", "resnet", "offload"], default=None,
-                   help="override the profiles' gradient checkpointing (training.gradient_checkpointing_mode)")
+                   help="override the profiles' gradient checkpointing (memory.checkpointing_mode)")
     p.add_argument("--base-dtype", choices=["fp32", "bf16", "fp8", "nf4"], default=None,
-                   help="override the LoRA profiles' frozen base precision (training.base_dtype)")
+                   help="override the LoRA profiles' frozen base precision (memory.base_dtype)")
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], default=None,
                    help="compile every toolkit row with this torch.compile mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--trace", action="store_true", help="add a torch.profiler summary to each row (top ops, device busy share)")

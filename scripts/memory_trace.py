@@ -157,7 +157,7 @@ def optimizer_state(optimizer) -> list[torch.Tensor]:
     return [t for opt in inner for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
 
-def trace_prepared(unet, training, optim, args, fake: bool = True) -> dict:
+def trace_prepared(unet, training, memory, optim, args, fake: bool = True) -> dict:
     """Bytes and FLOPs of the training step of a UNet that `prepare_unet` set up.
 
     Args:
@@ -173,7 +173,7 @@ def trace_prepared(unet, training, optim, args, fake: bool = True) -> dict:
         params = materialize(unet) if fake else [p for p in unet.parameters() if p.requires_grad]
         roots = [*unet.parameters(), *unet.buffers()]
         step_args = SimpleNamespace(batch_size=args.batch_size, resolution=args.resolution, compile_cache=None)
-        step, optimizer = make_toolkit_step(unet, params, training, optim, step_args, torch.device("cpu"))
+        step, optimizer = make_toolkit_step(unet, params, training, memory, optim, step_args, torch.device("cpu"))
         tracker = LiveBytes()
         for tensor in roots:
             tracker.track(tensor)
@@ -194,23 +194,23 @@ def trace_row(profile: str, args) -> dict:
     from finetune.memory.profiles import estimate_run_gib
     from finetune.train.builders import prepare_unet
 
-    training, optim = toolkit_settings(profile, args)
-    settings = row_settings(training, optim)
+    training, memory, optim = toolkit_settings(profile, args)
+    settings = row_settings(training, memory, optim)
     row = {"profile": profile, **settings, "resolution": args.resolution, "batch_size": args.batch_size}
-    if training.method == "lora" and training.base_dtype == "nf4":
+    if training.method == "lora" and memory.base_dtype == "nf4":
         return {**row, "error": "an nf4 base is not traced: bitsandbytes' 4-bit kernels need real tensors"}
     notes = []
-    if training.compile:
-        training.compile = False  # the same tensors live with or without Inductor's fusions, give or take
+    if memory.compile:
+        memory.compile = False  # the same tensors live with or without Inductor's fusions, give or take
         notes.append("traced eagerly")
     if optim.name in BNB_STATES:
         optim = optim.model_copy(update={"name": "adamw"})
         notes.append(f"{settings['optimizer']} traced as AdamW, state bytes corrected")
     meta = torch.device("meta")
     unet = build_unet(args.tiny, meta)
-    params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=meta)
-    estimate = estimate_run_gib(unet, params, training, settings["optimizer"], args.resolution**2)
-    traced = trace_prepared(unet, training, optim, args)
+    params = prepare_unet(unet, training, memory, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=meta)
+    estimate = estimate_run_gib(unet, params, training, memory, settings["optimizer"], args.resolution**2)
+    traced = trace_prepared(unet, training, memory, optim, args)
     peak, state = traced["peak"], traced["state"]
     if settings["optimizer"] in BNB_STATES:
         corrected = bnb_state_bytes(traced["params"], settings["optimizer"])
@@ -234,9 +234,9 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=["lora", "full"], default="lora", help="training.method the profiles are for")
     p.add_argument("--tiny", action="store_true", help="the tiny model instead of SDXL's UNet")
     p.add_argument("--checkpointing", choices=["off", "full", "transformer", "resnet"], default=None,
-                   help="override the profiles' gradient checkpointing (training.gradient_checkpointing_mode)")
+                   help="override the profiles' gradient checkpointing (memory.checkpointing_mode)")
     p.add_argument("--base-dtype", choices=["fp32", "bf16", "fp8"], default=None,
-                   help="override the LoRA profiles' frozen base precision (training.base_dtype)")
+                   help="override the LoRA profiles' frozen base precision (memory.base_dtype)")
     args = p.parse_args(argv)
     args.resolution = args.resolution or (128 if args.tiny else 1024)
     # What benchmark.toolkit_settings reads and this script does not offer.

@@ -15,32 +15,32 @@ from finetune.errors import ConfigError
 Settings = dict[tuple[str, str], object]  # (table, key) -> value
 
 # LoRA, from least to most memory. Frozen base weights in bf16 (NF4 for min_vram) need bf16 autocast.
-_BF16 = {("training", "mixed_precision"): "bf16", ("training", "base_dtype"): "bf16"}
+_BF16 = {("training", "mixed_precision"): "bf16", ("memory", "base_dtype"): "bf16"}
 LORA_PROFILES: dict[str, Settings] = {
-    "min_vram": {**_BF16, ("training", "base_dtype"): "nf4", ("training", "gradient_checkpointing"): True,
-                 ("optimizer", "name"): "adamw8bit", ("training", "batch_size"): 1, ("training", "compile"): False},
-    "low_vram": {**_BF16, ("training", "gradient_checkpointing"): True,
-                 ("optimizer", "name"): "adamw8bit", ("training", "compile"): False},
+    "min_vram": {**_BF16, ("memory", "base_dtype"): "nf4", ("memory", "gradient_checkpointing"): True,
+                 ("optimizer", "name"): "adamw8bit", ("training", "batch_size"): 1, ("memory", "compile"): False},
+    "low_vram": {**_BF16, ("memory", "gradient_checkpointing"): True,
+                 ("optimizer", "name"): "adamw8bit", ("memory", "compile"): False},
     # Recomputing only the transformer blocks keeps 87 % of full checkpointing's saving for 80 % of its
     # recompute (scripts/memory_trace.py, SDXL 1024²: 6.4 GiB, 18.7 TFLOP a step; `full` 5.6 GiB,
     # 19.7 TFLOP; none 12.3 GiB, 14.6 TFLOP). Without any, balanced would need what fast needs.
-    "balanced": {**_BF16, ("training", "gradient_checkpointing"): True,
-                 ("training", "gradient_checkpointing_mode"): "transformer",
-                 ("optimizer", "name"): "adamw8bit", ("training", "compile"): False},
-    "fast": {**_BF16, ("training", "gradient_checkpointing"): False,
-             ("optimizer", "name"): "adamw", ("training", "compile"): True},
+    "balanced": {**_BF16, ("memory", "gradient_checkpointing"): True,
+                 ("memory", "checkpointing_mode"): "transformer",
+                 ("optimizer", "name"): "adamw8bit", ("memory", "compile"): False},
+    "fast": {**_BF16, ("memory", "gradient_checkpointing"): False,
+             ("optimizer", "name"): "adamw", ("memory", "compile"): True},
 }
 
 # Full fine-tuning of the 2.6 B UNet: below `fast`, bf16 weights rounded stochastically, 8-bit
 # AdamW state and the step fused into backward (no whole-model gradient): ~10 GB before activations.
-_FUSED_BF16 = {("training", "mixed_precision"): "bf16", ("training", "fused_backward"): True,
-               ("training", "weight_dtype"): "bf16", ("optimizer", "name"): "adamw8bit", ("training", "compile"): False}
+_FUSED_BF16 = {("training", "mixed_precision"): "bf16", ("memory", "fused_backward"): True,
+               ("memory", "weight_dtype"): "bf16", ("optimizer", "name"): "adamw8bit", ("memory", "compile"): False}
 FULL_PROFILES: dict[str, Settings] = {
-    "min_vram": {**_FUSED_BF16, ("training", "gradient_checkpointing"): True, ("training", "batch_size"): 1},
-    "low_vram": {**_FUSED_BF16, ("training", "gradient_checkpointing"): True},
-    "balanced": {**_FUSED_BF16, ("training", "gradient_checkpointing"): False},
-    "fast": {("training", "mixed_precision"): "bf16", ("training", "gradient_checkpointing"): False,
-             ("optimizer", "name"): "adamw", ("training", "compile"): True},
+    "min_vram": {**_FUSED_BF16, ("memory", "gradient_checkpointing"): True, ("training", "batch_size"): 1},
+    "low_vram": {**_FUSED_BF16, ("memory", "gradient_checkpointing"): True},
+    "balanced": {**_FUSED_BF16, ("memory", "gradient_checkpointing"): False},
+    "fast": {("training", "mixed_precision"): "bf16", ("memory", "gradient_checkpointing"): False,
+             ("optimizer", "name"): "adamw", ("memory", "compile"): True},
 }
 
 # Free GPU memory (GiB) from which `auto` picks each profile: the peak that scripts/memory_trace.py
@@ -78,7 +78,7 @@ def pick_auto(free_gib: float | None, method: str = "lora") -> tuple[str, str]:
 def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int = 1) -> tuple[object, str | None]:
     """A copy of `cfg` with its profile's settings filled in where the user set nothing.
 
-    The copy's `training.memory_profile` names the profile `auto` chose, so the resolved config saved
+    The copy's `memory.profile` names the profile `auto` chose, so the resolved config saved
     with each checkpoint records it and a resume can keep it.
 
     Returns:
@@ -87,7 +87,7 @@ def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int 
     Raises:
         ConfigError: a key the user set contradicts one the profile sets (names both).
     """
-    name = cfg.training.memory_profile
+    name = cfg.memory.profile
     if name == "custom":
         return cfg, None
     reason = "set in the config"
@@ -95,7 +95,7 @@ def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int 
         name, reason = pick_auto(free_gib if free_gib is not None else free_gpu_gib(), cfg.training.method)
     cfg = cfg.model_copy(deep=True)
     if name == "custom":  # what auto picks without a GPU: recorded, so a resume keeps it
-        cfg.training.memory_profile = name
+        cfg.memory.profile = name
         return cfg, f"memory profile auto -> custom ({reason})"
     applied = {}
     for (table, key), value in profile_settings(name, cfg.training.method).items():
@@ -104,36 +104,36 @@ def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int 
             setattr(section, key, value)
             applied[f"{table}.{key}"] = str(value)
     _soften(cfg, applied, num_processes)
-    cfg.training.memory_profile = name
+    cfg.memory.profile = name
     listed = ", ".join(f"{k}={v}" for k, v in applied.items()) or "every key already set"
     problems = cfg.cross_field_problems()
     if problems:
-        raise ConfigError(f"training.memory_profile = '{name}' sets {listed}, which the rest of the config "
-                          f"contradicts: {'; '.join(problems)}; set those keys yourself, or use memory_profile = 'custom'")
+        raise ConfigError(f"memory.profile = '{name}' sets {listed}, which the rest of the config "
+                          f"contradicts: {'; '.join(problems)}; set those keys yourself, or use memory.profile = 'custom'")
     return cfg, f"memory profile {name} ({reason}): {listed}"
 
 
 def _soften(cfg, applied: dict[str, str], num_processes: int) -> None:
     """Undo profile keys that cannot work with what the user chose, and say so in `applied`."""
-    training = cfg.training
+    training, memory = cfg.training, cfg.memory
 
     def undo(key: str, value, why: str) -> None:
-        if f"training.{key}" in applied:
-            setattr(training, key, value)
-            applied[f"training.{key}"] = f"{value} ({why})"
+        if f"memory.{key}" in applied:
+            setattr(memory, key, value)
+            applied[f"memory.{key}"] = f"{value} ({why})"
 
     if training.mixed_precision == "no":
         # bf16 or quantized weights need autocast; the user turned it off, so they stay fp32.
         undo("base_dtype", "fp32", "no autocast")
         undo("weight_dtype", "fp32", "no autocast")
-    quantized = QUANTIZED_BASE_VARIANTS.get(training.base_dtype)
+    quantized = QUANTIZED_BASE_VARIANTS.get(memory.base_dtype)
     if quantized and cfg.lora.variant not in quantized:
         undo("base_dtype", "bf16", f"lora.variant = {cfg.lora.variant} cannot train on a quantized base")
     # The config's own rules, plus what only a profile sees: EMA (bf16 weights would round it away)
     # and the launcher's process count.
     blockers = list(cfg.fused_backward_blockers())
     blockers += ["EMA"] * bool(training.ema_decay) + [f"{num_processes} processes"] * (num_processes > 1)
-    if training.fused_backward and blockers:
+    if memory.fused_backward and blockers:
         undo("fused_backward", False, f"not with {', '.join(blockers)}")
         undo("weight_dtype", "fp32", "needs the fused backward")
 
@@ -160,8 +160,8 @@ def estimate_peak_gib(num_base_params: int, num_trained_params: int, *, base_dty
     the UNet's size.
 
     Args:
-        checkpointing: None (off) or training.gradient_checkpointing_mode.
-        trained_bytes: 4 for fp32 trained weights, 2 for bf16 (training.weight_dtype).
+        checkpointing: None (off) or memory.checkpointing_mode.
+        trained_bytes: 4 for fp32 trained weights, 2 for bf16 (memory.weight_dtype).
         base_weight_bytes: the frozen weights' bytes counted on a built model (else from BASE_BYTES).
     """
     grad_bytes = 0 if fused_backward else trained_bytes
@@ -174,8 +174,8 @@ def estimate_peak_gib(num_base_params: int, num_trained_params: int, *, base_dty
     return (weights + activations) / 2**30
 
 
-def estimate_run_gib(unet, trained_params, training, optimizer: str, pixels: int) -> float:
-    """`estimate_peak_gib` for a UNet that `prepare_unet` set up, with `training`'s settings.
+def estimate_run_gib(unet, trained_params, training, memory, optimizer: str, pixels: int) -> float:
+    """`estimate_peak_gib` for a UNet that `prepare_unet` set up, with the run's settings.
 
     What `finetune train` prints before its first step, and what scripts/memory_trace.py compares
     with the traced peak.
@@ -186,8 +186,8 @@ def estimate_run_gib(unet, trained_params, training, optimizer: str, pixels: int
     total = sum(logical_numel(p) for p in unet.parameters())
     lora = training.method == "lora"
     return estimate_peak_gib(
-        total - trained if lora else 0, trained, base_dtype=training.base_dtype, optimizer=optimizer,
+        total - trained if lora else 0, trained, base_dtype=memory.base_dtype, optimizer=optimizer,
         pixels=pixels, batch_size=training.batch_size,
-        checkpointing=training.gradient_checkpointing_mode if training.gradient_checkpointing else None,
-        trained_bytes=2 if not lora and training.weight_dtype == "bf16" else 4,
-        fused_backward=training.fused_backward, base_weight_bytes=base_weight_nbytes(unet) if lora else None)
+        checkpointing=memory.checkpointing_mode if memory.gradient_checkpointing else None,
+        trained_bytes=2 if not lora and memory.weight_dtype == "bf16" else 4,
+        fused_backward=memory.fused_backward, base_weight_bytes=base_weight_nbytes(unet) if lora else None)

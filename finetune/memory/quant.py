@@ -18,15 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from finetune.adapters.inject import TRANSFORMER
-from finetune.config import QUANTIZED_BASE_VARIANTS
 from finetune.errors import ConfigError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448: each output row's largest |w| is mapped here
 # Every Linear of a Transformer2DModel: the module set of lora.targets = "attn_ff".
 QUANTIZED_LINEARS = rf".*{TRANSFORMER}"
-# The lora.variant values peft trains on each quantized base; the config refuses the others.
-ADAPTER_VARIANTS = QUANTIZED_BASE_VARIANTS
 
 
 def quantize_base_linears(unet: torch.nn.Module, kind: Literal["nf4", "fp8"],
@@ -102,7 +99,7 @@ def _bitsandbytes() -> ModuleType:
     try:
         import bitsandbytes
     except ImportError:
-        raise ConfigError('training.base_dtype = "nf4" needs bitsandbytes: pip install bitsandbytes') from None
+        raise ConfigError('memory.base_dtype = "nf4" needs bitsandbytes: pip install bitsandbytes') from None
     return bitsandbytes
 
 

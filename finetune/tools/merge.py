@@ -30,15 +30,6 @@ FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 COPY_CHUNK = 16 << 20  # bytes per read when copying an untouched tensor
 
 
-def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float, scale: float = 1.0) -> torch.Tensor:
-    """scale · (alpha / rank) · up @ down in fp32; conv LoRAs (1x1 up, kxk down) give a (out, in, kh, kw) delta."""
-    rank = down.shape[0]
-    product = up.float().flatten(1) @ down.float().flatten(1)  # (out, in·kh·kw)
-    if down.dim() == 4:
-        product = product.reshape(up.shape[0], *down.shape[1:])
-    return product * (scale * alpha / rank)
-
-
 @dataclass
 class MergeReport:
     out: Path

@@ -47,7 +47,7 @@ def make_accelerator(training, logging_cfg, output_dir: Path):
     )
 
 
-def check_parallelism(training, *, fsdp_version: int | None, num_processes: int, renders: bool) -> None:
+def check_parallelism(training, memory, *, fsdp_version: int | None, num_processes: int, renders: bool) -> None:
     """Refuse launch/config pairs that would train wrongly; `accelerate launch` decides FSDP and the count.
 
     Args:
@@ -58,9 +58,9 @@ def check_parallelism(training, *, fsdp_version: int | None, num_processes: int,
         ConfigError: naming the key or the launch flag to change.
     """
     problems = []
-    if training.fused_backward and (num_processes > 1 or fsdp_version):
-        problems.append("training.fused_backward = true steps each GPU on its own gradients before DDP/FSDP averages "
-                        "them: run one process without FSDP, or set training.fused_backward = false")
+    if memory.fused_backward and (num_processes > 1 or fsdp_version):
+        problems.append("memory.fused_backward = true steps each GPU on its own gradients before DDP/FSDP averages "
+                        "them: run one process without FSDP, or set memory.fused_backward = false")
     if fsdp_version:
         if fsdp_version != 2:
             problems.append("FSDP: launch with --fsdp_version 2 (FSDP1 flattens the parameters the optimizer holds)")
@@ -93,28 +93,28 @@ def compile_unet(unet, cache_dir: Path, mode: str = "default"):
     return torch.compile(unet, dynamic=False, mode=mode)
 
 
-def prepare_unet(unet, training, lora_cfg, device: torch.device | None = None):
+def prepare_unet(unet, training, memory, lora_cfg, device: torch.device | None = None):
     """Freeze or unfreeze the UNet, add adapters, cast; return the trainable parameters.
 
-    LoRA: base weights in `training.base_dtype` (fp8/nf4: the transformer Linears quantized, the
+    LoRA: base weights in `memory.base_dtype` (fp8/nf4: the transformer Linears quantized, the
     rest in the compute dtype), adapter weights fp32. Full: every UNet weight is
-    trained, in `training.weight_dtype` (fp32 master weights, or bf16 rounded stochastically by the
+    trained, in `memory.weight_dtype` (fp32 master weights, or bf16 rounded stochastically by the
     fused optimizer); autocast gives the bf16/fp16 speed.
     """
     unet.requires_grad_(False)
     if training.method == "lora":
         from finetune.adapters.inject import add_unet_adapter
 
-        quantized = training.base_dtype in ("fp8", "nf4")
+        quantized = memory.base_dtype in ("fp8", "nf4")
         # Under a quantized base the layers it leaves (convs, embeddings, norms) are in the compute dtype.
         compute_dtype = DTYPES["fp16" if training.mixed_precision == "fp16" else "bf16"]
-        unet.to(dtype=compute_dtype if quantized else DTYPES[training.base_dtype])
+        unet.to(dtype=compute_dtype if quantized else DTYPES[memory.base_dtype])
         if quantized:
             from finetune.memory.quant import quantize_base_linears
 
             # Before the adapters, so peft wraps the quantized layers; layer by layer onto the device,
             # so the full-precision base never sits on the GPU whole.
-            quantize_base_linears(unet, training.base_dtype, compute_dtype, device=device)
+            quantize_base_linears(unet, memory.base_dtype, compute_dtype, device=device)
         add_unet_adapter(unet, lora_cfg)
         if lora_cfg.init_from is not None:
             from finetune.adapters.load import load_adapter_weights
@@ -122,18 +122,18 @@ def prepare_unet(unet, training, lora_cfg, device: torch.device | None = None):
             load_adapter_weights(unet, None, lora_cfg.init_from)
     else:
         # fp32 master weights, or bf16 weights that the fused optimizer rounds stochastically.
-        unet.to(dtype=DTYPES[training.weight_dtype])
+        unet.to(dtype=DTYPES[memory.weight_dtype])
         unet.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
     if training.method == "lora":
         for p in params:
             p.data = p.data.float()  # adapters stay fp32 whatever the base precision
-    if training.channels_last:
+    if memory.channels_last:
         unet.to(memory_format=torch.channels_last)  # 4-D conv weights only; Linear layers are unaffected
-    if training.gradient_checkpointing:
+    if memory.gradient_checkpointing:
         from finetune.memory.activations import enable_checkpointing
 
-        enable_checkpointing(unet, training.gradient_checkpointing_mode)
+        enable_checkpointing(unet, memory.checkpointing_mode)
     unet.train()
     return params
 
@@ -175,25 +175,25 @@ def lora_plus_groups(groups: list[dict], models, ratio: float) -> list[dict]:
     return out
 
 
-def build_training_optimizer(groups: list[dict], training, optimizer_cfg) -> torch.optim.Optimizer:
-    """The configured optimizer, or with training.fused_backward one per tensor stepped inside backward.
+def build_training_optimizer(groups: list[dict], training, memory, optimizer_cfg) -> torch.optim.Optimizer:
+    """The configured optimizer, or with memory.fused_backward one per tensor stepped inside backward.
 
     Build it once the trained weights are on their device (fused AdamW, the fused backward's stand-ins).
     """
     from finetune.train.optim import build_optimizer
 
-    if not training.fused_backward:
+    if not memory.fused_backward:
         return build_optimizer(groups, optimizer_cfg, training.learning_rate)
     from finetune.memory.fused import FusedBackwardOptimizer
 
     # Each gradient is clipped (per tensor), applied and freed as soon as backward completes it.
     return FusedBackwardOptimizer(
         groups, lambda group: build_optimizer(group, optimizer_cfg, training.learning_rate),
-        max_grad_norm=training.max_grad_norm, stochastic_rounding=training.weight_dtype == "bf16",
+        max_grad_norm=training.max_grad_norm, stochastic_rounding=memory.weight_dtype == "bf16",
         seed=training.seed)
 
 
-def prepare_text_encoders(text_encoders, training, lora_cfg) -> list:
+def prepare_text_encoders(text_encoders, training, memory, lora_cfg) -> list:
     """Make both text encoders trainable (LoRA adapters, or every weight for full); return their parameters."""
     for encoder in text_encoders:
         encoder.requires_grad_(False)
@@ -208,7 +208,7 @@ def prepare_text_encoders(text_encoders, training, lora_cfg) -> list:
     for p in params:
         p.data = p.data.float()
     for encoder in text_encoders:
-        if training.gradient_checkpointing:
+        if memory.gradient_checkpointing:
             encoder.gradient_checkpointing_enable()
         encoder.train()
     return params

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import TrainConfig, dump_config, table_model
+from finetune.config import TrainConfig, dump_config, frozen_keys, migrate_moved_keys, table_model
 from finetune.errors import CheckpointError
-from finetune.io import write_text_atomic
+from finetune.io import fsync_tree, write_text_atomic
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "train_state.json"
@@ -97,7 +97,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
             # Written last: its presence marks the folder complete.
             (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
-            _fsync_files(tmp)
+            fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -135,29 +135,12 @@ def prune_checkpoints(root: Path, keep_last: int, keep_weights: str | None = Non
     return removed
 
 
-def _fsync_files(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 # --- resume --------------------------------------------------------------------------------------
-
-# Changing these between the stopped run and the resume would make "continue exactly" a lie.
-FROZEN_ON_RESUME = ("model", "dataset", "training.method", "training.batch_size",
-                    "training.gradient_accumulation_steps", "training.seed", "training.train_text_encoder",
-                    "training.base_dtype",
-                    # the optimizer state's layout, and the LRs its scheduler restores from the checkpoint
-                    "training.fused_backward", "training.weight_dtype", "training.block_lr_scale",
-                    "training.learning_rate", "training.text_encoder_lr",
-                    "lora", "optimizer.name", "loss", "cache.latent_std")
-
 
 def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ between the checkpoint's config and the current one."""
     conflicts = []
-    for key in FROZEN_ON_RESUME:
+    for key in frozen_keys():
         old, new = _get(saved, key), _get(current, key)
         if old != new:
             conflicts.extend(_diff(key, old, new))
@@ -196,10 +179,18 @@ def _default_of(dotted: str):
     return list(value) if isinstance(value, tuple) else value
 
 
-def find_resume_folder(root: Path, resume: str) -> Path | None:
-    """The checkpoint folder `--resume` names: "latest" (None when there is none yet) or a path."""
+def find_resume_folder(root: Path, resume: str) -> Path:
+    """The checkpoint folder `--resume` names: "latest" or a path.
+
+    Raises:
+        CheckpointError: there is no complete checkpoint to resume (names the folder looked in).
+    """
     if resume == "latest":
-        return latest_checkpoint(root)
+        folder = latest_checkpoint(root)
+        if folder is None:
+            raise CheckpointError(f"--resume: no complete checkpoint in {root}; start the run without --resume "
+                                  "(or point output.dir at the run to continue)")
+        return folder
     folder = Path(resume)
     if not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"{folder}: not a complete checkpoint (no {STATE_FILE}); use --resume for the latest")
@@ -226,7 +217,7 @@ def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
     Raises:
         CheckpointError: listing every difference and what to do.
     """
-    saved_cfg = tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    saved_cfg = migrate_moved_keys(tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
     problems = resume_conflicts(saved_cfg, tomllib.loads(dump_config(cfg)))
     saved = TrainState.from_file(folder / STATE_FILE)
     if saved.dataset_hash and saved.dataset_hash != state.dataset_hash:
@@ -243,14 +234,12 @@ def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
 def profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:
     """`auto` on resume keeps the profile the stopped run chose: free memory moves, the run must not."""
     folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
-    if folder is None:
-        return cfg
-    saved = tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    chosen = saved.get("training", {}).get("memory_profile", "auto")
+    saved = migrate_moved_keys(tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
+    chosen = saved.get("memory", {}).get("profile", "auto")
     if chosen == "auto":  # a checkpoint from before auto recorded its choice
         return cfg
     cfg = cfg.model_copy(deep=True)
-    cfg.training.memory_profile = chosen
+    cfg.memory.profile = chosen
     return cfg
 
 

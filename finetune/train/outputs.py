@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,21 @@ def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, 
         return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format, dtype=dtype,
                             metadata=training_metadata(cfg, state, manifest, base_name))
     return save_full_unet(path, unet, unet_state, dtype)
+
+
+@contextlib.contextmanager
+def averaged_weights(ema, params):
+    """With EMA (training.ema_decay), the trained parameters hold the average inside the block, then
+    their own values again; without it, nothing changes."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def save_full_unet(path: Path, unet, state_dict: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:

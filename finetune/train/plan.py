@@ -24,7 +24,7 @@ def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) -> 
 
     per_epoch = math.ceil(batches / cfg.training.gradient_accumulation_steps)
     trained = sum(p.numel() for p in params)
-    estimate = estimate_run_gib(unet, params, cfg.training, cfg.optimizer.name, cfg.dataset.resolution**2)
+    estimate = estimate_run_gib(unet, params, cfg.training, cfg.memory, cfg.optimizer.name, cfg.dataset.resolution**2)
     free = free_gpu_gib()
     if free is not None:
         warning = f"  WARNING: more than the {free:.1f} GiB free on the GPU" if estimate > free else ""

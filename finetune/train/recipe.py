@@ -1,17 +1,47 @@
-"""The training recipe for SDXL: setup -> loop -> finish, LoRA or full fine-tuning, resumable."""
+"""The training recipe for SDXL, read top to bottom: setup -> loop -> finish, LoRA or full, resumable.
+
+`train(cfg)` is the whole run. `Recipe.setup` builds each part in the order the next one needs it;
+`Recipe.train_loop` runs optimizer steps, each one `gradient_accumulation_steps` micro-steps under
+`accelerator.accumulate`; `Recipe.finish` writes the last checkpoint and the usable weights. The step's
+math lives in small pure functions (`step.py`, `loss.py`); everything a resume needs is `TrainState`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType, set_seed
 
+from bucketing.manifest import load_manifest
+from finetune.cache.prepare import prepare_caches, release
 from finetune.config import TrainConfig, dump_config
+from finetune.dataset import build_dataset, dataset_hash
 from finetune.errors import FinetuneError
 from finetune.io import write_text_atomic
+from finetune.memory.activations import saved_activations
+from finetune.memory.profiles import apply_memory_profile
+from finetune.models.load import load_models
+from finetune.models.text import encode_prompts
+from finetune.train import builders
+from finetune.train import checkpoint as ckpt
+from finetune.train.batches import TrainDataset, build_dataloader
+from finetune.train.logs import RunLog
+from finetune.train.loss import make_noise_scheduler, resolve_prediction_type, timestep_range
+from finetune.train.optim import build_lr_scheduler
+from finetune.train.outputs import averaged_weights, save_trained_weights
+from finetune.train.plan import flat_config, print_plan
+from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
+from finetune.train.validation import split_rows, validation_loss
+from finetune.rng import step_generator
 
 log = logging.getLogger("finetune")
 
@@ -20,7 +50,7 @@ log = logging.getLogger("finetune")
 class TrainResult:
     output_path: Path  # the final adapter (LoRA) or UNet (full) .safetensors
     step: int
-    losses: list[float] = field(default_factory=list)  # one per optimizer step on this process
+    losses: list[float] = field(default_factory=list)  # one per optimizer step of this session, this process
     checkpoint: Path | None = None
     manifest_dir: Path | None = None
     log_dir: Path | None = None
@@ -43,68 +73,488 @@ class StopFlag:
         if self.requested:  # a second Ctrl-C stops at once; the last complete checkpoint stays
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("stop requested: saving a checkpoint after this step (Ctrl-C again to abort)")
+        # On its own line: the progress bar's line has no newline yet.
+        print("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
-    """Run training as `cfg` says; `resume` is None, "latest" or a checkpoint folder."""
-    from finetune.train.checkpoint import check_fresh_start
-    from finetune.train.run import Run
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
+          step_loss: Callable = diffusion_step_loss) -> TrainResult:
+    """Run training as `cfg` says; `resume` is None, "latest" or a checkpoint folder.
 
+    `step_loss` is the loss of one micro-batch (`step.diffusion_step_loss`; tests wrap it).
+    """
     if resume is None:
-        check_fresh_start(cfg.output.checkpoints_dir)  # before minutes of scanning and caching
-    run = Run.setup(cfg, progress=progress, resume=resume)  # accelerator, manifest, models, caches, optimizer, loader
-    start = run.resume(resume) if resume else None
+        ckpt.check_fresh_start(cfg.output.checkpoints_dir)  # before minutes of scanning and caching
+    recipe = Recipe(cfg, progress=progress, step_loss=step_loss)
     try:
+        recipe.setup(resume)
         with StopFlag() as stop:
-            interrupted = _loop(run, stop)
+            interrupted = recipe.train_loop(stop)
+        return recipe.finish(interrupted)
     except torch.OutOfMemoryError:
-        raise FinetuneError(
-            "out of GPU memory: lower training.batch_size, set training.gradient_checkpointing = true, "
-            "training.base_dtype = 'bf16', optimizer.name = 'adamw8bit', or memory_profile = 'low_vram'"
-        ) from None
-    return run.finish(interrupted=interrupted, resumed_from=start)
+        recipe.fail("out of GPU memory")
+        raise FinetuneError(out_of_memory_message(recipe.phase)) from None
+    except BaseException as err:
+        recipe.fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise
 
 
-def _loop(run, stop: StopFlag) -> bool:
-    """Optimizer steps until max_steps (or a stop request). Returns True if stopped early."""
-    cfg, state, accelerator = run.cfg, run.state, run.accelerator
-    bar = run.progress_bar()
-    nan_in_a_row = 0
-    while state.step < cfg.training.max_steps:
-        run.start_epoch()
-        for batch in run.loader:
-            state.batch_in_epoch += 1
-            with accelerator.accumulate(*run.trained_models):
-                loss = run.micro_step(batch)
-            if not accelerator.sync_gradients:
-                continue
-            if loss is None:  # non-finite on some process: the step was skipped
-                nan_in_a_row += 1
-                state.nan_steps_skipped += 1
-                if nan_in_a_row >= cfg.training.max_nan_steps:
-                    raise FinetuneError(
-                        f"loss was NaN/inf {nan_in_a_row} steps in a row at step {state.step}; stopped. "
-                        f"The last good checkpoint is in {cfg.output.checkpoints_dir}: lower "
-                        "training.learning_rate or use training.mixed_precision = 'bf16' and resume"
-                    )
-                continue
-            nan_in_a_row = 0
-            state.step += 1
-            run.after_step(loss, bar)
-            if state.step >= cfg.training.max_steps or stop.requested:
-                break
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-        if stop.requested:
-            run.save_checkpoint()
+def out_of_memory_message(phase: str) -> str:
+    if phase == "caching":
+        return ("out of GPU memory while building the caches: lower cache.batch_size (1 fits any card), "
+                "then run the same command again; finished cache shards are kept")
+    return ("out of GPU memory: lower training.batch_size, set memory.gradient_checkpointing = true, "
+            "memory.base_dtype = 'bf16' (or 'fp8'), optimizer.name = 'adamw8bit', or memory.profile = 'low_vram'; "
+            "then rerun with --resume")
+
+
+class Recipe:
+    """One run: its parts, built in `setup`, and its progress. Every field is declared here."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, step_loss: Callable = diffusion_step_loss):
+        self.cfg = cfg  # re-bound in setup once the memory profile and max_epochs have filled it in
+        self.progress = progress
+        self.step_loss = step_loss
+        self.phase = "setup"  # setup, caching, training: what an out-of-memory message speaks of
+        # Built by setup(), in order.
+        self.accelerator = None
+        self.manifest = None  # the training rows (validation rows held out)
+        self.models = None  # SDXLModels: tokenizers, text encoders, VAE, UNet, noise scheduler
+        self.text_encode: Callable | None = None  # captions -> (prompt_embeds, pooled) when not cached
+        self.noise_scheduler = None
+        self.prediction_type = ""
+        self.dataset: TrainDataset | None = None
+        self.val_dataset: TrainDataset | None = None
+        self.loader = self.sampler = None
+        self.unet = None  # the UNet as Accelerate prepared it (DDP/FSDP/compile wrappers)
+        self.optimizer = self.lr_scheduler = None
+        self.params: list[torch.nn.Parameter] = []  # exactly what the optimizer steps (FSDP: the shards)
+        self.trained_models: list = []  # `accumulate` must skip gradient sync on each of them
+        self.activations = contextlib.nullcontext()  # saved-activation hooks, re-entered by each forward
+        self.fused = None  # the optimizer, when it steps inside backward (memory.fused_backward)
+        self.fsdp = False
+        self.ema = None  # diffusers EMAModel of self.params (training.ema_decay)
+        self.norm_bounded: list = []  # lora.max_norm: the LoRA layers it bounds, found once
+        self.log: RunLog | None = None
+        # Progress. TrainState is what a checkpoint saves; the rest is this session's.
+        self.state = ckpt.TrainState()
+        self.losses: list[torch.Tensor] = []  # mean loss of each optimizer step, left on the device
+        self.window_losses: list[torch.Tensor] = []  # the micro-batch losses of the current step
+        self.nan_in_a_row = 0
+        self.grad_norm: torch.Tensor | None = None
+        self.norms_scaled: torch.Tensor | None = None
+        self.largest_norm: torch.Tensor | None = None
+        self.epochs_done = 0  # whole passes over the data when the last optimizer step ended
+        self.rendered_step: int | None = None
+        self.last_checkpoint: Path | None = None
+        self.started = time.time()
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def setup(self, resume: str | None = None) -> Recipe:
+        """Build the run; each step needs what the step before it made."""
+        cfg = self.cfg
+        if resume and cfg.memory.profile == "auto":
+            cfg = ckpt.profile_of_checkpoint(cfg, resume)  # free memory moves; the run's profile must not
+        # The launcher's process count before the accelerator exists: the profile decides the mixed
+        # precision the accelerator is built with.
+        cfg, profile_message = apply_memory_profile(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+        self.cfg = cfg
+        self.accelerator = acc = builders.make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
+        set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
+        acc.print(f"processes: {acc.num_processes} ({acc.device}, {acc.distributed_type.value}), "
+                  f"mixed precision: {cfg.training.mixed_precision}")
+        if profile_message:
+            acc.print(profile_message)
+        self._setup_manifest()
+        latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
+        self._setup_data(latents, text)  # needs the cache lookups
+        self._set_length()  # max_epochs needs the batch count; the LR schedule needs the length
+        self._setup_optimization()  # needs the models; the LR schedule needs the optimizer
+        if resume:
+            self._resume(resume)
+        self._setup_logging()
+        print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.params, self.models.unet)
+        return self
+
+    def _setup_manifest(self) -> None:
+        """The main process scans and writes the manifest; the others read what it wrote."""
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            info = build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
+            acc.print(info.report_text)
+            write_resolved_config(cfg)
+        acc.wait_for_everyone()
+        self.manifest = load_manifest(cfg.output.manifest_dir)
+
+    def _setup_models(self):
+        """Load SDXL, build the caches, and keep on the GPU only what training still needs."""
+        cfg, acc = self.cfg, self.accelerator
+        self.models = models = load_models(cfg.model, dtype=torch.float32)
+        # Before the caches are built (minutes), not at the first step.
+        timestep_range(models.noise_scheduler.config.num_train_timesteps, cfg.loss.min_timestep, cfg.loss.max_timestep)
+        self.phase = "caching"
+        latents, text, _ = prepare_caches(cfg, self.manifest, models, acc, progress=self.progress)
+        self.phase = "setup"
+        # With both caches, the VAE and text encoders leave the GPU: only the UNet trains there.
+        release(models.vae if latents else None, *(models.text_encoders if text else ()))
+        if latents is None:
+            models.vae.to(acc.device, dtype=torch.float32)
+        if text is None:
+            for encoder in models.text_encoders:
+                encoder.to(acc.device)
+        self.text_encode = lambda captions: encode_prompts(
+            list(captions), models.tokenizers, tuple(models.text_encoders), cfg.dataset.long_captions)
+        self.noise_scheduler = make_noise_scheduler(dict(models.noise_scheduler.config), cfg.loss.zero_terminal_snr)
+        self.prediction_type = resolve_prediction_type(cfg.loss.prediction_type, self.noise_scheduler)
+        return latents, text
+
+    def _setup_data(self, latents, text) -> None:
+        """Train/validation split, datasets, the bucket loader, and the resume state."""
+        cfg, acc = self.cfg, self.accelerator
+        # Held-out rows (validation.split) get their own dataset; the sampler never sees them.
+        full = self.manifest
+        train_rows, val_rows = split_rows(list(full["fingerprint"]), cfg.validation.split, cfg.training.seed)
+        self.manifest = full.select(train_rows) if val_rows else full
+
+        def dataset_for(rows):
+            return TrainDataset(full.select(rows), cfg.dataset, seed=cfg.training.seed,
+                                prior_loss_weight=cfg.loss.prior_loss_weight, masked=cfg.loss.masked,
+                                latents=latents.subset(rows) if latents else None, text=text)
+
+        self.dataset = dataset_for(train_rows)
+        self.val_dataset = dataset_for(val_rows) if val_rows else None
+        self.loader, self.sampler = build_dataloader(
+            self.dataset, self.manifest, cfg.dataset, batch_size=cfg.training.batch_size,
+            seed=cfg.training.seed, num_replicas=acc.num_processes, rank=acc.process_index)
+        self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
+                                     dataset_hash=dataset_hash(self.manifest))
+
+    def _set_length(self) -> None:
+        """training.max_epochs, when set, becomes max_steps: the loop and the LR schedule count steps."""
+        training = self.cfg.training
+        if training.max_epochs is None:
+            return
+        batches, accumulation = len(self.loader), training.gradient_accumulation_steps
+        steps = max(1, math.ceil(training.max_epochs * batches / accumulation))
+        self.cfg = self.cfg.model_copy(deep=True)
+        self.cfg.training.max_steps = steps
+        self.accelerator.print(f"training.max_epochs = {training.max_epochs}: {steps} optimizer steps "
+                               f"({batches} batches per epoch per process, accumulation {accumulation}); "
+                               "it replaces training.max_steps")
+
+    def _setup_optimization(self) -> None:
+        """Adapters (or full weights), optimizer, LR schedule, EMA; then Accelerate wraps them."""
+        cfg, acc, models = self.cfg, self.accelerator, self.models
+        training, memory = cfg.training, cfg.memory
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
+        builders.check_parallelism(training, memory, fsdp_version=acc.state.fsdp_plugin.fsdp_version if self.fsdp else None,
+                                   num_processes=acc.num_processes,
+                                   renders=bool(cfg.sample.prompts) or cfg.validation.split > 0)
+        builders.prepare_unet(models.unet, training, memory, cfg.lora, device=None if self.fsdp else acc.device)
+        groups = builders.unet_param_groups(models.unet, training.learning_rate, training.block_lr_scale)
+        te_params = []
+        if training.train_text_encoder:
+            te_params = builders.prepare_text_encoders(models.text_encoders, training, memory, cfg.lora)
+            groups.append({"params": te_params, "lr": training.text_encoder_lr or training.learning_rate})
+        if cfg.lora.plus_ratio and training.method == "lora":
+            groups = builders.lora_plus_groups(groups, [models.unet, *models.text_encoders], cfg.lora.plus_ratio)
+        if not self.fsdp:
+            # On the device before the optimizer: AdamW picks its fused CUDA kernel there, and the fused
+            # backward's fp32 stand-ins sit beside their weights. (FSDP places the shards itself.)
+            models.unet.to(acc.device)
+        optimizer = builders.build_training_optimizer(groups, training, memory, cfg.optimizer)
+        self.fused = optimizer if memory.fused_backward else None
+        # We step the LR scheduler once per optimizer step ourselves; `prepare` would step it once
+        # per process. Registered, it is still saved and restored with the Accelerate state.
+        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, training.max_steps)
+        unet = models.unet
+        if memory.compile and acc.device.type == "cuda":
+            unet = builders.compile_unet(unet, cfg.cache_dir / "compile", memory.compile_mode)
+        elif memory.compile:
+            acc.print("memory.compile is CUDA-only: running eagerly on the CPU")
+        self.unet, self.optimizer = acc.prepare(unet, optimizer)
+        # FSDP swaps each UNet parameter for its shard: clipping and EMA must see what the optimizer steps.
+        self.params = [p for p in self.unet.parameters() if p.requires_grad] + te_params
+        self.activations = saved_activations(memory.gradient_checkpointing, memory.checkpointing_mode,
+                                             acc.device, self.unet)
+        self.trained_models = [self.unet]
+        if training.train_text_encoder:
+            models.text_encoder, models.text_encoder_2 = acc.prepare(models.text_encoder, models.text_encoder_2)
+            self.trained_models += [models.text_encoder, models.text_encoder_2]
+        acc.register_for_checkpointing(self.lr_scheduler)
+        if training.ema_decay:
+            from diffusers.training_utils import EMAModel  # diffusers' training utils, only with EMA
+
+            # The EMA copy lives beside the trained weights and is saved/restored with them.
+            self.ema = EMAModel(self.params, decay=training.ema_decay)
+            acc.register_for_checkpointing(self.ema)
+        if not self.fsdp:  # FSDP saves its shards itself; a full fine-tune trains every weight anyway
+            ckpt.register_trainable_only_hooks(acc)
+        if cfg.lora.max_norm and training.method == "lora":
+            from finetune.adapters.save import lora_layers
+
+            bounded = [self.bare_unet(), *(models.text_encoders if training.train_text_encoder else ())]
+            self.norm_bounded = [layer for model in bounded for _, layer in lora_layers(model)]
+
+    def _resume(self, resume: str) -> None:
+        """Load the checkpoint's Accelerate state and TrainState (the config was checked against it)."""
+        folder = ckpt.find_resume_folder(self.cfg.output.checkpoints_dir, resume)
+        ckpt.check_resumable(folder, self.cfg, self.state)
+        self.accelerator.load_state(str(folder))
+        saved = ckpt.TrainState.from_file(folder / ckpt.STATE_FILE)
+        self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
+        self.state.images_seen, self.state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
+        self.last_checkpoint = folder
+        self.epochs_done = self.epochs_completed()
+        self.accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
+
+    def _setup_logging(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        trackers = cfg.logging.report_to != "none"
+        if trackers and acc.is_main_process:
+            # wandb writes beside TensorBoard's events (logs/), not into the shell's current folder.
+            (cfg.output.dir / "logs").mkdir(parents=True, exist_ok=True)
+            acc.init_trackers(cfg.logging.project, config=flat_config(cfg.model_dump(mode="json")),
+                              init_kwargs={"wandb": {"dir": str(cfg.output.dir / "logs")}})
+        self.log = RunLog(cfg.output.dir, acc, trackers=trackers, max_steps=cfg.training.max_steps)
+        self.log.start(self.state.step)
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def train_loop(self, stop: StopFlag) -> bool:
+        """Optimizer steps until max_steps (or a stop request). Returns True if stopped early."""
+        cfg, state, acc = self.cfg, self.state, self.accelerator
+        self.phase = "training"
+        bar = self.progress_bar()
+        while state.step < cfg.training.max_steps:
+            self.start_epoch()
+            for batch in self.loader:
+                state.batch_in_epoch += 1
+                with acc.accumulate(*self.trained_models):
+                    self.micro_step(batch)
+                    stepped = self.optimizer_step() if acc.sync_gradients else None
+                if stepped is None:  # inside an accumulation window
+                    continue
+                if stepped:
+                    state.step += 1
+                    self.after_step(bar)
+                if state.step >= cfg.training.max_steps or stop.requested:
+                    break
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            if stop.requested:
+                self.save_checkpoint()
+                return True
+        return False
+
+    def start_epoch(self) -> None:
+        self.dataset.set_epoch(self.state.epoch)
+        self.sampler.set_epoch(self.state.epoch)
+        self.sampler.load_state_dict({"epoch": self.state.epoch, "batch_index": self.state.batch_in_epoch})
+
+    def micro_step(self, batch: dict) -> None:
+        """Forward and backward of one micro-batch; its loss joins the window's. No host sync here."""
+        acc = self.accelerator
+        # Keyed by the micro-batch's place in the data order, which a resume restores exactly.
+        generator = step_generator(self.cfg.training.seed, self.state.epoch, self.state.batch_in_epoch,
+                                   acc.process_index, acc.device)
+        batch = {k: v.to(acc.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        latents = batch_latents(batch, self.models.vae, generator)  # (B, 4, H/8, W/8)
+        prompt_embeds, pooled = batch_text(batch, self.text_encode)
+        with acc.autocast(), self.activations:
+            loss = self.step_loss(
+                # Cached embeddings are stored fp16; compute starts in fp32 and autocast takes it from there.
+                self.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device, torch.float32),
+                pooled.to(acc.device, torch.float32), batch["add_time_ids"], batch["loss_weight"], self.cfg.loss,
+                self.prediction_type, generator, mask=batch.get("mask"))
+        self.window_losses.append(loss.detach())
+        if self.fused is not None and not self._losses_finite():
+            return  # the fused backward would apply NaN updates as it goes: skip it (one micro-step per step)
+        acc.backward(loss)  # with memory.fused_backward this also steps the optimizer, tensor by tensor
+        self.state.images_seen += len(batch["add_time_ids"]) * acc.num_processes
+
+    def optimizer_step(self) -> bool:
+        """At the end of an accumulation window: step if the window's losses and gradients are finite.
+
+        The NaN policy lives here: a non-finite loss in any micro-batch of the window, or non-finite
+        gradients, skip the whole step (the gradients are dropped, the weights untouched) and count
+        toward training.max_nan_steps. Every process reaches the same decision.
+        """
+        finite = self._losses_finite() and self._gradients_finite()
+        if finite:
+            self.optimizer.step()
+            if self.norm_bounded:
+                from finetune.adapters.norms import clamp_lora_norms
+
+                # The same on every process: the weights it reads are the synced, stepped ones.
+                self.norms_scaled, self.largest_norm = clamp_lora_norms(self.norm_bounded, self.cfg.lora.max_norm)
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
+        self.optimizer.zero_grad(set_to_none=True)
+        window, self.window_losses = self.window_losses, []
+        if finite:
+            self.nan_in_a_row = 0
+            self.losses.append(torch.stack(window).mean())
             return True
-    return False
+        self.nan_in_a_row += 1
+        self.state.nan_steps_skipped += 1
+        if self.nan_in_a_row >= self.cfg.training.max_nan_steps:
+            raise FinetuneError(
+                f"loss was NaN/inf {self.nan_in_a_row} steps in a row at step {self.state.step}; stopped. "
+                f"The last good checkpoint is in {self.cfg.output.checkpoints_dir}: lower "
+                "training.learning_rate or use training.mixed_precision = 'bf16' and resume")
+        return False
+
+    def _losses_finite(self) -> bool:
+        # One host sync per optimizer step; gathered so that DDP processes skip together.
+        finite = torch.isfinite(torch.stack(self.window_losses)).all().float().reshape(1)
+        return bool(self.accelerator.gather(finite).min() > 0)
+
+    def _gradients_finite(self) -> bool:
+        """Clip and say whether the gradients are finite (fp16's loss scaler skips overflows itself)."""
+        acc, max_norm = self.accelerator, self.cfg.training.max_grad_norm
+        if self.fused is not None:
+            self.grad_norm = self.fused.pop_grad_norm()  # clipped per tensor inside backward
+            return not self.fused.pop_nonfinite()
+        if max_norm > 0:
+            self.grad_norm = acc.clip_grad_norm_(self.params, max_norm)  # the synced gradients
+        else:
+            self.grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None]))
+        return acc.scaler is not None or bool(torch.isfinite(self.grad_norm))
+
+    def epochs_completed(self) -> int:
+        """Whole passes over the data: an epoch's last batch completes it before the loop moves on."""
+        return self.state.epoch + (self.state.batch_in_epoch >= len(self.loader))
+
+    def after_step(self, bar) -> None:
+        """Log, sample, validate and checkpoint on their cadences (every N steps, and every N epochs)."""
+        cfg, state = self.cfg, self.state
+        before, self.epochs_done = self.epochs_done, self.epochs_completed()
+
+        def epoch_due(every: int | None) -> bool:  # this step completed the Nth epoch since the last output
+            return bool(every) and self.epochs_done // every > before // every
+
+        logging_step = state.step == 1 or state.step % cfg.logging.every_n_steps == 0
+        if bar is not None:
+            bar.update(1)
+        if logging_step:
+            metrics = self._metrics()  # the host sync of `.item()`, only on logging steps
+            self.log.log(state.step, state.epoch, metrics)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+        every = cfg.sample.every_n_steps
+        if cfg.sample.prompts and (every and state.step % every == 0 or epoch_due(cfg.sample.every_n_epochs)):
+            self.render_samples()
+        if self.val_dataset is not None and state.step % cfg.validation.every_n_steps == 0:
+            self.log_validation_loss()
+        on_cadence = state.step % cfg.checkpoint.every_n_steps == 0 or epoch_due(cfg.checkpoint.every_n_epochs)
+        if on_cadence and state.step < cfg.training.max_steps:  # the last step's checkpoint is finish()'s
+            self.save_checkpoint()
+
+    def _metrics(self) -> dict[str, float]:
+        metrics = {"loss": float(self.losses[-1]), "lr": self.lr_scheduler.get_last_lr()[0],
+                   "images_per_s": self.state.images_seen / max(time.time() - self.started, 1e-6)}
+        if self.grad_norm is not None:
+            metrics["grad_norm"] = float(self.grad_norm)
+        if self.largest_norm is not None:  # lora.max_norm: what kohya logs beside the loss
+            metrics["keys_scaled"], metrics["max_norm"] = int(self.norms_scaled), float(self.largest_norm)
+        if torch.cuda.is_available():
+            metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
+
+    def log_validation_loss(self) -> float | None:
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return None
+        value = validation_loss(self.bare_unet(), self.val_dataset, self.cfg.validation.timesteps,
+                                self.noise_scheduler, self.prediction_type, vae=self.models.vae,
+                                text_encode=self.text_encode, device=acc.device, seed=self.cfg.training.seed)
+        acc.print(f"step {self.state.step}: validation loss {value:.5f}")
+        self.log.log(self.state.step, self.state.epoch, {"val_loss": value})
+        return value
+
+    # --- outputs ---------------------------------------------------------------------------------
+
+    def bare_unet(self):
+        """The UNet without DDP's or torch.compile's wrapper: its own names and config, eager forward."""
+        return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
+
+    def write_weights(self, path: Path, unet_state: dict | None = None) -> Path:
+        """The usable file: the LoRA in the configured format, or the full UNet (SGM keys).
+
+        With EMA it holds the averaged weights; training continues on its own. `unet_state`: the
+        whole UNet gathered from FSDP shards.
+        """
+        acc = self.accelerator
+        encoders = None
+        if self.cfg.training.train_text_encoder:
+            encoders = tuple(acc.unwrap_model(e) for e in self.models.text_encoders)
+        with averaged_weights(self.ema, self.params):
+            return save_trained_weights(path, self.bare_unet(), encoders, self.cfg, self.state, self.manifest,
+                                        self.models.name, unet_state=unet_state)
+
+    def save_checkpoint(self, unet_state: dict | None = None) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        if unet_state is None and self.fsdp:
+            unet_state = acc.get_state_dict(self.unet)  # every process must join the gather
+        folder = ckpt.save_checkpoint(
+            acc, cfg.output.checkpoints_dir, self.state, dump_config(cfg),
+            lambda tmp: self.write_weights(tmp / f"{cfg.output.name}.safetensors", unet_state))
+        if acc.is_main_process:
+            ckpt.prune_checkpoints(cfg.output.checkpoints_dir, cfg.checkpoint.keep_last,
+                                   keep_weights=cfg.output.adapter_path.name if cfg.checkpoint.keep_weights else None)
+        self.last_checkpoint = folder
+        return folder
+
+    def render_samples(self) -> list[Path]:
+        from finetune.tools.sample import log_sample_grids, render_training_samples  # pipelines: only when sampling
+
+        acc, cfg = self.accelerator, self.cfg
+        if not acc.is_main_process:
+            return []
+        paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device)
+        self.rendered_step = self.state.step
+        if cfg.logging.report_to != "none":
+            log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
+        return paths
+
+    def progress_bar(self):
+        if not (self.progress and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.training.max_steps, initial=self.state.step, desc="train", unit="step")
+
+    def finish(self, interrupted: bool) -> TrainResult:
+        cfg, acc = self.cfg, self.accelerator
+        if not interrupted:
+            unet_state = acc.get_state_dict(self.unet) if self.fsdp else None  # one gather for both files
+            self.save_checkpoint(unet_state)
+            if acc.is_main_process:
+                self.write_weights(cfg.output.adapter_path, unet_state)
+                if cfg.sample.prompts and self.rendered_step != self.state.step:  # else after_step did
+                    self.render_samples()
+        acc.wait_for_everyone()
+        acc.end_training()
+        self.log.status("stopped" if interrupted else "finished", self.state.step)
+        losses = torch.stack(self.losses).tolist() if self.losses else []
+        return TrainResult(output_path=cfg.output.adapter_path, step=self.state.step, losses=losses,
+                           checkpoint=self.last_checkpoint, manifest_dir=cfg.output.manifest_dir,
+                           log_dir=cfg.output.dir / "logs", interrupted=interrupted)
+
+    def fail(self, error: str) -> None:
+        """Record a failure in status.json, when the run got far enough to have one."""
+        if self.log is not None:
+            with contextlib.suppress(OSError):
+                self.log.status("failed", self.state.step, error)
 
 
 def write_resolved_config(cfg: TrainConfig) -> Path:

@@ -96,15 +96,15 @@ def test_random_crop_excludes_the_latent_cache(project):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["training.fused_backward=true"], "training.method = 'full'"),
-    (["training.method=full", "training.fused_backward=true", "training.gradient_accumulation_steps=2"],
+    (["memory.fused_backward=true"], "training.method = 'full'"),
+    (["training.method=full", "memory.fused_backward=true", "training.gradient_accumulation_steps=2"],
      "gradient_accumulation_steps = 1"),
-    (["training.method=full", "training.fused_backward=true", "training.mixed_precision=fp16"], "'bf16'"),
-    (["training.method=full", "training.fused_backward=true", "optimizer.name=prodigy"], "adamw8bit"),
-    (["training.method=full", "training.weight_dtype=bf16"], "training.fused_backward = true"),
-    (["training.method=full", "training.fused_backward=true", "training.weight_dtype=bf16", "training.ema_decay=0.99"],
+    (["training.method=full", "memory.fused_backward=true", "training.mixed_precision=fp16"], "'bf16'"),
+    (["training.method=full", "memory.fused_backward=true", "optimizer.name=prodigy"], "adamw8bit"),
+    (["training.method=full", "memory.weight_dtype=bf16"], "memory.fused_backward = true"),
+    (["training.method=full", "memory.fused_backward=true", "memory.weight_dtype=bf16", "training.ema_decay=0.99"],
      "unset training.ema_decay"),
-    (["training.method=full", "training.fused_backward=true", "training.weight_dtype=bf16",
+    (["training.method=full", "memory.fused_backward=true", "memory.weight_dtype=bf16",
       "training.mixed_precision=no"], "training.mixed_precision = 'bf16'"),
 ])
 def test_fused_backward_and_bf16_weights_refuse_what_they_cannot_do(project, overrides, words):
@@ -112,9 +112,9 @@ def test_fused_backward_and_bf16_weights_refuse_what_they_cannot_do(project, ove
 
 
 def test_fused_backward_with_bf16_weights_is_accepted_for_full_fine_tuning(project):
-    cfg = load_config(write(project, MINIMAL), ["training.method=full", "training.fused_backward=true",
-                                                "training.weight_dtype=bf16", "optimizer.name=adamw8bit"])
-    assert cfg.training.fused_backward and cfg.training.weight_dtype == "bf16"
+    cfg = load_config(write(project, MINIMAL), ["training.method=full", "memory.fused_backward=true",
+                                                "memory.weight_dtype=bf16", "optimizer.name=adamw8bit"])
+    assert cfg.memory.fused_backward and cfg.memory.weight_dtype == "bf16"
 
 
 def test_lora_plus_needs_a_variant_with_up_matrices(project):

@@ -66,12 +66,12 @@ def test_fake_trace_counts_what_real_tensors_hold(profile, checkpointing):
     args = _args(checkpointing=checkpointing)
     traced = {}
     for fake in (True, False):
-        training, optim = toolkit_settings(profile, args)
+        training, memory, optim = toolkit_settings(profile, args)
         optim.name = "adamw"  # bitsandbytes cannot run on fake tensors (the script corrects its state bytes)
         device = torch.device("meta" if fake else "cpu")
         unet = build_unet(tiny=True, device=device)
-        prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
-        traced[fake] = memory_trace.trace_prepared(unet, training, optim, args, fake=fake)
+        prepare_unet(unet, training, memory, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
+        traced[fake] = memory_trace.trace_prepared(unet, training, memory, optim, args, fake=fake)
     fake, real = traced[True], traced[False]
     assert fake["weights"] == real["weights"] and fake["state"] == real["state"] and fake["flops"] == real["flops"]
     assert fake["peak"] == pytest.approx(real["peak"], rel=0.01)
@@ -121,14 +121,14 @@ def test_trace_matches_what_the_cuda_allocator_holds(profile):
     args = _args(resolution=512, batch_size=4, compile_cache=None)
     peaks = {}
     for device in (torch.device("cuda"), torch.device("meta")):
-        training, optim = toolkit_settings(profile, args)
+        training, memory, optim = toolkit_settings(profile, args)
         optim.name = "adamw"  # as the trace runs it (it corrects bitsandbytes' state bytes afterwards)
         unet = build_unet(tiny=True, device=device)
-        params = prepare_unet(unet, training, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
+        params = prepare_unet(unet, training, memory, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
         if device.type == "meta":
-            peaks["traced"] = memory_trace.trace_prepared(unet, training, optim, args)["peak"]
+            peaks["traced"] = memory_trace.trace_prepared(unet, training, memory, optim, args)["peak"]
             continue
-        step, _ = make_toolkit_step(unet, params, training, optim, args, device)
+        step, _ = make_toolkit_step(unet, params, training, memory, optim, args, device)
         step()  # the optimizer state exists from here on, as in the trace's second step
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -6,22 +6,27 @@ from finetune.config import validate_config
 from finetune.memory.profiles import apply_memory_profile, estimate_peak_gib, pick_auto
 
 
-def config(tmp_path, **training):
+def config(tmp_path, **keys):
+    """A config with `keys` in their tables ([memory] or [training]); the profile is custom unless given."""
+    from finetune.config import MemoryConfig
+
     (tmp_path / "m").mkdir(exist_ok=True)
     (tmp_path / "i").mkdir(exist_ok=True)
+    memory = {"profile": "custom", **{k: v for k, v in keys.items() if k in MemoryConfig.model_fields}}
+    training = {k: v for k, v in keys.items() if k not in MemoryConfig.model_fields}
     raw = {"model": {"pretrained": "m"}, "dataset": {"resolution": 256, "subsets": [{"folder": "i"}]},
-           "training": training}
+           "training": training, "memory": memory}
     return validate_config(raw, base_dir=tmp_path)
 
 
 def test_profile_fills_unset_keys_and_keeps_the_users(tmp_path):
-    cfg = config(tmp_path, memory_profile="low_vram", base_dtype="fp32")
+    cfg = config(tmp_path, profile="low_vram", base_dtype="fp32")
     out, message = apply_memory_profile(cfg)
-    assert out.training.gradient_checkpointing is True
+    assert out.memory.gradient_checkpointing is True
     assert out.optimizer.name == "adamw8bit"
-    assert out.training.base_dtype == "fp32"  # written by the user: the profile leaves it
-    assert "low_vram" in message and "training.base_dtype" not in message
-    assert cfg.training.gradient_checkpointing is False  # the original is not modified
+    assert out.memory.base_dtype == "fp32"  # written by the user: the profile leaves it
+    assert "low_vram" in message and "memory.base_dtype" not in message
+    assert cfg.memory.gradient_checkpointing is False  # the original is not modified
 
 
 def test_custom_changes_nothing(tmp_path):
@@ -36,25 +41,25 @@ def test_auto_picks_by_free_memory_and_says_why(tmp_path):
     assert pick_auto(11.0)[0] == "balanced"
     name, why = pick_auto(15.5)
     assert name == "fast" and "15.5 GiB free" in why
-    out, message = apply_memory_profile(config(tmp_path, memory_profile="auto"), free_gib=7.5)
-    assert out.training.gradient_checkpointing and "low_vram" in message and "7.5 GiB" in message
+    out, message = apply_memory_profile(config(tmp_path, profile="auto"), free_gib=7.5)
+    assert out.memory.gradient_checkpointing and "low_vram" in message and "7.5 GiB" in message
 
 
 def test_auto_without_a_gpu_keeps_the_configs_own_keys(tmp_path, monkeypatch):
     from finetune.memory import profiles
 
     monkeypatch.setattr(profiles, "free_gpu_gib", lambda: None)
-    cfg = config(tmp_path, memory_profile="auto")
+    cfg = config(tmp_path, profile="auto")
     out, message = apply_memory_profile(cfg)
-    assert out.training.memory_profile == "custom" and "no CUDA GPU" in message
-    assert out.training.gradient_checkpointing == cfg.training.gradient_checkpointing
-    assert out.training.compile == cfg.training.compile
+    assert out.memory.profile == "custom" and "no CUDA GPU" in message
+    assert out.memory.gradient_checkpointing == cfg.memory.gradient_checkpointing
+    assert out.memory.compile == cfg.memory.compile
 
 
 def test_balanced_lora_recomputes_only_the_transformer_blocks(tmp_path):
-    out, message = apply_memory_profile(config(tmp_path, memory_profile="balanced"))
-    assert out.training.gradient_checkpointing and out.training.gradient_checkpointing_mode == "transformer"
-    assert "training.gradient_checkpointing_mode=transformer" in message
+    out, message = apply_memory_profile(config(tmp_path, profile="balanced"))
+    assert out.memory.gradient_checkpointing and out.memory.checkpointing_mode == "transformer"
+    assert "memory.checkpointing_mode=transformer" in message
 
 
 def test_estimate_orders_the_profiles():
@@ -78,22 +83,22 @@ def test_estimate_of_full_fine_tuning_counts_bf16_weights_and_the_fused_backward
 
 
 def test_profiles_depend_on_the_method(tmp_path):
-    lora, _ = apply_memory_profile(config(tmp_path, memory_profile="min_vram"))
-    assert lora.training.base_dtype == "nf4" and not lora.training.fused_backward
-    full, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full"))
-    assert full.training.fused_backward and full.training.weight_dtype == "bf16"
-    assert full.optimizer.name == "adamw8bit" and "training.fused_backward=True" in message
+    lora, _ = apply_memory_profile(config(tmp_path, profile="min_vram"))
+    assert lora.memory.base_dtype == "nf4" and not lora.memory.fused_backward
+    full, message = apply_memory_profile(config(tmp_path, profile="low_vram", method="full"))
+    assert full.memory.fused_backward and full.memory.weight_dtype == "bf16"
+    assert full.optimizer.name == "adamw8bit" and "memory.fused_backward=True" in message
     assert pick_auto(20.0, "full")[0] == "low_vram" and pick_auto(20.0, "lora")[0] == "fast"
     assert pick_auto(12.0, "full")[0] == "min_vram" and pick_auto(22.0, "full")[0] == "balanced"
 
 
 def test_profile_drops_the_fused_backward_where_it_cannot_work_and_says_why(tmp_path):
-    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full",
+    out, message = apply_memory_profile(config(tmp_path, profile="low_vram", method="full",
                                                gradient_accumulation_steps=4))
-    assert not out.training.fused_backward and out.training.weight_dtype == "fp32"
+    assert not out.memory.fused_backward and out.memory.weight_dtype == "fp32"
     assert "not with gradient accumulation" in message
-    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", method="full"), num_processes=2)
-    assert not out.training.fused_backward and "not with 2 processes" in message
+    out, message = apply_memory_profile(config(tmp_path, profile="low_vram", method="full"), num_processes=2)
+    assert not out.memory.fused_backward and "not with 2 processes" in message
 
 
 def test_a_profile_that_would_contradict_the_config_is_refused_with_both_sides(tmp_path, monkeypatch):
@@ -102,53 +107,57 @@ def test_a_profile_that_would_contradict_the_config_is_refused_with_both_sides(t
     from finetune.memory import profiles
     from finetune.errors import ConfigError
 
-    broken = {**profiles.LORA_PROFILES["low_vram"], ("training", "weight_dtype"): "bf16"}
+    broken = {**profiles.LORA_PROFILES["low_vram"], ("memory", "weight_dtype"): "bf16"}
     monkeypatch.setitem(profiles.LORA_PROFILES, "low_vram", broken)
     with pytest.raises(ConfigError) as info:
-        apply_memory_profile(config(tmp_path, memory_profile="low_vram"))
+        apply_memory_profile(config(tmp_path, profile="low_vram"))
     message = str(info.value)
-    assert "memory_profile = 'low_vram'" in message and "training.weight_dtype=bf16" in message
-    assert "needs training.method = 'full'" in message and "memory_profile = 'custom'" in message
+    assert "profile = 'low_vram'" in message and "memory.weight_dtype=bf16" in message
+    assert "needs training.method = 'full'" in message and "profile = 'custom'" in message
 
 
 def test_profile_keeps_relative_paths_and_records_what_auto_chose(tmp_path, monkeypatch):
     monkeypatch.chdir("/")
-    cfg = config(tmp_path, memory_profile="auto")
+    cfg = config(tmp_path, profile="auto")
     out, _ = apply_memory_profile(cfg, free_gib=7.5)
     assert out.output.dir == cfg.output.dir == tmp_path / "output"  # resolved against the config's folder
-    assert out.training.memory_profile == "low_vram"
+    assert out.memory.profile == "low_vram"
 
 
 def test_profile_keeps_unset_keys_unset_and_softens_what_cannot_work(tmp_path):
-    cfg = config(tmp_path, memory_profile="min_vram")
+    cfg = config(tmp_path, profile="min_vram")
     cfg.lora.variant = "loha"
     out, message = apply_memory_profile(cfg)
-    assert out.training.base_dtype == "bf16" and "cannot train on a quantized base" in message
+    assert out.memory.base_dtype == "bf16" and "cannot train on a quantized base" in message
     assert "betas" not in out.optimizer.model_fields_set  # Lion's own betas still apply when unset
 
 
 def test_profile_keeps_fp32_base_when_the_user_turned_autocast_off(tmp_path):
-    out, message = apply_memory_profile(config(tmp_path, memory_profile="low_vram", mixed_precision="no"))
-    assert out.training.mixed_precision == "no" and out.training.base_dtype == "fp32"
+    out, message = apply_memory_profile(config(tmp_path, profile="low_vram", mixed_precision="no"))
+    assert out.training.mixed_precision == "no" and out.memory.base_dtype == "fp32"
     assert "no autocast" in message
 
 
 def test_auto_on_resume_keeps_the_profile_the_stopped_run_chose(tmp_path):
+    import pytest
+
+    from finetune.errors import CheckpointError
     from finetune.train import checkpoint as ckpt
     from finetune.train.checkpoint import profile_of_checkpoint
 
-    cfg = config(tmp_path, memory_profile="auto")
+    cfg = config(tmp_path, profile="auto")
     folder = cfg.output.checkpoints_dir / "step-000010"
     folder.mkdir(parents=True)
     (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "low_vram"\n', encoding="utf-8")
     (folder / ckpt.STATE_FILE).write_text(ckpt.TrainState(step=10).to_json(), encoding="utf-8")
-    assert profile_of_checkpoint(cfg, "latest").training.memory_profile == "low_vram"
+    assert profile_of_checkpoint(cfg, "latest").memory.profile == "low_vram"
     out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
-    assert out.training.memory_profile == "low_vram" and "set in the config" in message  # free memory ignored
+    assert out.memory.profile == "low_vram" and "set in the config" in message  # free memory ignored
     (tmp_path / "fresh").mkdir()
-    fresh = config(tmp_path / "fresh", memory_profile="auto")
-    assert profile_of_checkpoint(fresh, "latest").training.memory_profile == "auto"  # nothing saved yet
+    fresh = config(tmp_path / "fresh", profile="auto")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):  # --resume with nothing to resume
+        profile_of_checkpoint(fresh, "latest")
     # a run that auto started without a GPU resumes on one without profile keys appearing mid-run
     (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "custom"\n', encoding="utf-8")
     out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
-    assert out.training.memory_profile == "custom" and message is None and not out.training.compile
+    assert out.memory.profile == "custom" and message is None and not out.memory.compile

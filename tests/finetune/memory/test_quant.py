@@ -15,7 +15,8 @@ from finetune.adapters.inject import add_unet_adapter
 from finetune.adapters.save import save_adapter
 from finetune.config import LoraConfig
 from finetune.errors import ConfigError
-from finetune.memory.quant import ADAPTER_VARIANTS, FP8, Float8Linear, base_weight_nbytes, quantize_base_linears
+from finetune.config import QUANTIZED_BASE_VARIANTS as ADAPTER_VARIANTS
+from finetune.memory.quant import FP8, Float8Linear, base_weight_nbytes, quantize_base_linears
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel notice is noise here
 

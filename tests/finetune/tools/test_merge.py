@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import ModelError
-from finetune.tools.merge import lora_delta, merge_loras, read_header
+from finetune.adapters.modules import LoraModule
+from finetune.tools.merge import merge_loras, read_header
 
 # kohya name -> (out, in) of a few tiny-model modules in all three components.
 TINY_MODULES = {
@@ -95,7 +96,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4
     assert (actual - expected).norm() <= rel * expected.norm()
 
 
-# --- the math ------------------------------------------------------------------------------------
+# --- the math (LoraModule.low_rank_delta, the formula merge applies) ---------------------------------
+
+def lora_delta(up, down, alpha, scale=1.0):
+    return LoraModule(down=down, up=up, alpha=alpha).low_rank_delta(scale)
+
 
 def test_lora_delta_linear_is_scaled_up_at_down():
     up, down = torch.randn(6, 2), torch.randn(2, 5)

@@ -39,25 +39,24 @@ def test_compiled_unet_matches_eager_on_two_bucket_shapes(tmp_path):
 
 
 def test_fsdp_and_the_fused_backward_are_refused_where_they_would_train_wrongly():
-    from finetune.config import TrainingConfig
+    from finetune.config import MemoryConfig, TrainingConfig
     from finetune.errors import ConfigError
     from finetune.train.builders import check_parallelism
 
-    full = TrainingConfig(method="full")
-    check_parallelism(full, fsdp_version=2, num_processes=2, renders=False)
-    check_parallelism(TrainingConfig(method="lora"), fsdp_version=None, num_processes=2, renders=True)
-    fused = TrainingConfig(method="full", fused_backward=True)
-    check_parallelism(fused, fsdp_version=None, num_processes=1, renders=True)
-    for training, kwargs, words in (
-            (TrainingConfig(method="lora"), {}, "--multi_gpu"),
-            (full, {"fsdp_version": 1}, "--fsdp_version 2"),
-            (full, {"renders": True}, r"sample.prompts = \[\]"),
-            (TrainingConfig(method="full", ema_decay=0.99), {}, "training.ema_decay"),
-            (TrainingConfig(method="full", train_text_encoder=True), {}, "training.train_text_encoder"),
-            (fused, {"fsdp_version": None}, "training.fused_backward = false"),
-            (fused, {"fsdp_version": 2, "num_processes": 1}, "training.fused_backward = false")):
+    full, plain, fused = TrainingConfig(method="full"), MemoryConfig(), MemoryConfig(fused_backward=True)
+    check_parallelism(full, plain, fsdp_version=2, num_processes=2, renders=False)
+    check_parallelism(TrainingConfig(method="lora"), plain, fsdp_version=None, num_processes=2, renders=True)
+    check_parallelism(full, fused, fsdp_version=None, num_processes=1, renders=True)
+    for training, memory, kwargs, words in (
+            (TrainingConfig(method="lora"), plain, {}, "--multi_gpu"),
+            (full, plain, {"fsdp_version": 1}, "--fsdp_version 2"),
+            (full, plain, {"renders": True}, r"sample.prompts = \[\]"),
+            (TrainingConfig(method="full", ema_decay=0.99), plain, {}, "training.ema_decay"),
+            (TrainingConfig(method="full", train_text_encoder=True), plain, {}, "training.train_text_encoder"),
+            (full, fused, {"fsdp_version": None}, "memory.fused_backward = false"),
+            (full, fused, {"fsdp_version": 2, "num_processes": 1}, "memory.fused_backward = false")):
         with pytest.raises(ConfigError, match=words):
-            check_parallelism(training, **{"fsdp_version": 2, "num_processes": 2, "renders": False, **kwargs})
+            check_parallelism(training, memory, **{"fsdp_version": 2, "num_processes": 2, "renders": False, **kwargs})
 
 
 def test_compile_passes_static_shapes_and_the_mode(tmp_path, monkeypatch):
@@ -68,13 +67,13 @@ def test_compile_passes_static_shapes_and_the_mode(tmp_path, monkeypatch):
 
 
 def test_channels_last_changes_the_layout_not_the_result():
-    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.config import LoraConfig, MemoryConfig, TrainingConfig
     from finetune.train.builders import prepare_unet
 
     outputs = []
     for channels_last in (False, True):
         unet = tiny_unet()
-        prepare_unet(unet, TrainingConfig(channels_last=channels_last), LoraConfig(rank=4))
+        prepare_unet(unet, TrainingConfig(), MemoryConfig(channels_last=channels_last), LoraConfig(rank=4))
         conv = unet.conv_in.weight
         assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
         x, cond = unet_inputs(unet)
@@ -84,12 +83,12 @@ def test_channels_last_changes_the_layout_not_the_result():
 
 
 def test_block_learning_rates_group_the_trained_parameters_by_the_most_specific_prefix():
-    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.config import LoraConfig, MemoryConfig, TrainingConfig
     from finetune.errors import ConfigError
     from finetune.train.builders import prepare_unet, unet_param_groups
 
     unet = tiny_unet()
-    prepare_unet(unet, TrainingConfig(), LoraConfig(rank=4))
+    prepare_unet(unet, TrainingConfig(), MemoryConfig(), LoraConfig(rank=4))
     names = {id(p): n for n, p in unet.named_parameters()}
     groups = unet_param_groups(unet, 1e-4, {"up_blocks": 0.5, "up_blocks.1": 2.0, "mid_block": 0.0})
     by_lr = {g["lr"]: [names[id(p)] for p in g["params"]] for g in groups}
@@ -103,11 +102,11 @@ def test_block_learning_rates_group_the_trained_parameters_by_the_most_specific_
 
 
 def test_lora_plus_gives_the_up_matrices_of_every_group_ratio_times_its_rate():
-    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.config import LoraConfig, MemoryConfig, TrainingConfig
     from finetune.train.builders import lora_plus_groups, prepare_unet, unet_param_groups
 
     unet = tiny_unet()
-    prepare_unet(unet, TrainingConfig(), LoraConfig(rank=4))
+    prepare_unet(unet, TrainingConfig(), MemoryConfig(), LoraConfig(rank=4))
     names = {id(p): n for n, p in unet.named_parameters()}
     groups = lora_plus_groups(unet_param_groups(unet, 1e-4, {"mid_block": 0.5}), [unet], 16.0)
     by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in groups}

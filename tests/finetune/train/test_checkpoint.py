@@ -101,12 +101,13 @@ def test_resume_conflicts_name_the_changed_keys():
 
 def test_a_checkpoint_older_than_a_key_resumes_while_the_key_keeps_its_default():
     saved = {"training": {"method": "full", "learning_rate": 1e-5}}  # written before fused_backward existed
-    current = {"training": {"method": "full", "learning_rate": 1e-5, "fused_backward": False, "weight_dtype": "fp32",
-                            "block_lr_scale": {}}}
+    current = {"training": {"method": "full", "learning_rate": 1e-5, "block_lr_scale": {}},
+               "memory": {"fused_backward": False, "weight_dtype": "fp32"}}
     assert ckpt.resume_conflicts(saved, current) == []
-    current["training"].update(fused_backward=True, learning_rate=2e-5)
+    current["training"].update(learning_rate=2e-5)
+    current["memory"].update(fused_backward=True)
     conflicts = ckpt.resume_conflicts(saved, current)
-    assert any(c.startswith("training.fused_backward: None in the checkpoint, True now") for c in conflicts)
+    assert any(c.startswith("memory.fused_backward: None in the checkpoint, True now") for c in conflicts)
     assert any(c.startswith("training.learning_rate") for c in conflicts)  # the scheduler would keep the old one
 
 
@@ -146,3 +147,24 @@ def test_trainable_weights_are_saved_by_their_bare_names_through_torch_compile(t
     eager = eager_acc.prepare(model())  # resumed without compile: the same names
     eager_acc.load_state(str(tmp_path / "state"))
     assert torch.equal(eager[1].weight, torch.full((1, 3), 0.5))
+
+
+def test_a_checkpoint_from_before_the_memory_table_compares_its_keys_in_their_new_place():
+    from finetune.config import migrate_moved_keys
+
+    saved = migrate_moved_keys({"training": {"method": "lora", "base_dtype": "bf16", "memory_profile": "low_vram"}})
+    assert saved == {"training": {"method": "lora"}, "memory": {"base_dtype": "bf16", "profile": "low_vram"}}
+    current = {"training": {"method": "lora"}, "memory": {"base_dtype": "fp32", "profile": "low_vram"}}
+    assert ckpt.resume_conflicts(saved, current) == ["memory.base_dtype: 'bf16' in the checkpoint, 'fp32' now"]
+
+
+def test_the_keys_frozen_on_resume_are_the_ones_marked_on_the_schema():
+    from finetune.config import frozen_keys
+
+    keys = frozen_keys()
+    for key in ("model", "dataset", "lora", "loss", "training.learning_rate", "optimizer.scheduler",
+                "memory.base_dtype", "cache.latent_std"):
+        assert key in keys
+    for key in ("training.max_steps", "training.max_epochs", "checkpoint", "sample", "logging",
+                "checkpoint.every_n_steps", "sample.prompts"):
+        assert key not in keys

@@ -38,9 +38,8 @@ dir = "out"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
-    """A LoRA trained on 8 flat red images; the Run and the fixed-noise loss before and after."""
-    from finetune.train.recipe import Run
-    from finetune.train.recipe import StopFlag, _loop
+    """A LoRA trained on 8 flat red images; the recipe and the fixed-noise loss before and after."""
+    from finetune.train.recipe import Recipe, StopFlag
     from finetune.train.validation import validation_loss
 
     work = tmp_path_factory.mktemp("flat")
@@ -49,7 +48,7 @@ def trained(tmp_path_factory, tiny_model_dir):
         (work / f"{i}.txt").write_text("a red square", encoding="utf-8")
     path = work / "c.toml"
     path.write_text(CONFIG.format(model=tiny_model_dir, images=work, steps=100), encoding="utf-8")
-    run = Run.setup(load_config(path), progress=False)
+    run = Recipe(load_config(path), progress=False).setup()
 
     def fixed_loss():
         return validation_loss(run.accelerator.unwrap_model(run.unet), run.dataset, [200, 500, 800],
@@ -58,7 +57,7 @@ def trained(tmp_path_factory, tiny_model_dir):
 
     before = fixed_loss()
     with StopFlag() as stop:
-        _loop(run, stop)
+        run.train_loop(stop)
     return run, before, fixed_loss()
 
 

@@ -112,10 +112,10 @@ def test_max_epochs_sets_the_length_and_epoch_cadences_save_and_sample(tmp_path,
 
 
 def test_lora_plus_reaches_the_optimizer_and_its_schedule(tmp_path, tiny_model_dir, shapes_folder):
-    from finetune.train.recipe import Run
+    from finetune.train.recipe import Recipe
 
-    run = Run.setup(load_config(write_config(tmp_path, tiny_model_dir, shapes_folder), ["lora.plus_ratio=16"]),
-                    progress=False)
+    run = Recipe(load_config(write_config(tmp_path, tiny_model_dir, shapes_folder), ["lora.plus_ratio=16"]),
+                 progress=False).setup()
     assert sorted({group["lr"] for group in run.optimizer.param_groups}) == [2e-3, 32e-3]
     assert sorted(set(run.lr_scheduler.get_last_lr())) == [2e-3, 32e-3]
     run.accelerator.end_training()
@@ -139,24 +139,22 @@ def test_lora_max_norm_bounds_every_written_module(tmp_path, tiny_model_dir, sha
     assert {"keys_scaled", "max_norm"} <= set(EventAccumulator(str(events.parent)).Reload().Tags()["scalars"])
 
 
-def test_resume_without_checkpoint_starts_fresh_and_refuses_changed_config(tmp_path, tiny_model_dir, shapes_folder, capsys):
+def test_resume_without_checkpoint_is_an_error_and_a_changed_config_is_refused(tmp_path, tiny_model_dir, shapes_folder):
     path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=1)
-    result = train(load_config(path), resume="latest", progress=False)
-    assert result.step == 2
-    assert "starting from step 0" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="no complete checkpoint in .*checkpoints"):
+        train(load_config(path), resume="latest", progress=False)
+    assert not (tmp_path / "out" / "manifest").exists()  # refused before any work
+    assert train(load_config(path), progress=False).step == 2
     with pytest.raises(CheckpointError) as info:
         train(load_config(path, ["lora.rank=8", "training.max_steps=4"]), resume="latest", progress=False)
     assert "lora.rank" in str(info.value)
 
 
 def test_nan_loss_is_skipped_then_stops(tmp_path, tiny_model_dir, shapes_folder, monkeypatch):
-    import finetune.train.step as step
-
-    monkeypatch.setattr(step, "diffusion_step_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=20, every=10),
                       ["training.max_nan_steps=3"])
     with pytest.raises(FinetuneError) as info:
-        train(cfg, progress=False)
+        train(cfg, progress=False, step_loss=lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     assert "NaN/inf 3 steps in a row" in str(info.value)
 
 
@@ -175,20 +173,18 @@ class _NaNGradient(torch.autograd.Function):
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused-backward"])
 def test_nan_gradients_behind_a_finite_loss_never_reach_the_weights(tmp_path, tiny_model_dir, shapes_folder,
                                                                    monkeypatch, fused):
-    import finetune.train.step as step
-    from finetune.train.recipe import Run
+    from finetune.train.recipe import Recipe
+    from finetune.train.step import diffusion_step_loss
 
-    real = step.diffusion_step_loss
-    monkeypatch.setattr(step, "diffusion_step_loss", lambda *a, **k: _NaNGradient.apply(real(*a, **k)))
     runs = []
-    real_setup = Run.setup.__func__
-    monkeypatch.setattr(Run, "setup", classmethod(lambda cls, *a, **k: runs.append(real_setup(cls, *a, **k)) or runs[-1]))
+    real_setup = Recipe.setup
+    monkeypatch.setattr(Recipe, "setup", lambda self, *a, **k: runs.append(real_setup(self, *a, **k)) or runs[-1])
     overrides = ["training.max_nan_steps=2"]
     if fused:
-        overrides += ["training.method=full", "training.fused_backward=true", "training.learning_rate=1e-4"]
+        overrides += ["training.method=full", "memory.fused_backward=true", "training.learning_rate=1e-4"]
     cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=20, every=10), overrides)
     with pytest.raises(FinetuneError) as info:
-        train(cfg, progress=False)
+        train(cfg, progress=False, step_loss=lambda *a, **k: _NaNGradient.apply(diffusion_step_loss(*a, **k)))
     assert "NaN/inf 2 steps in a row at step 0" in str(info.value)
     assert all(torch.isfinite(p).all() for p in runs[0].params)
 
@@ -253,7 +249,7 @@ def test_two_processes_train_as_one_group(tmp_path, tiny_model_dir, shapes_folde
 @pytest.mark.parametrize("profile", ["min_vram", "low_vram", "balanced", "fast"])
 def test_every_memory_profile_trains_on_cpu(tmp_path, tiny_model_dir, shapes_folder, profile, capsys):
     cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
-                      ["training.mixed_precision=no", f"training.memory_profile={profile}"])
+                      ["training.mixed_precision=no", f"memory.profile={profile}"])
     result = train(cfg, progress=False)
     assert f"memory profile {profile}" in capsys.readouterr().out
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
@@ -267,11 +263,11 @@ def test_every_full_fine_tune_profile_trains_on_cpu(tmp_path, tiny_model_dir, sh
     # stands in for the 8-bit optimizer, whose CPU fallback takes seconds a step.
     cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10),
                       ["training.method=full", "training.learning_rate=1e-4", "optimizer.name=adamw",
-                       f"training.memory_profile={profile}"])
+                       f"memory.profile={profile}"])
     result = train(cfg, progress=False)
     out = capsys.readouterr().out
     assert f"memory profile {profile}" in out
-    assert ("training.fused_backward=True" in out) == (profile != "fast")
+    assert ("memory.fused_backward=True" in out) == (profile != "fast")
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert all(k.startswith("model.diffusion_model.") for k in adapter_tensors(result.output_path))
 
@@ -440,17 +436,14 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path, tiny_model_dir, shapes
 
 
 def test_out_of_memory_names_the_settings_to_change(tmp_path, tiny_model_dir, shapes_folder, monkeypatch):
-    from finetune.train.recipe import Run
-
-    def oom(self, batch):
+    def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(Run, "micro_step", oom)
     cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=10))
     with pytest.raises(FinetuneError) as info:
-        train(cfg, progress=False)
+        train(cfg, progress=False, step_loss=oom)
     message = str(info.value)
-    for key in ("training.batch_size", "training.gradient_checkpointing", "memory_profile"):
+    for key in ("training.batch_size", "memory.gradient_checkpointing", "memory.base_dtype", "memory.profile"):
         assert key in message
 
 
@@ -473,8 +466,8 @@ def test_fsdp_full_fine_tune_saves_resumes_and_writes_the_whole_unet(tmp_path, t
 
 
 def test_fused_backward_with_bf16_weights_trains_and_resumes_bitwise(tmp_path, tiny_model_dir, shapes_folder):
-    overrides = ["training.method=full", "training.learning_rate=1e-4", "training.fused_backward=true",
-                 "training.weight_dtype=bf16", "training.mixed_precision=bf16", "output.save_dtype=bf16"]
+    overrides = ["training.method=full", "training.learning_rate=1e-4", "memory.fused_backward=true",
+                 "memory.weight_dtype=bf16", "training.mixed_precision=bf16", "output.save_dtype=bf16"]
     whole = tmp_path / "whole"
     whole.mkdir()
     full = train(load_config(write_config(whole, tiny_model_dir, shapes_folder, steps=2, every=1), overrides),
@@ -504,7 +497,7 @@ def test_fused_backward_with_bf16_weights_trains_and_resumes_bitwise(tmp_path, t
 @pytest.mark.parametrize("base", ["nf4", "fp8"])
 def test_lora_on_a_quantized_base_trains_and_writes_a_kohya_file(tmp_path, tiny_model_dir, shapes_folder, base):
     cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=1),
-                      ["training.mixed_precision=bf16", f"training.base_dtype={base}"])
+                      ["training.mixed_precision=bf16", f"memory.base_dtype={base}"])
     result = train(cfg, progress=False)
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     tensors = adapter_tensors(result.output_path)
@@ -527,13 +520,13 @@ def test_two_runs_in_one_process_may_use_different_precisions(tmp_path, tiny_mod
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("overrides", [
-    ["training.mixed_precision=fp16", "training.base_dtype=fp16"],  # loss scaling through Accelerate's GradScaler
-    ["training.mixed_precision=bf16", "training.base_dtype=bf16", "optimizer.name=adamw8bit"],
-    ["training.mixed_precision=bf16", "optimizer.name=paged_adamw8bit", "training.gradient_checkpointing=true"],
-    ["training.mixed_precision=bf16", "optimizer.name=lion8bit", "training.base_dtype=nf4"],
-    ["training.mixed_precision=bf16", "training.method=full", "training.fused_backward=true",
-     "training.weight_dtype=bf16", "optimizer.name=adamw8bit", "training.learning_rate=1e-5"],
-    ["training.mixed_precision=bf16", "training.base_dtype=bf16", "training.compile=true",
+    ["training.mixed_precision=fp16", "memory.base_dtype=fp16"],  # loss scaling through Accelerate's GradScaler
+    ["training.mixed_precision=bf16", "memory.base_dtype=bf16", "optimizer.name=adamw8bit"],
+    ["training.mixed_precision=bf16", "optimizer.name=paged_adamw8bit", "memory.gradient_checkpointing=true"],
+    ["training.mixed_precision=bf16", "optimizer.name=lion8bit", "memory.base_dtype=nf4"],
+    ["training.mixed_precision=bf16", "training.method=full", "memory.fused_backward=true",
+     "memory.weight_dtype=bf16", "optimizer.name=adamw8bit", "training.learning_rate=1e-5"],
+    ["training.mixed_precision=bf16", "memory.base_dtype=bf16", "memory.compile=true",
      'sample.prompts=["a red drawing"]', "sample.steps=2", "sample.height=64", "sample.width=64"],
 ], ids=["fp16", "bf16-adamw8bit", "paged-checkpointed", "lion8bit-nf4", "full-fused-bf16", "compiled"])
 def test_cuda_precisions_and_8bit_optimizers_train(tmp_path, tiny_model_dir, shapes_folder, overrides):

@@ -42,7 +42,7 @@ def assert_same(a: dict, b: dict) -> None:
 # before the adapter file, the second after every file is written and synced but before the rename.
 KILL_POINTS = {
     "before_weights": ("finetune.train.outputs", "save_trained_weights"),
-    "before_rename": ("finetune.train.checkpoint", "_fsync_files"),
+    "before_rename": ("finetune.train.checkpoint", "fsync_tree"),
 }
 
 KILLER = """
@@ -83,14 +83,14 @@ def test_kill_9_inside_a_save_then_resume_is_bitwise_equal(tmp_path, tiny_model_
 def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resume_finishes(
         tmp_path, tiny_model_dir, shapes_folder, uninterrupted, monkeypatch):
     path = write_config(tmp_path, tiny_model_dir, shapes_folder, STEPS, EVERY)
-    real = ckpt._fsync_files
+    real = ckpt.fsync_tree
 
     def full_disk_at_step_4(folder):
         if folder.name == ".step-000004.tmp":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(folder)
 
-    monkeypatch.setattr(ckpt, "_fsync_files", full_disk_at_step_4)
+    monkeypatch.setattr(ckpt, "fsync_tree", full_disk_at_step_4)
     with pytest.raises(CheckpointError) as info:
         train(load_config(path), progress=False)
     root = tmp_path / "out" / "checkpoints"
@@ -99,7 +99,7 @@ def test_disk_full_during_a_save_keeps_the_last_checkpoint_and_resume_finishes(
     assert not (root / ".step-000004.tmp").exists()  # the partial checkpoint was removed
     assert ckpt.latest_checkpoint(root).name == "step-000002"
 
-    monkeypatch.setattr(ckpt, "_fsync_files", real)  # space freed
+    monkeypatch.setattr(ckpt, "fsync_tree", real)  # space freed
     resumed = train(load_config(path), resume="latest", progress=False)
     assert resumed.step == STEPS
     assert_same(adapter_tensors(resumed.output_path), uninterrupted)

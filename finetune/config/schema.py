@@ -1,25 +1,25 @@
 """The typed training config: one pydantic model per table of `train_config.toml`, defaults here only.
 
-`load_config` reads the TOML, applies `--set section.key=value` overrides, resolves relative paths
-against the config file's folder and raises one `ConfigError` listing every problem, each as
-`file: dotted.key = value: what is allowed`.
+A key marked `FROZEN` (or a whole table marked so in `TrainConfig`) cannot change on `--resume`:
+changing it would make "continue exactly" a lie. `finetune.train.checkpoint` reads the marks.
 """
 
 from __future__ import annotations
 
-import difflib
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-
-from finetune.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 # The lora.variant values peft can train on each quantized base (peft 0.21): DoRA reads the fp8
 # weight without its scale; LoHa/LoKr expect a dense weight, not bitsandbytes' packed one.
 QUANTIZED_BASE_VARIANTS = {"nf4": ("lora", "dora"), "fp8": ("lora", "loha", "lokr")}
+
+
+# Marks a field that must keep its value on resume (the optimizer state, the data order or the step
+# math depend on it). Read by `frozen_keys`.
+FROZEN = {"frozen_on_resume": True}
 
 
 class Section(BaseModel):
@@ -115,40 +115,20 @@ class DatasetConfig(Section):
 
 
 class TrainingConfig(Section):
-    method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (peft) or full fine-tuning of the UNet.")
+    method: Literal["lora", "full"] = Field("lora", json_schema_extra=FROZEN, description="LoRA adapters (peft) or full fine-tuning of the UNet.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     max_epochs: int | None = Field(None, ge=1, description="Train this many passes over the dataset instead; "
                                    "when set it replaces max_steps (as kohya's max_train_epochs does).")
-    batch_size: int = Field(1, ge=1, description="Images per step per process.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(1e-4, gt=0, description="UNet learning rate (LoRA: 1e-4; full: 1e-6..1e-5).")
-    text_encoder_lr: float | None = Field(None, gt=0, description="Text-encoder learning rate (default: learning_rate).")
-    block_lr_scale: dict[str, float] = Field(default_factory=dict, description="Per-block learning-rate multipliers by "
+    batch_size: int = Field(1, json_schema_extra=FROZEN, ge=1, description="Images per step per process.")
+    gradient_accumulation_steps: int = Field(1, json_schema_extra=FROZEN, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-4, json_schema_extra=FROZEN, gt=0, description="UNet learning rate (LoRA: 1e-4; full: 1e-6..1e-5).")
+    text_encoder_lr: float | None = Field(None, json_schema_extra=FROZEN, gt=0, description="Text-encoder learning rate (default: learning_rate).")
+    block_lr_scale: dict[str, float] = Field(default_factory=dict, json_schema_extra=FROZEN, description="Per-block learning-rate multipliers by "
                                              "diffusers path, e.g. {\"mid_block\" = 0.5, \"up_blocks.0\" = 0}; the longest "
                                              "matching prefix wins, 0 freezes that block.")
-    train_text_encoder: bool = Field(False, description="Also train both text encoders (needs cache.text = false).")
-    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of noise, timesteps, shuffling and dropout.")
+    train_text_encoder: bool = Field(False, json_schema_extra=FROZEN, description="Also train both text encoders (needs cache.text = false).")
+    seed: int = Field(42, json_schema_extra=FROZEN, ge=0, le=2**32 - 1, description="Seed of noise, timesteps, shuffling and dropout.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("bf16", description="Autocast precision; fp16 uses loss scaling.")
-    memory_profile: Literal["auto", "min_vram", "low_vram", "balanced", "fast", "custom"] = Field(
-        "custom", description="A named set of memory/speed settings (finetune/profiles.py); keys you set yourself win. 'custom': none.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: much less memory, ~30% slower.")
-    gradient_checkpointing_mode: Literal["full", "transformer", "resnet", "offload"] = Field(
-        "full", description="With gradient_checkpointing: recompute every block (full), only transformer blocks or "
-        "only ResNets (less recompute, more memory), or recompute nothing and offload activations to CPU memory.")
-    base_dtype: Literal["fp32", "bf16", "fp16", "fp8", "nf4"] = Field(
-        "fp32", description="Precision of frozen base weights (trained parameters stay fp32). LoRA only: fp8 (per-channel "
-        "scales) or nf4 (bitsandbytes) store the transformer blocks' Linear layers in 1 or 0.5 bytes per weight.")
-    fused_backward: bool = Field(False, description="Full fine-tuning: step the optimizer inside backward, one tensor "
-                                 "at a time, so the whole UNet's gradients never exist at once (~5 GB less for SDXL in "
-                                 "bf16). Clipping is then per tensor; no gradient accumulation, one process.")
-    weight_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Full fine-tuning: trained weights in fp32, or in "
-                                                  "bf16 with stochastic rounding and no fp32 copy (needs fused_backward).")
-    compile: bool = Field(False, description="torch.compile the UNet once per bucket shape (CUDA only; ignored on CPU).")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode: reduce-overhead replays each bucket's step as a CUDA graph "
-        "(fewer kernel launches, more memory); max-autotune-no-cudagraphs tunes kernels (slow first step).")
-    channels_last: bool = Field(False, description="UNet convolutions in channels-last memory layout (often faster "
-                                "in bf16 on tensor cores; measure with scripts/benchmark.py --channels-last).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the trained weights (UNet or "
                                     "adapter) with this decay, and write it as the result; 0.999 is common.")
@@ -167,6 +147,34 @@ class TrainingConfig(Section):
     def effective_batch_size(self) -> int:
         """Images per optimizer step on one process."""
         return self.batch_size * self.gradient_accumulation_steps
+
+
+class MemoryConfig(Section):
+    """What the memory profiles set: precision of the weights, activation checkpointing, compile."""
+
+    profile: Literal["auto", "min_vram", "low_vram", "balanced", "fast", "custom"] = Field(
+        "auto", description="A named set of the keys below (finetune/memory/profiles.py), chosen by name or by "
+        "`auto` from the GPU's free memory; keys you set yourself win. 'custom': none.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: much less memory, ~30% slower.")
+    checkpointing_mode: Literal["full", "transformer", "resnet", "offload"] = Field(
+        "full", description="With gradient_checkpointing: recompute every block (full), only transformer blocks or "
+        "only ResNets (less recompute, more memory), or recompute nothing and offload activations to CPU memory.")
+    base_dtype: Literal["fp32", "bf16", "fp16", "fp8", "nf4"] = Field(
+        "fp32", json_schema_extra=FROZEN,
+        description="Precision of frozen base weights (trained parameters stay fp32). LoRA only: fp8 (per-channel scales)"
+        " or nf4 (bitsandbytes) store the transformer blocks' Linear layers in 1 or 0.5 bytes per weight.")
+    fused_backward: bool = Field(False, json_schema_extra=FROZEN,
+                                 description="Full fine-tuning: step the optimizer inside backward, one tensor at a time"
+                                 ", so the whole UNet's gradients never exist at once (~5 GB less for SDXL in "
+                                 "bf16). Clipping is then per tensor; no gradient accumulation, one process.")
+    weight_dtype: Literal["fp32", "bf16"] = Field("fp32", json_schema_extra=FROZEN,
+                                                  description="Full fine-tuning: trained weights in fp32, or in bf16 with stochastic rounding and no fp32 copy (needs fused_backward).")
+    compile: bool = Field(False, description="torch.compile the UNet once per bucket shape (CUDA only; ignored on CPU).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode: reduce-overhead replays each bucket's step as a CUDA graph "
+        "(fewer kernel launches, more memory); max-autotune-no-cudagraphs tunes kernels (slow first step).")
+    channels_last: bool = Field(False, description="UNet convolutions in channels-last memory layout (often faster "
+                                "in bf16 on tensor cores; measure with scripts/benchmark.py --channels-last).")
 
 
 class LoraConfig(Section):
@@ -202,15 +210,15 @@ class LoraConfig(Section):
 
 class OptimizerConfig(Section):
     name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = Field(
-        "adamw", description="adamw8bit/lion8bit need bitsandbytes; prodigy needs prodigyopt.")
+        "adamw", json_schema_extra=FROZEN, description="adamw8bit/lion8bit need bitsandbytes; prodigy needs prodigyopt.")
     weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999))
     eps: float = Field(1e-8, gt=0)
     relative_step: bool = Field(False, description="Adafactor: its own relative step size instead of learning_rate.")
-    scheduler: Literal["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"] = Field("constant")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to the learning rate.")
-    num_cycles: int = Field(1, ge=1, description="cosine_with_restarts: number of restarts.")
-    power: float = Field(1.0, gt=0, description="polynomial: decay power.")
+    scheduler: Literal["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"] = Field("constant", json_schema_extra=FROZEN)
+    warmup_steps: int = Field(0, json_schema_extra=FROZEN, ge=0, description="Linear warmup from 0 to the learning rate.")
+    num_cycles: int = Field(1, ge=1, json_schema_extra=FROZEN, description="cosine_with_restarts: number of restarts.")
+    power: float = Field(1.0, gt=0, json_schema_extra=FROZEN, description="polynomial: decay power.")
 
 
 class LossConfig(Section):
@@ -243,7 +251,7 @@ class CacheConfig(Section):
     text: bool = Field(True, description="Encode captions with both text encoders once, before training.")
     dir: Path | None = Field(None, description="Cache folder (default: <output.dir>/cache).")
     dtype: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Storage precision of cached latents and embeddings.")
-    latent_std: bool = Field(True, description="Store the latent distribution's mean and std and sample each step (as SDXL trains).")
+    latent_std: bool = Field(True, json_schema_extra=FROZEN, description="Store the latent distribution's mean and std and sample each step (as SDXL trains).")
     in_memory: bool = Field(False, description="Hold the whole cache in RAM (small datasets).")
     batch_size: int = Field(4, ge=1, description="Images per VAE/text-encoder call while caching.")
 
@@ -306,12 +314,13 @@ class LoggingConfig(Section):
 
 
 class TrainConfig(Section):
-    model: ModelConfig
-    dataset: DatasetConfig
+    model: ModelConfig = Field(json_schema_extra=FROZEN)
+    dataset: DatasetConfig = Field(json_schema_extra=FROZEN)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig, json_schema_extra=FROZEN)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = Field(default_factory=LossConfig, json_schema_extra=FROZEN)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
@@ -346,56 +355,59 @@ class TrainConfig(Section):
                 problems.append("dataset.tag_dropout > 0 changes captions every step; set cache.text = false to use it")
             if self.training.train_text_encoder:
                 problems.append("training.train_text_encoder = true changes the embeddings; set cache.text = false to use it")
-        if self.training.base_dtype != "fp32" and self.training.mixed_precision == "no":
-            problems.append(f"training.base_dtype = '{self.training.base_dtype}' needs autocast: set "
+        if self.memory.base_dtype != "fp32" and self.training.mixed_precision == "no":
+            problems.append(f"memory.base_dtype = '{self.memory.base_dtype}' needs autocast: set "
                             "training.mixed_precision = 'bf16' (or 'fp16'), or base_dtype = 'fp32'")
         problems += self._quantized_base_problems() + self._full_finetune_problems()
         if self.cache.latents and self.dataset.crop == "random":
             problems.append("dataset.crop = 'random' gives a new crop every epoch; set cache.latents = false or dataset.crop = 'center'")
+        if self.training.max_epochs is None and self.optimizer.warmup_steps >= self.training.max_steps:
+            problems.append(f"optimizer.warmup_steps = {self.optimizer.warmup_steps} must be below training.max_steps "
+                            f"= {self.training.max_steps}: the learning rate would never reach its value")
         if self.training.block_lr_scale and self.optimizer.name == "adafactor" and self.optimizer.relative_step:
             problems.append("training.block_lr_scale needs learning rates, which optimizer.relative_step = true "
                             "ignores: set relative_step = false")
         return problems
 
     def _quantized_base_problems(self) -> list[str]:
-        kind = self.training.base_dtype
+        kind = self.memory.base_dtype
         if kind not in QUANTIZED_BASE_VARIANTS:
             return []
         if self.training.method != "lora":
-            return [f"training.base_dtype = '{kind}' quantizes frozen weights: it needs training.method = 'lora'"]
+            return [f"memory.base_dtype = '{kind}' quantizes frozen weights: it needs training.method = 'lora'"]
         if self.lora.variant not in QUANTIZED_BASE_VARIANTS[kind]:
             allowed = " or ".join(repr(v) for v in QUANTIZED_BASE_VARIANTS[kind])
-            return [f"lora.variant = '{self.lora.variant}' cannot train on training.base_dtype = '{kind}': use {allowed}, "
+            return [f"lora.variant = '{self.lora.variant}' cannot train on memory.base_dtype = '{kind}': use {allowed}, "
                     "or another base_dtype"]
         return []
 
     def fused_backward_blockers(self) -> dict[str, str]:
-        """What training.fused_backward cannot work with: a short name -> the problem and its remedy."""
+        """What memory.fused_backward cannot work with: a short name -> the problem and its remedy."""
         training, blockers = self.training, {}
         if training.method != "full":
-            blockers["LoRA"] = "training.fused_backward = true is for training.method = 'full' (a LoRA's gradients are small)"
+            blockers["LoRA"] = "memory.fused_backward = true is for training.method = 'full' (a LoRA's gradients are small)"
         if training.gradient_accumulation_steps > 1:
-            blockers["gradient accumulation"] = ("training.fused_backward = true steps on every backward: set "
+            blockers["gradient accumulation"] = ("memory.fused_backward = true steps on every backward: set "
                                                  "training.gradient_accumulation_steps = 1 (raise batch_size instead)")
         if training.mixed_precision == "fp16":
-            blockers["fp16"] = ("training.fused_backward = true cannot unscale fp16 gradients that never coexist: "
+            blockers["fp16"] = ("memory.fused_backward = true cannot unscale fp16 gradients that never coexist: "
                                 "use training.mixed_precision = 'bf16'")
         if self.optimizer.name == "prodigy":
-            blockers["prodigy"] = ("training.fused_backward = true would give prodigy one step-size estimate per tensor: "
+            blockers["prodigy"] = ("memory.fused_backward = true would give prodigy one step-size estimate per tensor: "
                                    "use adamw8bit or adafactor")
         return blockers
 
     def _full_finetune_problems(self) -> list[str]:
-        training = self.training
-        problems = list(self.fused_backward_blockers().values()) if training.fused_backward else []
-        if training.weight_dtype == "bf16":
-            if training.method != "full" or not training.fused_backward:
-                problems.append("training.weight_dtype = 'bf16' (stochastic rounding) needs training.method = 'full' "
-                                "and training.fused_backward = true")
+        training, memory = self.training, self.memory
+        problems = list(self.fused_backward_blockers().values()) if memory.fused_backward else []
+        if memory.weight_dtype == "bf16":
+            if training.method != "full" or not memory.fused_backward:
+                problems.append("memory.weight_dtype = 'bf16' (stochastic rounding) needs training.method = 'full' "
+                                "and memory.fused_backward = true")
             if training.mixed_precision != "bf16":
-                problems.append("training.weight_dtype = 'bf16' needs training.mixed_precision = 'bf16'")
+                problems.append("memory.weight_dtype = 'bf16' needs training.mixed_precision = 'bf16'")
             if training.ema_decay:
-                problems.append("training.weight_dtype = 'bf16' would round EMA updates away: unset training.ema_decay")
+                problems.append("memory.weight_dtype = 'bf16' would round EMA updates away: unset training.ema_decay")
         return problems
 
     @property
@@ -403,104 +415,15 @@ class TrainConfig(Section):
         return self.cache.dir or self.output.dir / "cache"
 
 
-# --- loading -------------------------------------------------------------------------------------
-
-
-def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read, override and validate a TOML config.
-
-    Args:
-        path: the TOML file; relative paths inside it resolve against its folder.
-        overrides: `section.key=value` strings; values are TOML literals (`10`, `true`, `"a"`, `[1, 2]`)
-            or bare strings.
-
-    Raises:
-        ConfigError: listing every problem found, each with its dotted key.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found (copy train_config.toml from the project and edit it)")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    for item in overrides:
-        apply_override(raw, item, source=str(path))
-    return validate_config(raw, base_dir=path.parent.resolve(), source=path.name)
-
-
-def validate_config(raw: dict[str, Any], base_dir: Path, source: str = "config") -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(raw, context={"base_dir": base_dir})
-    except ValidationError as err:
-        raise ConfigError("\n".join(_describe(e, raw, source) for e in err.errors())) from None
-
-
-def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> None:
-    """Apply one `section.key=value` to the raw TOML dict."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. training.max_steps=10")
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text  # a bare word is a string: --set output.name=my_lora
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {part} is not a table")
-    node[parts[-1]] = value
-
-
-def _describe(error: dict, raw: dict[str, Any], source: str) -> str:
-    loc = [str(p) for p in error["loc"]]
-    key = ".".join(loc)
-    if error["type"] == "extra_forbidden":
-        hint = _suggest(loc)
-        return f"{source}: {key}: unknown key{hint}"
-    if error["type"] == "missing":
-        return f"{source}: {key}: required key is missing"
-    message = error["msg"].removeprefix("Value error, ")
-    if "input" in error and error["type"] != "value_error":
-        return f"{source}: {key} = {_short(error['input'])}: {message}"
-    return f"{source}: {key + ': ' if key else ''}{message}"
-
-
-def table_model(loc: list[str]) -> type[BaseModel] | None:
-    """The model of the table at `loc` (["training"], ["dataset", "subsets", "0"]); None where no table is."""
-    model: type[BaseModel] = TrainConfig
-    for part in loc:
-        if part.isdigit():  # an item of a list of tables, e.g. [[dataset.subsets]]
+def frozen_keys() -> list[str]:
+    """Dotted keys (or whole tables) marked FROZEN: what a resume must find unchanged."""
+    keys = []
+    for table, field in TrainConfig.model_fields.items():
+        if (field.json_schema_extra or {}).get("frozen_on_resume"):
+            keys.append(table)
             continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        inner = getattr(field.annotation, "__args__", (field.annotation,))
-        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-def _suggest(loc: list[str]) -> str:
-    """' (did you mean learning_rate?)' for a misspelt key, from the fields of its table."""
-    model = table_model(loc[:-1])
-    if model is None:
-        return ""
-    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(model.model_fields)})"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def dump_config(cfg: TrainConfig) -> str:
-    """The resolved config as TOML (paths absolute), saved next to outputs and in every checkpoint."""
-    import tomli_w
-
-    data = cfg.model_dump(mode="json", exclude_none=True)
-    return tomli_w.dumps(data)
+        model = field.annotation
+        for key, inner in getattr(model, "model_fields", {}).items():
+            if (inner.json_schema_extra or {}).get("frozen_on_resume"):
+                keys.append(f"{table}.{key}")
+    return keys

@@ -1,0 +1,87 @@
+"""What a run tells the outside while it trains: `logs/metrics.jsonl`, `status.json` and the trackers.
+
+Both files live in the run folder, so the studio (or `tail -f`) can follow a run that the CLI started,
+and a run started from the studio is an ordinary run folder. Only the main process writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from finetune.io import write_text_atomic
+
+METRICS_FILE = Path("logs") / "metrics.jsonl"
+STATUS_FILE = "status.json"
+
+
+class RunLog:
+    """Appends one JSON line per logged step and keeps `status.json` current.
+
+    Args:
+        output_dir: the run folder (`output.dir`).
+        accelerator: only its main process writes; `log` also goes to its trackers when `trackers`.
+    """
+
+    def __init__(self, output_dir: Path, accelerator, *, trackers: bool, max_steps: int) -> None:
+        self.output_dir = Path(output_dir)
+        self.accelerator = accelerator
+        self.trackers = trackers
+        self.max_steps = max_steps
+        self.main = accelerator.is_main_process
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / METRICS_FILE
+
+    def start(self, step: int) -> None:
+        """A run (re)starts at `step`: lines a killed run logged past its last checkpoint go, so the curve
+        never doubles back."""
+        if not self.main:
+            return
+        path = self.metrics_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and _step_of(line) <= step]
+            write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+        self.status("running", step)
+
+    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        if self.trackers:
+            self.accelerator.log(values, step=step)
+        if self.main:
+            line = json.dumps({"step": step, "epoch": epoch, **values, "time": round(time.time(), 3)})
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+    def status(self, state: str, step: int, error: str | None = None) -> None:
+        """`state` is running, stopped, finished or failed; `error` the failure's one line."""
+        if not self.main:
+            return
+        write_text_atomic(self.output_dir / STATUS_FILE, json.dumps({
+            "state": state, "step": step, "max_steps": self.max_steps, "pid": os.getpid(), "error": error,
+            "updated": round(time.time(), 3)}, indent=2) + "\n")
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The logged steps of a run, oldest first (a line cut short by a kill is skipped)."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 1 << 62  # unreadable: dropped with the lines past the checkpoint
