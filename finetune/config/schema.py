@@ -6,6 +6,7 @@ changing it would make "continue exactly" a lie. `finetune.train.checkpoint` rea
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,6 +148,10 @@ class TrainingConfig(Section):
     def effective_batch_size(self) -> int:
         """Images per optimizer step on one process."""
         return self.batch_size * self.gradient_accumulation_steps
+
+    def steps_for_epochs(self, batches_per_epoch: int) -> int:
+        """Optimizer steps in `max_epochs` passes of `batches_per_epoch` micro-batches each."""
+        return max(1, math.ceil(self.max_epochs * batches_per_epoch / self.gradient_accumulation_steps))
 
 
 class MemoryConfig(Section):

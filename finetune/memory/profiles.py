@@ -191,3 +191,13 @@ def estimate_run_gib(unet, trained_params, training, memory, optimizer: str, pix
         checkpointing=memory.checkpointing_mode if memory.gradient_checkpointing else None,
         trained_bytes=2 if not lora and memory.weight_dtype == "bf16" else 4,
         fused_backward=memory.fused_backward, base_weight_bytes=base_weight_nbytes(unet) if lora else None)
+
+
+def out_of_memory_message(phase: str) -> str:
+    """What to change after CUDA ran out of memory while `phase` ("caching" or training) ran."""
+    if phase == "caching":
+        return ("out of GPU memory while building the caches: lower cache.batch_size (1 fits any card), "
+                "then run the same command again; finished cache shards are kept")
+    return ("out of GPU memory: lower training.batch_size, set memory.gradient_checkpointing = true, "
+            "memory.base_dtype = 'bf16' (or 'fp8'), optimizer.name = 'adamw8bit', or memory.profile = 'low_vram'; "
+            "then rerun with --resume")

@@ -6,11 +6,14 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from finetune.dtypes import DTYPES
 from finetune.errors import ConfigError
+from finetune.train.batches import TrainDataset, build_dataloader
+from finetune.train.validation import split_rows
 
 log = logging.getLogger("finetune")
 
@@ -212,3 +215,60 @@ def prepare_text_encoders(text_encoders, training, memory, lora_cfg) -> list:
             encoder.gradient_checkpointing_enable()
         encoder.train()
     return params
+
+
+def prepare_trained_models(models, cfg, device: torch.device | None) -> tuple[list[dict], list]:
+    """Adapters (or trainable weights) on the UNet and, with training.train_text_encoder, both text
+    encoders; their parameters as optimizer groups (block LR scales, LoRA+ applied).
+
+    Returns:
+        (param groups, the text encoders' trained parameters)
+    """
+    training, memory = cfg.training, cfg.memory
+    prepare_unet(models.unet, training, memory, cfg.lora, device=device)
+    groups = unet_param_groups(models.unet, training.learning_rate, training.block_lr_scale)
+    te_params = []
+    if training.train_text_encoder:
+        te_params = prepare_text_encoders(models.text_encoders, training, memory, cfg.lora)
+        groups.append({"params": te_params, "lr": training.text_encoder_lr or training.learning_rate})
+    if cfg.lora.plus_ratio and training.method == "lora":
+        groups = lora_plus_groups(groups, [models.unet, *models.text_encoders], cfg.lora.plus_ratio)
+    return groups, te_params
+
+
+class TrainData(NamedTuple):
+    manifest: object  # the training rows (validation rows held out)
+    dataset: TrainDataset
+    val_dataset: TrainDataset | None
+    loader: object  # torch DataLoader over `sampler`
+    sampler: object  # BucketBatchSampler: its position is part of every checkpoint
+
+
+def build_data(manifest, cfg, latents, text, num_replicas: int, rank: int) -> TrainData:
+    """Hold out validation rows (validation.split), build both datasets and this process's bucket loader."""
+    train_rows, val_rows = split_rows(list(manifest["fingerprint"]), cfg.validation.split, cfg.training.seed)
+
+    def dataset_for(rows):
+        return TrainDataset(manifest.select(rows), cfg.dataset, seed=cfg.training.seed,
+                            prior_loss_weight=cfg.loss.prior_loss_weight, masked=cfg.loss.masked,
+                            latents=latents.subset(rows) if latents else None, text=text)
+
+    rows = manifest.select(train_rows) if val_rows else manifest
+    dataset = dataset_for(train_rows)
+    loader, sampler = build_dataloader(dataset, rows, cfg.dataset, batch_size=cfg.training.batch_size,
+                                       seed=cfg.training.seed, num_replicas=num_replicas, rank=rank)
+    return TrainData(rows, dataset, dataset_for(val_rows) if val_rows else None, loader, sampler)
+
+
+def build_ema(params: list, decay: float):
+    """An exponential moving average of the trained parameters (diffusers' EMAModel)."""
+    from diffusers.training_utils import EMAModel  # diffusers' training utilities, only with EMA
+
+    return EMAModel(params, decay=decay)
+
+
+def lora_layers_of(models) -> list:
+    """Every peft LoRA layer of `models`, found once (lora.max_norm bounds them after each step)."""
+    from finetune.adapters.save import lora_layers
+
+    return [layer for model in models for _, layer in lora_layers(model)]

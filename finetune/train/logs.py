@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from finetune.io import write_text_atomic
 
 METRICS_FILE = Path("logs") / "metrics.jsonl"
@@ -31,6 +33,19 @@ class RunLog:
         self.trackers = trackers
         self.max_steps = max_steps
         self.main = accelerator.is_main_process
+
+    @classmethod
+    def open(cls, cfg, accelerator, step: int) -> RunLog:
+        """The run's log from `step` on; starts the trackers that `logging.report_to` names."""
+        trackers = cfg.logging.report_to != "none"
+        if trackers and accelerator.is_main_process:
+            # wandb writes beside TensorBoard's events (logs/), not into the shell's current folder.
+            (cfg.output.dir / "logs").mkdir(parents=True, exist_ok=True)
+            accelerator.init_trackers(cfg.logging.project, config=flat_config(cfg.model_dump(mode="json")),
+                                      init_kwargs={"wandb": {"dir": str(cfg.output.dir / "logs")}})
+        log = cls(cfg.output.dir, accelerator, trackers=trackers, max_steps=cfg.training.max_steps)
+        log.start(step)
+        return log
 
     @property
     def metrics_path(self) -> Path:
@@ -64,6 +79,39 @@ class RunLog:
         write_text_atomic(self.output_dir / STATUS_FILE, json.dumps({
             "state": state, "step": step, "max_steps": self.max_steps, "pid": os.getpid(), "error": error,
             "updated": round(time.time(), 3)}, indent=2) + "\n")
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """The step bar on the console (main process only), or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def step_metrics(loss: torch.Tensor, lr: float, images_per_s: float, grad_norm: torch.Tensor | None = None,
+                 norms_scaled: torch.Tensor | None = None, largest_norm: torch.Tensor | None = None) -> dict[str, float]:
+    """One logged step's numbers as plain floats (reading device tensors is the host sync of a logging step)."""
+    metrics = {"loss": float(loss), "lr": lr, "images_per_s": images_per_s}
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    if largest_norm is not None:  # lora.max_norm: what kohya logs beside the loss
+        metrics["keys_scaled"], metrics["max_norm"] = int(norms_scaled), float(largest_norm)
+    if torch.cuda.is_available():
+        metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return metrics
+
+
+def flat_config(data: dict, prefix: str = "") -> dict:
+    """Nested config tables as `table.key` -> scalar, as trackers store hyperparameters."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -7,17 +7,6 @@ import math
 from finetune.config import TrainConfig
 
 
-def flat_config(data: dict, prefix: str = "") -> dict:
-    """Nested config tables as `table.key` -> scalar, as trackers store hyperparameters."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
-
-
 def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) -> None:
     """Samples, batches, steps per epoch, effective batch, trained parameters, and the memory estimate."""
     from finetune.memory.profiles import estimate_run_gib, free_gpu_gib

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
@@ -28,19 +27,19 @@ from finetune.dataset import build_dataset, dataset_hash
 from finetune.errors import FinetuneError
 from finetune.io import write_text_atomic
 from finetune.memory.activations import saved_activations
-from finetune.memory.profiles import apply_memory_profile
+from finetune.memory.profiles import apply_memory_profile, out_of_memory_message
 from finetune.models.load import load_models
 from finetune.models.text import encode_prompts
 from finetune.train import builders
 from finetune.train import checkpoint as ckpt
-from finetune.train.batches import TrainDataset, build_dataloader
-from finetune.train.logs import RunLog
+from finetune.train.batches import TrainDataset
+from finetune.train.logs import RunLog, progress_bar, step_metrics
 from finetune.train.loss import make_noise_scheduler, resolve_prediction_type, timestep_range
 from finetune.train.optim import build_lr_scheduler
 from finetune.train.outputs import averaged_weights, save_trained_weights
-from finetune.train.plan import flat_config, print_plan
+from finetune.train.plan import print_plan
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
-from finetune.train.validation import split_rows, validation_loss
+from finetune.train.validation import validation_loss
 from finetune.rng import step_generator
 
 log = logging.getLogger("finetune")
@@ -101,15 +100,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
     except BaseException as err:
         recipe.fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise
-
-
-def out_of_memory_message(phase: str) -> str:
-    if phase == "caching":
-        return ("out of GPU memory while building the caches: lower cache.batch_size (1 fits any card), "
-                "then run the same command again; finished cache shards are kept")
-    return ("out of GPU memory: lower training.batch_size, set memory.gradient_checkpointing = true, "
-            "memory.base_dtype = 'bf16' (or 'fp8'), optimizer.name = 'adamw8bit', or memory.profile = 'low_vram'; "
-            "then rerun with --resume")
 
 
 class Recipe:
@@ -177,7 +167,7 @@ class Recipe:
         self._setup_optimization()  # needs the models; the LR schedule needs the optimizer
         if resume:
             self._resume(resume)
-        self._setup_logging()
+        self.log = RunLog.open(self.cfg, self.accelerator, self.state.step)
         print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.params, self.models.unet)
         return self
 
@@ -216,36 +206,20 @@ class Recipe:
     def _setup_data(self, latents, text) -> None:
         """Train/validation split, datasets, the bucket loader, and the resume state."""
         cfg, acc = self.cfg, self.accelerator
-        # Held-out rows (validation.split) get their own dataset; the sampler never sees them.
-        full = self.manifest
-        train_rows, val_rows = split_rows(list(full["fingerprint"]), cfg.validation.split, cfg.training.seed)
-        self.manifest = full.select(train_rows) if val_rows else full
-
-        def dataset_for(rows):
-            return TrainDataset(full.select(rows), cfg.dataset, seed=cfg.training.seed,
-                                prior_loss_weight=cfg.loss.prior_loss_weight, masked=cfg.loss.masked,
-                                latents=latents.subset(rows) if latents else None, text=text)
-
-        self.dataset = dataset_for(train_rows)
-        self.val_dataset = dataset_for(val_rows) if val_rows else None
-        self.loader, self.sampler = build_dataloader(
-            self.dataset, self.manifest, cfg.dataset, batch_size=cfg.training.batch_size,
-            seed=cfg.training.seed, num_replicas=acc.num_processes, rank=acc.process_index)
+        data = builders.build_data(self.manifest, cfg, latents, text, acc.num_processes, acc.process_index)
+        self.manifest, self.dataset, self.val_dataset, self.loader, self.sampler = data
         self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
                                      dataset_hash=dataset_hash(self.manifest))
 
     def _set_length(self) -> None:
         """training.max_epochs, when set, becomes max_steps: the loop and the LR schedule count steps."""
         training = self.cfg.training
-        if training.max_epochs is None:
-            return
-        batches, accumulation = len(self.loader), training.gradient_accumulation_steps
-        steps = max(1, math.ceil(training.max_epochs * batches / accumulation))
-        self.cfg = self.cfg.model_copy(deep=True)
-        self.cfg.training.max_steps = steps
-        self.accelerator.print(f"training.max_epochs = {training.max_epochs}: {steps} optimizer steps "
-                               f"({batches} batches per epoch per process, accumulation {accumulation}); "
-                               "it replaces training.max_steps")
+        if training.max_epochs is not None:
+            self.cfg = self.cfg.model_copy(deep=True)
+            self.cfg.training.max_steps = training.steps_for_epochs(len(self.loader))
+            self.accelerator.print(f"training.max_epochs = {training.max_epochs}: {self.cfg.training.max_steps} "
+                                   f"optimizer steps ({len(self.loader)} batches per epoch per process, accumulation "
+                                   f"{training.gradient_accumulation_steps}); it replaces training.max_steps")
 
     def _setup_optimization(self) -> None:
         """Adapters (or full weights), optimizer, LR schedule, EMA; then Accelerate wraps them."""
@@ -255,14 +229,7 @@ class Recipe:
         builders.check_parallelism(training, memory, fsdp_version=acc.state.fsdp_plugin.fsdp_version if self.fsdp else None,
                                    num_processes=acc.num_processes,
                                    renders=bool(cfg.sample.prompts) or cfg.validation.split > 0)
-        builders.prepare_unet(models.unet, training, memory, cfg.lora, device=None if self.fsdp else acc.device)
-        groups = builders.unet_param_groups(models.unet, training.learning_rate, training.block_lr_scale)
-        te_params = []
-        if training.train_text_encoder:
-            te_params = builders.prepare_text_encoders(models.text_encoders, training, memory, cfg.lora)
-            groups.append({"params": te_params, "lr": training.text_encoder_lr or training.learning_rate})
-        if cfg.lora.plus_ratio and training.method == "lora":
-            groups = builders.lora_plus_groups(groups, [models.unet, *models.text_encoders], cfg.lora.plus_ratio)
+        groups, te_params = builders.prepare_trained_models(models, cfg, device=None if self.fsdp else acc.device)
         if not self.fsdp:
             # On the device before the optimizer: AdamW picks its fused CUDA kernel there, and the fused
             # backward's fp32 stand-ins sit beside their weights. (FSDP places the shards itself.)
@@ -287,19 +254,14 @@ class Recipe:
             models.text_encoder, models.text_encoder_2 = acc.prepare(models.text_encoder, models.text_encoder_2)
             self.trained_models += [models.text_encoder, models.text_encoder_2]
         acc.register_for_checkpointing(self.lr_scheduler)
-        if training.ema_decay:
-            from diffusers.training_utils import EMAModel  # diffusers' training utils, only with EMA
-
-            # The EMA copy lives beside the trained weights and is saved/restored with them.
-            self.ema = EMAModel(self.params, decay=training.ema_decay)
+        if training.ema_decay:  # the EMA copy lives beside the trained weights, saved and restored with them
+            self.ema = builders.build_ema(self.params, training.ema_decay)
             acc.register_for_checkpointing(self.ema)
         if not self.fsdp:  # FSDP saves its shards itself; a full fine-tune trains every weight anyway
             ckpt.register_trainable_only_hooks(acc)
         if cfg.lora.max_norm and training.method == "lora":
-            from finetune.adapters.save import lora_layers
-
-            bounded = [self.bare_unet(), *(models.text_encoders if training.train_text_encoder else ())]
-            self.norm_bounded = [layer for model in bounded for _, layer in lora_layers(model)]
+            self.norm_bounded = builders.lora_layers_of(
+                [self.bare_unet(), *(models.text_encoders if training.train_text_encoder else ())])
 
     def _resume(self, resume: str) -> None:
         """Load the checkpoint's Accelerate state and TrainState (the config was checked against it)."""
@@ -313,24 +275,13 @@ class Recipe:
         self.epochs_done = self.epochs_completed()
         self.accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
 
-    def _setup_logging(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
-        trackers = cfg.logging.report_to != "none"
-        if trackers and acc.is_main_process:
-            # wandb writes beside TensorBoard's events (logs/), not into the shell's current folder.
-            (cfg.output.dir / "logs").mkdir(parents=True, exist_ok=True)
-            acc.init_trackers(cfg.logging.project, config=flat_config(cfg.model_dump(mode="json")),
-                              init_kwargs={"wandb": {"dir": str(cfg.output.dir / "logs")}})
-        self.log = RunLog(cfg.output.dir, acc, trackers=trackers, max_steps=cfg.training.max_steps)
-        self.log.start(self.state.step)
-
     # --- the loop --------------------------------------------------------------------------------
 
     def train_loop(self, stop: StopFlag) -> bool:
         """Optimizer steps until max_steps (or a stop request). Returns True if stopped early."""
         cfg, state, acc = self.cfg, self.state, self.accelerator
         self.phase = "training"
-        bar = self.progress_bar()
+        bar = progress_bar(self.cfg.training.max_steps, self.state.step, self.progress and acc.is_main_process)
         while state.step < cfg.training.max_steps:
             self.start_epoch()
             for batch in self.loader:
@@ -460,15 +411,9 @@ class Recipe:
             self.save_checkpoint()
 
     def _metrics(self) -> dict[str, float]:
-        metrics = {"loss": float(self.losses[-1]), "lr": self.lr_scheduler.get_last_lr()[0],
-                   "images_per_s": self.state.images_seen / max(time.time() - self.started, 1e-6)}
-        if self.grad_norm is not None:
-            metrics["grad_norm"] = float(self.grad_norm)
-        if self.largest_norm is not None:  # lora.max_norm: what kohya logs beside the loss
-            metrics["keys_scaled"], metrics["max_norm"] = int(self.norms_scaled), float(self.largest_norm)
-        if torch.cuda.is_available():
-            metrics["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        return metrics
+        return step_metrics(self.losses[-1], self.lr_scheduler.get_last_lr()[0],
+                            self.state.images_seen / max(time.time() - self.started, 1e-6),
+                            self.grad_norm, self.norms_scaled, self.largest_norm)
 
     def log_validation_loss(self) -> float | None:
         acc = self.accelerator
@@ -525,13 +470,6 @@ class Recipe:
         if cfg.logging.report_to != "none":
             log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
         return paths
-
-    def progress_bar(self):
-        if not (self.progress and self.accelerator.is_main_process):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.cfg.training.max_steps, initial=self.state.step, desc="train", unit="step")
 
     def finish(self, interrupted: bool) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
