@@ -29,15 +29,33 @@ def cmd_tiny_model(args) -> None:
     print(f"tiny SDXL-architecture model written to {save_tiny_model(Path(args.out), seed=args.seed)}")
 
 
-def cmd_train(args) -> None:
-    cfg = _config(args)  # config errors first, before the heavy imports
+def cmd_train(args) -> int:
+    from finetune.train.command import config_for_resume, resume_hint
+
+    # Config errors first, before the heavy imports. --resume applies the run's own overrides again.
+    overrides = list(args.set or [])
+    if args.resume:
+        cfg, overrides = config_for_resume(Path(args.config), overrides)
+    else:
+        cfg = _config(args)
     from finetune.train.recipe import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, allow_changes=args.allow_changes, command=(Path(args.config), overrides))
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, the summary prints once
+        return 130 if result.interrupted else 0
+    if result.finished_before:
+        print(f"finished already: step {result.step} of training.max_steps = {cfg.training.max_steps}; nothing to do."
+              f"\n  weights: {result.output_path}\nto train further, raise training.max_steps "
+              f"(e.g. --set training.max_steps={2 * result.step}) and resume")
+        return 0
     if result.interrupted:
-        print(f"stopped at step {result.step}; checkpoint: {result.checkpoint}\nresume with: finetune train {args.config} --resume")
-    else:
-        print(f"done: step {result.step}\n  weights:    {result.output_path}\n  checkpoint: {result.checkpoint}")
+        print(f"stopped at step {result.step}; checkpoint: {result.checkpoint}\n"
+              f"resume with: {resume_hint(Path(args.config), overrides)}")
+        return 130  # stopped early: scripts must not mistake it for a finished run
+    samples = cfg.output.dir / "samples"
+    print(f"done: step {result.step}\n  weights:    {result.output_path}\n  checkpoint: {result.checkpoint}"
+          + (f"\n  samples:    {samples}" if samples.is_dir() else ""))
+    return 0
 
 
 def cmd_dataset_build(args) -> None:
@@ -114,88 +132,112 @@ def cmd_sample(args) -> None:
     from finetune.tools.sample import render_from_model
 
     out = render_from_model(Path(args.model), args.prompt, Path(args.out), seed=args.seed, steps=args.steps,
-                            height=args.height, width=args.width, negative_prompt=args.negative)
+                            guidance_scale=args.guidance, height=args.height, width=args.width,
+                            negative_prompt=args.negative, loras=[_lora_arg(item) for item in args.lora or []])
     print(f"written {out}")
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS))
+        if shown and not action.required and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune SDXL (LoRA or full) from a folder of images.")
+    parser = argparse.ArgumentParser(prog="finetune", formatter_class=_Help,
+                                     description="Fine-tune SDXL (LoRA or full) from a folder of images.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def config_cmd(name, func, help_text, parent=sub):
-        p = parent.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", help="the TOML config (see train_config.toml)")
-        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    def command(name, func, help_text, parent=sub):
+        p = parent.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                              formatter_class=_Help)
         p.set_defaults(func=func)
         return p
 
-    p = sub.add_parser("quickstart", help="offline demo: images -> tiny model -> LoRA -> merge -> sample, on the CPU")
-    p.add_argument("--out", default="quickstart-out", help="output folder (default: ./quickstart-out)")
-    p.add_argument("--steps", type=int, default=120, help="training steps (default: 120)")
-    p.set_defaults(func=cmd_quickstart)
+    def config_cmd(name, func, help_text, parent=sub):
+        p = command(name, func, help_text, parent)
+        p.add_argument("config", help="the TOML config (copy train_config.toml and edit it)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. training.max_steps=500 or dataset.subsets.0.repeats=2 "
+                            "(repeatable)")
+        return p
 
-    p = sub.add_parser("tiny-model", help="write the tiny SDXL-architecture model as a diffusers folder")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_tiny_model)
+    p = command("quickstart", cmd_quickstart, "offline demo: images -> tiny model -> LoRA -> merge -> sample, on the CPU")
+    p.add_argument("--out", default="quickstart-out", help="output folder (only a folder the quickstart made is replaced)")
+    p.add_argument("--steps", type=int, default=120, help="training steps")
+
+    p = command("tiny-model", cmd_tiny_model, "write the tiny SDXL-architecture model (random weights) for trying "
+                "the toolkit offline")
+    p.add_argument("out", help="a folder (diffusers layout), or a file ending in .safetensors (one SGM single file)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 
     p = config_cmd("train", cmd_train, "train a LoRA or the full UNet as the config says")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint (or the given step-NNNNNN folder)")
+                   help="continue from the latest checkpoint (or the given step-NNNNNN folder), with the "
+                        "--set overrides the run was started with")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept changed learning rate, scheduler, data or model settings (listed, "
+                        "and the run is marked not reproducible)")
 
-    dataset = sub.add_parser("dataset", help="build or inspect the bucketed dataset").add_subparsers(
+    dataset = command("dataset", None, "build or inspect the bucketed dataset").add_subparsers(
         dest="dataset_command", required=True, metavar="ACTION")
     config_cmd("build", cmd_dataset_build, "scan, validate and bucket the images; write the manifest", dataset)
-    config_cmd("inspect", cmd_dataset_inspect, "validate every file and print the bucket plan and problems", dataset)
+    config_cmd("inspect", cmd_dataset_inspect, "validate every file and print the bucket plan and problems; "
+               "writes nothing", dataset)
 
-    config_cmd("cache", cmd_cache, "encode VAE latents and text embeddings for the dataset")
+    config_cmd("cache", cmd_cache, "encode VAE latents and text embeddings for the dataset, as training would")
 
-    p = sub.add_parser("merge", help="merge LoRAs into a checkpoint, keeping its layout and dtype")
-    p.add_argument("--base", required=True, help="SDXL diffusers folder or single-file .safetensors")
-    p.add_argument("--lora", required=True, action="append", metavar="FILE[:SCALE]", help="repeatable")
-    p.add_argument("--out", required=True)
+    p = command("merge", cmd_merge, "merge LoRAs into a checkpoint, keeping its dtype")
+    p.add_argument("--base", required=True, help="SDXL as a diffusers folder or a single-file .safetensors")
+    p.add_argument("--lora", required=True, action="append", metavar="FILE[:SCALE]",
+                   help="a LoRA and its strength (1.0 when omitted); repeatable")
+    p.add_argument("--out", required=True, help="a .safetensors file (one SGM single file, what A1111/Forge/ComfyUI "
+                   "open) or a folder (diffusers layout)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="write every weight in this precision (default: each keeps the base's; fp16 halves an fp32 base)")
-    p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("convert", help="convert a LoRA between kohya (A1111/ComfyUI) and diffusers keys")
-    p.add_argument("lora")
-    p.add_argument("--to", required=True, choices=["kohya", "diffusers"])
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_convert)
+    p = command("convert", cmd_convert, "convert a LoRA between kohya (A1111/ComfyUI) and diffusers keys")
+    p.add_argument("lora", help="the LoRA .safetensors to convert")
+    p.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="the key layout to write")
+    p.add_argument("--out", required=True, help="the converted .safetensors")
 
-    p = sub.add_parser("extract", help="extract a LoRA from the difference of two checkpoints (SVD)")
-    p.add_argument("--base", required=True)
-    p.add_argument("--tuned", required=True)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_extract)
+    p = command("extract", cmd_extract, "extract a LoRA from the difference of two checkpoints (SVD)")
+    p.add_argument("--base", required=True, help="the original SDXL (folder or .safetensors)")
+    p.add_argument("--tuned", required=True, help="the fine-tuned SDXL (same layouts)")
+    p.add_argument("--rank", type=int, default=16, help="rank of the extracted LoRA")
+    p.add_argument("--out", required=True, help="the LoRA .safetensors to write")
 
-    p = sub.add_parser("resize", help="shrink a LoRA to a lower rank (SVD of each module's change)")
-    p.add_argument("lora")
+    p = command("resize", cmd_resize, "shrink a LoRA to a lower rank (SVD of each module's change)")
+    p.add_argument("lora", help="the LoRA .safetensors to shrink")
     p.add_argument("--rank", type=int, required=True, help="the new rank (at most, per module)")
     p.add_argument("--energy", type=float, default=None,
                    help="per module, the smallest rank keeping this share of the change, e.g. 0.95")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_resize)
+    p.add_argument("--out", required=True, help="the smaller LoRA .safetensors")
 
-    p = sub.add_parser("caption", help="write sidecar captions with a local image-to-text model")
-    p.add_argument("folder")
-    p.add_argument("--model", required=True, help="local folder of a transformers image-to-text model")
+    p = command("caption", cmd_caption, "write sidecar captions with a local image-to-text model")
+    p.add_argument("folder", help="the image folder; a caption file is written beside each image")
+    p.add_argument("--model", required=True,
+                   help="local folder of a transformers image-to-text model (BLIP, BLIP-2, GIT, Florence-2, "
+                        "VisionEncoderDecoder such as ViT-GPT2): config.json, weights, processor and tokenizer files")
     p.add_argument("--overwrite", action="store_true", help="replace existing caption files")
-    p.add_argument("--caption-ext", default=".txt")
-    p.set_defaults(func=cmd_caption)
+    p.add_argument("--caption-ext", default=".txt", help="caption file extension: .txt or .caption")
 
-    p = sub.add_parser("sample", help="render one image from a saved model")
-    p.add_argument("model")
-    p.add_argument("--prompt", required=True)
+    p = command("sample", cmd_sample, "render one image from a saved model, with LoRAs applied unmerged")
+    p.add_argument("model", help="SDXL as a diffusers folder or a single-file .safetensors")
+    p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.set_defaults(func=cmd_sample)
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="apply a LoRA at a strength; repeatable")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels")
     return parser
 
 
@@ -226,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
-        args.func(args)
+        return args.func(args) or 0
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -241,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: disk full{where}; files written before are intact: free some space and run the "
               "command again (training: with --resume)", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -64,13 +64,25 @@ def apply_override(raw: dict[str, Any], item: str, source: str = "--set") -> Non
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # a bare word is a string: --set output.name=my_lora
-    node = raw
+    node: Any = raw
     parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):  # [[dataset.subsets]]: dataset.subsets.0.folder
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i])} has {len(node)} table(s); "
+                                  f"use an index from 0 to {len(node) - 1}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {part} is not a table")
-    node[parts[-1]] = value
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i])} is not a table")
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
 
 
 def _describe(error: dict, raw: dict[str, Any], source: str) -> str:
@@ -82,11 +94,21 @@ def _describe(error: dict, raw: dict[str, Any], source: str) -> str:
         hint = _suggest(loc)
         return f"{source}: {key}: unknown key{hint}"
     if error["type"] == "missing":
+        model = table_model(loc)
+        required = [name for name, field in (model.model_fields.items() if model else ()) if field.is_required()]
+        if model is not None and required:  # a whole table is missing: name what it must hold
+            return "\n".join(f"{source}: {key}.{name}: required ({model.model_fields[name].description})"
+                             for name in required)
         return f"{source}: {key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
     if "input" in error and error["type"] != "value_error":
         return f"{source}: {key} = {_short(error['input'])}: {message}"
     return f"{source}: {key + ': ' if key else ''}{message}"
+
+
+def _inner_model(annotation) -> type[BaseModel] | None:
+    inner = getattr(annotation, "__args__", (annotation,))
+    return next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 def table_model(loc: list[str]) -> type[BaseModel] | None:
@@ -98,18 +120,23 @@ def table_model(loc: list[str]) -> type[BaseModel] | None:
         field = model.model_fields.get(part)
         if field is None:
             return None
-        inner = getattr(field.annotation, "__args__", (field.annotation,))
-        model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = _inner_model(field.annotation)
         if model is None:
             return None
     return model
 
 
 def _suggest(loc: list[str]) -> str:
-    """' (did you mean learning_rate?)' for a misspelt key, from the fields of its table."""
+    """' (did you mean learning_rate?)' for a misspelt key, from the fields of its table; for a key given
+    without its table, the table that has it (' (did you mean training.max_steps?)')."""
     model = table_model(loc[:-1])
     if model is None:
         return ""
+    if model is TrainConfig:
+        homes = [f"{table}.{loc[-1]}" for table, field in TrainConfig.model_fields.items()
+                 if loc[-1] in getattr(_inner_model(field.annotation), "model_fields", {})]
+        if homes:
+            return f" (did you mean {' or '.join(homes)}?)"
     close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else f" (allowed: {', '.join(model.model_fields)})"
 

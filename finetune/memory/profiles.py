@@ -75,21 +75,24 @@ def pick_auto(free_gib: float | None, method: str = "lora") -> tuple[str, str]:
     return "min_vram", f"{free_gib:.1f} GiB free on the GPU"
 
 
-def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int = 1) -> tuple[object, str | None]:
+def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int = 1,
+                         cuda: bool | None = None) -> tuple[object, str | None]:
     """A copy of `cfg` with its profile's settings filled in where the user set nothing.
 
     The copy's `memory.profile` names the profile `auto` chose, so the resolved config saved
-    with each checkpoint records it and a resume can keep it.
+    with each checkpoint records it and a resume can keep it. Without a profile, a LoRA's frozen base
+    on a GPU is kept in the mixed-precision dtype unless `memory.base_dtype` is set (as kohya does):
+    fp32 base weights would double the UNet's 5 GB.
 
     Returns:
-        (config, message saying which profile applied and why; None for "custom").
+        (config, message saying which profile applied and why; None when nothing changed).
 
     Raises:
         ConfigError: a key the user set contradicts one the profile sets (names both).
     """
     name = cfg.memory.profile
     if name == "custom":
-        return cfg, None
+        return _base_in_autocast_dtype(cfg, torch.cuda.is_available() if cuda is None else cuda)
     reason = "set in the config"
     if name == "auto":
         name, reason = pick_auto(free_gib if free_gib is not None else free_gpu_gib(), cfg.training.method)
@@ -111,6 +114,17 @@ def apply_memory_profile(cfg, free_gib: float | None = None, num_processes: int 
         raise ConfigError(f"memory.profile = '{name}' sets {listed}, which the rest of the config "
                           f"contradicts: {'; '.join(problems)}; set those keys yourself, or use memory.profile = 'custom'")
     return cfg, f"memory profile {name} ({reason}): {listed}"
+
+
+def _base_in_autocast_dtype(cfg, cuda: bool) -> tuple[object, str | None]:
+    training = cfg.training
+    if (not cuda or training.method != "lora" or training.mixed_precision == "no"
+            or "base_dtype" in cfg.memory.model_fields_set):
+        return cfg, None
+    cfg = cfg.model_copy(deep=True)
+    cfg.memory.base_dtype = training.mixed_precision
+    return cfg, (f"memory.base_dtype = {training.mixed_precision} (the mixed-precision dtype; set memory.base_dtype = "
+                 "'fp32' to keep full-precision base weights)")
 
 
 def _soften(cfg, applied: dict[str, str], num_processes: int) -> None:

@@ -21,32 +21,57 @@ def sdxl_pipeline(models, unet, device):
 
 
 def render(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
-           height: int, width: int, negative_prompt: str = "") -> list:
-    """One PIL image per (prompt, seed), seeded on the CPU so images match across devices."""
-    images = []
-    for prompt in prompts:
-        for seed in seeds:
-            generator = torch.Generator("cpu").manual_seed(seed)
-            with torch.no_grad():
-                images.append(pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                                   guidance_scale=guidance_scale, height=height, width=width,
-                                   generator=generator).images[0])
+           height: int, width: int, negative_prompt: str = "", progress: bool = False) -> list:
+    """One PIL image per (prompt, seed), seeded on the CPU so images match across devices.
+
+    With `progress`, a console bar counts denoising steps over all images ("sample 2/4").
+    """
+    from tqdm.auto import tqdm
+
+    images, total = [], len(prompts) * len(seeds)
+    with tqdm(total=total * steps, desc="sampling", unit="step", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        for prompt in prompts:
+            for seed in seeds:
+                bar.set_description(f"sample {len(images) + 1}/{total}")
+
+                def on_step(pipeline, step, timestep, kwargs):
+                    bar.update(1)
+                    return kwargs
+
+                generator = torch.Generator("cpu").manual_seed(seed)
+                with torch.no_grad():
+                    images.append(pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                                       guidance_scale=guidance_scale, height=height, width=width,
+                                       generator=generator, callback_on_step_end=on_step).images[0])
     return images
 
 
-def grid(images: list, columns: int):
-    """Paste images (same size) into a grid, row-major."""
-    from PIL import Image
+def grid(images: list, columns: int, labels: list[str] | None = None):
+    """Paste images (same size) into a grid, row-major; with `labels`, a caption strip under each tile."""
+    from PIL import Image, ImageDraw, ImageFont
 
     width, height = images[0].size
+    strip = 14 if labels else 0  # one line of the default bitmap font
     rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    sheet = Image.new("RGB", (columns * width, rows * (height + strip)), "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
     for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * width, (i // columns) * height))
+        x, y = (i % columns) * width, (i // columns) * (height + strip)
+        sheet.paste(image, (x, y))
+        if labels:
+            draw.text((x + 2, y + height + 1), _fit(draw, labels[i], font, width - 4), fill="black", font=font)
     return sheet
 
 
-def render_training_samples(unet, models, cfg, step: int, device) -> list[Path]:
+def _fit(draw, text: str, font, width: int) -> str:
+    """`text`, cut with an ellipsis to fit `width` pixels."""
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-2] + "…" if len(text) > 1 else ""
+    return text
+
+
+def render_training_samples(unet, models, cfg, step: int, device, progress: bool = True) -> list[Path]:
     """Samples for `cfg.sample.prompts` with the current weights: `<output>/samples/step-NNNNNN.png`."""
     from finetune.io import atomic_file
 
@@ -56,15 +81,18 @@ def render_training_samples(unet, models, cfg, step: int, device) -> list[Path]:
     homes = [next(m.parameters()).device for m in parts]
     pipe = sdxl_pipeline(models, unet, device)
     size = cfg.dataset.resolution
+    print(f"step {step}: rendering {len(cfg.sample.prompts) * len(cfg.sample.seeds)} samples "
+          f"({cfg.sample.steps} steps each) into {cfg.output.dir / 'samples'}", flush=True)
     images = render(pipe, cfg.sample.prompts, cfg.sample.seeds, steps=cfg.sample.steps,
                     guidance_scale=cfg.sample.guidance_scale, height=cfg.sample.height or size,
-                    width=cfg.sample.width or size, negative_prompt=cfg.sample.negative_prompt)
+                    width=cfg.sample.width or size, negative_prompt=cfg.sample.negative_prompt, progress=progress)
     for module, home in zip(parts, homes):
         module.to(home)  # back off the GPU if that is where caching left them
     unet.train(was_training)
     out = cfg.output.dir / "samples" / f"step-{step:06d}.png"
     with atomic_file(out) as tmp:
-        grid(images, columns=len(cfg.sample.seeds)).save(tmp, format="PNG")
+        labels = [f"{prompt} | step {step} | seed {seed}" for prompt in cfg.sample.prompts for seed in cfg.sample.seeds]
+        grid(images, columns=len(cfg.sample.seeds), labels=labels).save(tmp, format="PNG")
     return [out]
 
 
@@ -82,17 +110,37 @@ def log_sample_grids(tracker, paths: list[Path], step: int) -> None:
 
 def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0, steps: int = 20,
                       guidance_scale: float = 5.0, height: int = 1024, width: int = 1024,
-                      negative_prompt: str = "") -> Path:
-    """Load a saved SDXL (diffusers folder or single file) and render one PNG."""
+                      negative_prompt: str = "", loras: list[tuple[Path, float]] = (), progress: bool = True) -> Path:
+    """Load a saved SDXL (diffusers folder or single file), apply `loras` (file, scale) without merging,
+    and render one PNG."""
     from finetune.config import ModelConfig
     from finetune.io import atomic_file
     from finetune.models.load import load_models
 
+    if progress:
+        print(f"loading {model_path}", flush=True)
     models = load_models(ModelConfig(pretrained=model_path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = sdxl_pipeline(models, models.unet, device)
+    apply_loras(pipe, loras)
     image = render(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                   negative_prompt=negative_prompt)[0]
+                   negative_prompt=negative_prompt, progress=progress)[0]
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
     return out
+
+
+def apply_loras(pipe, loras) -> None:
+    """Load each LoRA file (kohya or diffusers keys) into the pipeline at its scale, unmerged."""
+    from finetune.errors import ModelError
+
+    names, scales = [], []
+    for i, (path, scale) in enumerate(loras):
+        if not Path(path).is_file():
+            raise ModelError(f"{path}: LoRA file not found")
+        name = f"lora{i}"
+        pipe.load_lora_weights(str(path), adapter_name=name)
+        names.append(name)
+        scales.append(scale)
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,13 +41,15 @@ class TrainState:
     seed: int = 0
     nan_steps_skipped: int = 0
     dataset_hash: str = ""
+    changed_on_resume: list[str] = field(default_factory=list)  # --allow-changes: the run is not reproducible
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
     def from_file(cls, path: Path) -> TrainState:
-        return cls(**json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{key: value for key, value in data.items() if key in cls.__dataclass_fields__})
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -211,24 +213,53 @@ def check_fresh_start(root: Path) -> None:
             "cache.dir may point at this run's cache: entries are keyed by what made them, so they are reused)")
 
 
-def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState) -> None:
+def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState, allow_changes: bool = False) -> list[str]:
     """Refuse a resume that could not continue exactly: the config, dataset or process count changed.
 
+    Settings that cannot change the math already done (max_steps, cadences, prompts, logging) change
+    freely. With `allow_changes` the others are accepted too and returned, so the run can say so.
+
+    Returns:
+        the changes accepted (empty without `allow_changes`).
+
     Raises:
-        CheckpointError: listing every difference and what to do.
+        CheckpointError: listing every difference and the ways forward.
     """
     saved_cfg = migrate_moved_keys(tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
-    problems = resume_conflicts(saved_cfg, tomllib.loads(dump_config(cfg)))
+    changes = resume_conflicts(saved_cfg, tomllib.loads(dump_config(cfg)))
     saved = TrainState.from_file(folder / STATE_FILE)
     if saved.dataset_hash and saved.dataset_hash != state.dataset_hash:
-        problems.append("dataset: the images, captions or crops changed since the checkpoint")
-    if saved.num_processes != state.num_processes:
-        problems.append(f"processes: {saved.num_processes} in the checkpoint, {state.num_processes} now")
-    if problems:
+        changes.append("dataset: the images, captions or crops changed since the checkpoint")
+    if saved.num_processes != state.num_processes:  # the sampler's shards: never accepted
+        raise CheckpointError(f"{folder}: cannot resume with {state.num_processes} processes: the checkpoint was "
+                              f"written by {saved.num_processes}; launch with --num_processes {saved.num_processes}")
+    if changes and not allow_changes:
         raise CheckpointError(
-            f"{folder}: cannot resume, the config changed in ways that would make the result wrong:\n  "
-            + "\n  ".join(problems)
-            + "\nrestore those settings, or start a new run in another output.dir")
+            f"{folder}: cannot resume, the config changed in ways that would make the result differ from an "
+            "uninterrupted run:\n  " + "\n  ".join(changes)
+            + "\nrestore those settings; or resume with --allow-changes to accept them (the run is then marked "
+            "not reproducible); or start a new run in another output.dir from this checkpoint's weights with "
+            f"lora.init_from = \"{folder / (cfg.output.name + '.safetensors')}\"")
+    return changes
+
+
+def finished_run(cfg: TrainConfig, resume: str) -> TrainState | None:
+    """The checkpoint's state when `--resume` has nothing left to train (the run already reached max_steps).
+
+    Raises:
+        CheckpointError: no checkpoint to resume.
+        ConfigError: training.max_steps is below the checkpoint's step.
+    """
+    from finetune.errors import ConfigError
+
+    folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
+    saved = TrainState.from_file(folder / STATE_FILE)
+    if cfg.training.max_epochs is not None or saved.step < cfg.training.max_steps:
+        return None
+    if saved.step > cfg.training.max_steps:
+        raise ConfigError(f"training.max_steps = {cfg.training.max_steps} is below the checkpoint's step "
+                          f"{saved.step} ({folder}): set it above {saved.step} to train further")
+    return saved if cfg.output.adapter_path.is_file() else None  # stopped on its last step: finish it
 
 
 def profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:

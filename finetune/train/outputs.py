@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def training_metadata(cfg, state, manifest, base_name: str) -> dict[str, str]:
     from finetune.adapters.metadata import adapter_metadata
 
     buckets = sorted(Counter(tuple(b) for b in manifest["bucket"]))
-    return adapter_metadata(
+    metadata = adapter_metadata(
         base_model=base_name,
         base_model_hash=base_model_hash(cfg.model.pretrained),
         method=cfg.training.method,
@@ -94,3 +95,7 @@ def training_metadata(cfg, state, manifest, base_name: str) -> dict[str, str]:
         config_hash=hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16],
         title=cfg.output.name,
     )
+    if state.changed_on_resume:  # resumed with --allow-changes: an uninterrupted run would differ
+        metadata["finetune.reproducible"] = "false"
+        metadata["finetune.changed_on_resume"] = json.dumps(state.changed_on_resume)
+    return metadata

@@ -33,6 +33,7 @@ from finetune.models.text import encode_prompts
 from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
+from finetune.train.command import record_command
 from finetune.train.logs import RunLog, progress_bar, step_metrics
 from finetune.train.loss import make_noise_scheduler, resolve_prediction_type, timestep_range
 from finetune.train.optim import build_lr_scheduler
@@ -54,6 +55,7 @@ class TrainResult:
     manifest_dir: Path | None = None
     log_dir: Path | None = None
     interrupted: bool = False
+    finished_before: bool = False  # --resume on a run that had already finished: nothing was done
 
 
 class StopFlag:
@@ -80,15 +82,24 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
-          step_loss: Callable = diffusion_step_loss) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, *,
+          step_loss: Callable = diffusion_step_loss, allow_changes: bool = False,
+          command: tuple[Path, list[str]] | None = None) -> TrainResult:
     """Run training as `cfg` says; `resume` is None, "latest" or a checkpoint folder.
 
-    `step_loss` is the loss of one micro-batch (`step.diffusion_step_loss`; tests wrap it).
+    Args:
+        step_loss: the loss of one micro-batch (`step.diffusion_step_loss`; tests wrap it).
+        allow_changes: resume although frozen settings or the data changed (recorded in the run).
+        command: (config file, --set overrides) the run was started with, kept in `run.json` so that
+            `--resume` continues with the same settings.
     """
+    # Both checks come before minutes of scanning and caching.
     if resume is None:
-        ckpt.check_fresh_start(cfg.output.checkpoints_dir)  # before minutes of scanning and caching
-    recipe = Recipe(cfg, progress=progress, step_loss=step_loss)
+        ckpt.check_fresh_start(cfg.output.checkpoints_dir)
+    elif (done := ckpt.finished_run(cfg, resume)) is not None:
+        return TrainResult(output_path=cfg.output.adapter_path, step=done.step, finished_before=True,
+                           checkpoint=ckpt.latest_checkpoint(cfg.output.checkpoints_dir))
+    recipe = Recipe(cfg, progress=progress, step_loss=step_loss, allow_changes=allow_changes, command=command)
     try:
         recipe.setup(resume)
         with StopFlag() as stop:
@@ -105,10 +116,13 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
 class Recipe:
     """One run: its parts, built in `setup`, and its progress. Every field is declared here."""
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True, step_loss: Callable = diffusion_step_loss):
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, step_loss: Callable = diffusion_step_loss,
+                 allow_changes: bool = False, command: tuple[Path, list[str]] | None = None):
         self.cfg = cfg  # re-bound in setup once the memory profile and max_epochs have filled it in
         self.progress = progress
         self.step_loss = step_loss
+        self.allow_changes = allow_changes
+        self.command = command  # (config file, overrides): written to run.json for --resume
         self.phase = "setup"  # setup, caching, training: what an out-of-memory message speaks of
         # Built by setup(), in order.
         self.accelerator = None
@@ -178,6 +192,8 @@ class Recipe:
             info = build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
             acc.print(info.report_text)
             write_resolved_config(cfg)
+            if self.command is not None:
+                record_command(cfg.output.dir, *self.command)
         acc.wait_for_everyone()
         self.manifest = load_manifest(cfg.output.manifest_dir)
 
@@ -266,11 +282,15 @@ class Recipe:
     def _resume(self, resume: str) -> None:
         """Load the checkpoint's Accelerate state and TrainState (the config was checked against it)."""
         folder = ckpt.find_resume_folder(self.cfg.output.checkpoints_dir, resume)
-        ckpt.check_resumable(folder, self.cfg, self.state)
+        changes = ckpt.check_resumable(folder, self.cfg, self.state, self.allow_changes)
         self.accelerator.load_state(str(folder))
         saved = ckpt.TrainState.from_file(folder / ckpt.STATE_FILE)
         self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
         self.state.images_seen, self.state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
+        self.state.changed_on_resume = saved.changed_on_resume + [f"step {saved.step}: {c}" for c in changes]
+        if changes:
+            self.accelerator.print("--allow-changes: resuming with these changes (the run is now marked not "
+                                   "reproducible):\n  " + "\n  ".join(changes))
         self.last_checkpoint = folder
         self.epochs_done = self.epochs_completed()
         self.accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
@@ -404,6 +424,8 @@ class Recipe:
         every = cfg.sample.every_n_steps
         if cfg.sample.prompts and (every and state.step % every == 0 or epoch_due(cfg.sample.every_n_epochs)):
             self.render_samples()
+            if bar is not None:
+                bar.unpause()  # the ETA counts training steps, not the minutes spent rendering
         if self.val_dataset is not None and state.step % cfg.validation.every_n_steps == 0:
             self.log_validation_loss()
         on_cadence = state.step % cfg.checkpoint.every_n_steps == 0 or epoch_due(cfg.checkpoint.every_n_epochs)
@@ -465,7 +487,8 @@ class Recipe:
         acc, cfg = self.accelerator, self.cfg
         if not acc.is_main_process:
             return []
-        paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device)
+        paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device,
+                                        progress=self.progress)
         self.rendered_step = self.state.step
         if cfg.logging.report_to != "none":
             log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)

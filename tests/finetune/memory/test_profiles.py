@@ -161,3 +161,39 @@ def test_auto_on_resume_keeps_the_profile_the_stopped_run_chose(tmp_path):
     (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "custom"\n', encoding="utf-8")
     out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
     assert out.memory.profile == "custom" and message is None and not out.memory.compile
+
+
+def test_without_a_profile_a_gpu_keeps_the_lora_base_in_the_autocast_dtype(tmp_path):
+    out, message = apply_memory_profile(config(tmp_path), cuda=True)
+    assert out.memory.base_dtype == "bf16" and "memory.base_dtype = bf16" in message
+    assert apply_memory_profile(config(tmp_path), cuda=False) == (config(tmp_path), None)  # CPU: as written
+    kept, _ = apply_memory_profile(config(tmp_path, base_dtype="fp32"), cuda=True)
+    assert kept.memory.base_dtype == "fp32"  # the user's own choice
+    full, _ = apply_memory_profile(config(tmp_path, method="full"), cuda=True)
+    assert full.memory.base_dtype == "fp32"
+
+
+def test_the_templates_defaults_fit_a_12_gb_card_for_an_sdxl_lora_at_1024(tmp_path):
+    """train_config.toml as shipped, on a 12 GB card (about 11.2 GiB free): the pre-flight estimate fits."""
+    import shutil
+    import tomllib
+    from pathlib import Path
+
+    from finetune.config import load_config
+
+    template = Path(__file__).resolve().parents[3] / "train_config.toml"
+    shutil.copy(template, tmp_path / "c.toml")
+    raw = tomllib.loads(template.read_text(encoding="utf-8"))
+    (tmp_path / raw["model"]["pretrained"]).mkdir()
+    (tmp_path / raw["dataset"]["subsets"][0]["folder"]).mkdir()
+    cfg = load_config(tmp_path / "c.toml")
+    assert cfg.memory.profile == "auto" and cfg.dataset.resolution == 1024
+    sdxl_unet, lora_rank16_attn = 2_567_463_684, 23_224_320  # SDXL's UNet; rank-16 LoRA on its attention
+    for free_gib, limit in ((11.2, 11.0), (7.4, 7.4)):
+        out, _ = apply_memory_profile(cfg, free_gib=free_gib)
+        memory = out.memory
+        estimate = estimate_peak_gib(
+            sdxl_unet, lora_rank16_attn, base_dtype=memory.base_dtype, optimizer=out.optimizer.name,
+            pixels=1024 * 1024, batch_size=out.training.batch_size,
+            checkpointing=memory.checkpointing_mode if memory.gradient_checkpointing else None)
+        assert estimate <= limit, (free_gib, out.memory.profile, estimate)

@@ -14,17 +14,12 @@ import pytest
 import torch
 
 from conftest import make_image
-from trainer_runs import adapter_tensors, make_shapes_folder, write_config
+from trainer_runs import adapter_tensors, write_config
 from finetune.config import load_config
 from finetune.errors import CheckpointError, FinetuneError
 from finetune.train.recipe import train
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def shapes_folder(tmp_path_factory) -> Path:
-    return make_shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
 def test_lora_run_writes_a_kohya_lora_that_changes_the_unet(tmp_path, tiny_model_dir, shapes_folder):
@@ -59,7 +54,9 @@ def test_lora_run_writes_a_kohya_lora_that_changes_the_unet(tmp_path, tiny_model
     assert (after - before).abs().max() > 1e-4
 
     # Outputs beside the adapter: manifest, resolved config, checkpoints with their own usable file.
-    assert (cfg.output.manifest_dir / "dataset_info.json").exists() or any(cfg.output.manifest_dir.iterdir())
+    from bucketing.manifest import load_manifest
+
+    assert len(load_manifest(cfg.output.manifest_dir)) == len(list(shapes_folder.glob("*.png")))
     assert (cfg.output.dir / "config.resolved.toml").is_file()
     state = json.loads((result.checkpoint / "train_state.json").read_text())
     assert state["step"] == 12 and state["images_seen"] == 24 and state["num_processes"] == 1
@@ -140,14 +137,29 @@ def test_lora_max_norm_bounds_every_written_module(tmp_path, tiny_model_dir, sha
 
 
 def test_resume_without_checkpoint_is_an_error_and_a_changed_config_is_refused(tmp_path, tiny_model_dir, shapes_folder):
+    from safetensors import safe_open
+
     path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=2, every=1)
     with pytest.raises(CheckpointError, match="no complete checkpoint in .*checkpoints"):
         train(load_config(path), resume="latest", progress=False)
     assert not (tmp_path / "out" / "manifest").exists()  # refused before any work
     assert train(load_config(path), progress=False).step == 2
+    # What cannot change the math already done changes freely: length, cadences, prompts, logging.
+    free = ["training.max_steps=3", "checkpoint.every_n_steps=7", "logging.every_n_steps=2", "checkpoint.keep_last=2"]
+    assert train(load_config(path, free), resume="latest", progress=False).step == 3
     with pytest.raises(CheckpointError) as info:
-        train(load_config(path, ["lora.rank=8", "training.max_steps=4"]), resume="latest", progress=False)
-    assert "lora.rank" in str(info.value)
+        train(load_config(path, ["lora.rank=8", "training.learning_rate=1e-3", "training.max_steps=4"]),
+              resume="latest", progress=False)
+    message = str(info.value)
+    assert "lora.rank: 4 in the checkpoint, 8 now" in message and "training.learning_rate" in message
+    assert "--allow-changes" in message and "lora.init_from" in message
+    changed = train(load_config(path, ["training.learning_rate=1e-3", "training.max_steps=4"]), resume="latest",
+                    progress=False, allow_changes=True)
+    assert changed.step == 4
+    with safe_open(str(changed.output_path), "pt") as fh:
+        metadata = fh.metadata()
+    assert metadata["finetune.reproducible"] == "false"
+    assert "training.learning_rate: 0.002 in the checkpoint, 0.001 now" in metadata["finetune.changed_on_resume"]
 
 
 def test_nan_loss_is_skipped_then_stops(tmp_path, tiny_model_dir, shapes_folder, monkeypatch):
@@ -213,15 +225,20 @@ def test_kill_9_then_resume_finishes(tmp_path, tiny_model_dir, shapes_folder):
     done = subprocess.run([sys.executable, "-m", "finetune", "train", str(path), "--resume",
                            "--set", "training.max_steps=6"], capture_output=True, text=True, timeout=300)
     assert done.returncode in (0, 2), done.stdout + done.stderr
-    if done.returncode == 2:  # killed after step 6 was already saved: nothing left to do is also fine
+    if done.returncode == 2:  # killed after step 6 was already saved: max_steps below the checkpoint is refused
+        assert "is below the checkpoint's step" in done.stderr
         pytest.skip("the killed run had already passed step 6")
     assert (tmp_path / "out" / "lora.safetensors").is_file()
     assert "resumed from" in done.stdout
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, shapes_folder):
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_prints_a_resume_command_that_works(
+        tmp_path, tiny_model_dir, shapes_folder):
+    import shlex
+
     path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=400, every=1000)
-    proc = _start(path)
+    elsewhere = tmp_path / "elsewhere"
+    proc = _start(path, "--set", f"output.dir={elsewhere}", "--set", "training.max_steps=300")
     deadline = time.time() + 240
     for line in proc.stdout:  # wait until training has started
         if "optimizer steps per epoch" in line or time.time() > deadline:
@@ -229,9 +246,22 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model_dir, s
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, out
-    assert "resume with" in out
-    assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
+    assert proc.returncode == 130, out  # stopped early: not a finished run
+    assert "\nstop requested" in out  # on its own line, not glued to the progress bar
+    step = json.loads((elsewhere / "checkpoints" / (elsewhere / "checkpoints" / "latest").read_text().strip()
+                       / "train_state.json").read_text())["step"]
+    hint = shlex.split(out.split("resume with: ")[1].splitlines()[0])
+    assert hint[:4] == ["finetune", "train", str(path), "--resume"]
+    assert f"output.dir={elsewhere}" in hint and "training.max_steps=300" in hint
+    # The hint continues the same run (its folder, its settings): finish it at the step reached.
+    finish = [sys.executable, "-m", *hint[1:], "--set", f"training.max_steps={step}"]
+    done = subprocess.run(finish, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout and (elsewhere / "lora.safetensors").is_file()
+    again = subprocess.run(finish, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "finished already" in again.stdout, again.stdout + again.stderr
+    assert "resumed from" not in again.stdout  # no work
+    assert not (tmp_path / "out").exists()  # the config's own output.dir was never used
 
 
 def test_two_processes_train_as_one_group(tmp_path, tiny_model_dir, shapes_folder):

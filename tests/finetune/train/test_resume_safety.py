@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_runs import adapter_tensors, make_shapes_folder, write_config
+from trainer_runs import adapter_tensors, write_config
 from finetune.train import checkpoint as ckpt
 from finetune.config import load_config
 from finetune.errors import CheckpointError
@@ -20,11 +20,6 @@ from finetune.train.recipe import train
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 6, 2
-
-
-@pytest.fixture(scope="module")
-def shapes_folder(tmp_path_factory) -> Path:
-    return make_shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")
