@@ -71,7 +71,7 @@ def cmd_dataset_inspect(args) -> None:
     cfg = _config(args)
     from finetune.dataset import inspect_dataset
 
-    print(inspect_dataset(cfg.dataset, cfg.training.seed, cfg.output.dir / "inspect"))
+    print(inspect_dataset(cfg.dataset, cfg.training.seed))
 
 
 def cmd_cache(args) -> None:
@@ -254,12 +254,15 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("bitsandbytes", "diffusers", "transformers", "accelerate", "datasets", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
+    import datasets
+    import diffusers
+    import transformers
 
-        datasets.disable_progress_bars()  # manifest saves are instant; their bars are noise
-    except ImportError:
-        pass
+    # Loading bars ("Loading pipeline components", nested "Loading weights") take a second and leave
+    # raw cursor codes in logs; manifest saves are instant. Our own bars say what a wait is for.
+    datasets.disable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +87,15 @@ def dataset_hash(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def inspect_dataset(cfg, seed: int, work_dir: Path) -> str:
-    """Validate every file and plan the buckets without writing a manifest; the report as text."""
-    try:
-        result = build_manifest(subset_specs(cfg), build_options(cfg, seed), work_dir=work_dir)
-    except ValueError as err:
-        raise DatasetError(str(err)) from None
-    return _report_text(result)
+def inspect_dataset(cfg, seed: int) -> str:
+    """Validate every file and plan the buckets, writing nothing the user keeps; the report as text.
+
+    The scan's working files (validation cache, images extracted from a `datasets` table) go to a
+    temporary folder that is removed afterwards.
+    """
+    with tempfile.TemporaryDirectory(prefix="finetune-inspect-") as work_dir:
+        try:
+            result = build_manifest(subset_specs(cfg), build_options(cfg, seed), work_dir=Path(work_dir))
+        except ValueError as err:
+            raise DatasetError(str(err)) from None
+        return _report_text(result)

@@ -22,6 +22,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
+        _honour_umask(tmp)
         if target.exists():
             # Two renames: the old folder is only removed once the new one is in place.
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -48,6 +49,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        _honour_umask(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -58,6 +60,20 @@ def atomic_file(target: Path) -> Iterator[Path]:
 def write_text_atomic(target: Path, text: str) -> None:
     with atomic_file(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: Path) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; what we publish gets the modes any other
+    program's files get under the user's umask. Inside a published folder, entries created by our own
+    code or libraries already follow it."""
+    mask = _current_umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def fsync_tree(root: Path) -> None:

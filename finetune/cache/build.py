@@ -57,7 +57,8 @@ def run_build(kind: str, cache_dir: Path, wanted: Iterable[str], encode: Encoder
     _wait(accelerator)
 
     writer = ShardWriter(cache_dir, ShardWriter.new_prefix(kind, rank), shard_size)
-    with tqdm(total=len(mine), desc=f"caching {kind}", unit=unit, disable=not progress or rank != 0,
+    # No bar when everything is cached already: "caching latents: 0img" says nothing.
+    with tqdm(total=len(mine), desc=f"caching {kind}", unit=unit, disable=not progress or rank != 0 or not mine,
               dynamic_ncols=True) as bar:
         for key, tensors in encode(mine):
             writer.add(key, tensors)

@@ -41,14 +41,16 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
 class ModelConfig(Section):
     pretrained: Path = Field(description="SDXL as a local diffusers folder or a single-file .safetensors.")
     vae: Path | None = Field(None, description="Optional separate VAE (diffusers folder or .safetensors).")
+    config: Path | None = Field(None, description="For a single file whose architecture is not SDXL base's: a "
+                                "diffusers folder with its configs and tokenizers (weights are not needed).")
     allow_pickle: bool = Field(False, description="Allow pickled .ckpt/.pt files (loaded with weights_only=True).")
     name: str | None = Field(None, description="Base model name written into adapter metadata (default: folder/file name).")
 
-    _paths = field_validator("pretrained", "vae")(_resolve)
+    _paths = field_validator("pretrained", "vae", "config")(_resolve)
 
     @model_validator(mode="after")
     def _exists(self) -> ModelConfig:
-        for key in ("pretrained", "vae"):
+        for key in ("pretrained", "vae", "config"):
             path = getattr(self, key)
             if path is not None and not path.exists():
                 raise ValueError(f"{key}: path does not exist: {path} (point it at a local SDXL diffusers folder or .safetensors file)")

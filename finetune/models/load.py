@@ -56,7 +56,7 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
     if path.is_file():
         from finetune.models.single_file import load_single_file_pipeline
 
-        pipe = load_single_file_pipeline(path, allow_pickle=cfg.allow_pickle, dtype=dtype)
+        pipe = load_single_file_pipeline(path, allow_pickle=cfg.allow_pickle, dtype=dtype, config_dir=cfg.config)
     else:
         check_diffusers_folder(path)
         pipe = _load_diffusers_folder(path, dtype)

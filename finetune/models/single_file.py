@@ -31,17 +31,27 @@ TE2_MARKER = TE2_PREFIX + "positional_embedding"
 
 # --- config folder -------------------------------------------------------------------------------
 
-def default_config_dir() -> Path:
-    """SDXL base's configs and tokenizers, materialized once into the user cache (XDG_CACHE_HOME respected)."""
+def default_config_dir(kind: str = "sdxl_base") -> Path:
+    """The configs and tokenizers of `kind` (SDXL base, or the tiny test model), materialized once into the
+    user cache (XDG_CACHE_HOME respected)."""
     from finetune.models.configs import materialize_config_folder
+    from finetune.models.tiny import materialize_tiny_config_folder
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    target = cache / "sdxl-finetune" / "sdxl_base"
+    target = cache / "sdxl-finetune" / kind
     if not ((target / "model_index.json").is_file() and (target / "tokenizer_2").is_dir()):
         # Built aside and renamed: two processes starting at once never see half a folder.
         with atomic_dir(target) as tmp:
-            materialize_config_folder(tmp)
+            (materialize_tiny_config_folder if kind == "tiny_sdxl" else materialize_config_folder)(tmp)
     return target
+
+
+def architecture_of(shapes: dict[str, tuple[int, ...]]) -> str:
+    """Which known SDXL architecture a single file holds, from its tensor shapes: "sdxl_base" or "tiny_sdxl"."""
+    from finetune.models.tiny import tiny_unet_config
+
+    first_conv = shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight", (0,))
+    return "tiny_sdxl" if first_conv[0] == tiny_unet_config()["block_out_channels"][0] else "sdxl_base"
 
 
 # --- reading and checking ------------------------------------------------------------------------
@@ -117,8 +127,8 @@ def load_single_file_pipeline(path: Path, *, allow_pickle: bool = False, dtype: 
     """A `StableDiffusionXLPipeline` from one SGM checkpoint file, offline.
 
     Args:
-        config_dir: a diffusers folder whose configs and tokenizers describe the model
-            (default: SDXL base's, materialized into the user cache).
+        config_dir: a diffusers folder whose configs and tokenizers describe the model (model.config;
+            default: SDXL base's, or the tiny model's when the shapes say so, materialized into the user cache).
 
     Raises:
         ModelError: a refused pickle, a file that is not SDXL, or a load that fails (naming the file).
@@ -128,14 +138,16 @@ def load_single_file_pipeline(path: Path, *, allow_pickle: bool = False, dtype: 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint file not found")
-    check_sdxl_keys(path, read_shapes(path, allow_pickle=allow_pickle))
-    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    shapes = read_shapes(path, allow_pickle=allow_pickle)
+    check_sdxl_keys(path, shapes)
+    config_dir = Path(config_dir) if config_dir is not None else default_config_dir(architecture_of(shapes))
     try:
         # diffusers reads pickles with torch.load(weights_only=True) itself; the opt-in was checked above.
         return StableDiffusionXLPipeline.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelError(f"{path}: diffusers could not load it as SDXL with the configs in {config_dir}: {err}") from None
+        raise ModelError(f"{path}: diffusers could not load it as SDXL with the configs in {config_dir}: {err}; if it "
+                         "is not SDXL base's architecture, set model.config to a diffusers folder that describes it") from None
 
 
 def load_vae(path: Path, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,

@@ -100,12 +100,31 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
+def materialize_tiny_config_folder(out: Path) -> Path:
+    """The tiny model's configs and tokenizers without weights: what `from_single_file(config=...)` needs."""
+    out = Path(out)
+    pipe = build_tiny_pipeline(0)
+    pipe.save_config(out)  # model_index.json
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipe, name).save_config(out / name)
+    for name in ("text_encoder", "text_encoder_2"):
+        getattr(pipe, name).config.save_pretrained(out / name)
+    save_clip_tokenizer(out / "tokenizer", pad_token="<|endoftext|>")
+    save_clip_tokenizer(out / "tokenizer_2", pad_token="!")
+    return out
+
+
 def save_tiny_model(out: Path, seed: int = 0) -> Path:
-    """Write the tiny model as a diffusers folder that `StableDiffusionXLPipeline.from_pretrained` opens."""
+    """Write the tiny model as a diffusers folder that `StableDiffusionXLPipeline.from_pretrained` opens, or,
+    for a path ending in .safetensors, as one SGM single file (as A1111/ComfyUI checkpoints are)."""
     from finetune.io import atomic_dir
 
     out = Path(out)
     pipe = build_tiny_pipeline(seed)
+    if out.suffix.lower() == ".safetensors":
+        from finetune.models.single_file import save_single_file
+
+        return save_single_file(pipe, out)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # save_pretrained writes the tokenizers too; rewrite them so both carry SDXL's padding.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,11 +82,47 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
         for key, module in lora.modules.items():
             wanted.setdefault(key, []).append(_Add(Path(path).name, module, float(scale)))
         report.merged[str(path)] = [f"{c}:{p}" for c, p in lora.modules]
-    if base.is_dir():
-        _merge_folder(base, out, wanted, dtype)
-    else:
-        _merge_single_file(base, out, wanted, unet_config, dtype)
+    want_file = out.suffix.lower() == ".safetensors"
+    if base.is_dir() == (not want_file):  # the base's own layout: stream only the tensors that change
+        if base.is_dir():
+            _merge_folder(base, out, wanted, dtype)
+        else:
+            _merge_single_file(base, out, wanted, unet_config, dtype)
+        return report
+    # The other layout (a .safetensors out from a diffusers folder, or a folder out from a single file):
+    # merge in the base's layout beside `out`, then convert that whole model once.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None) as work:
+        merged = Path(work) / ("merged" if base.is_dir() else "merged.safetensors")
+        (_merge_folder(base, merged, wanted, dtype) if base.is_dir()
+         else _merge_single_file(base, merged, wanted, unet_config, dtype))
+        _convert_layout(merged, out, dtype or _unet_dtype(merged))
     return report
+
+
+def _unet_dtype(model: Path) -> torch.dtype:
+    """The precision the model's UNet is stored in (an fp16 checkpoint stays fp16 when converted)."""
+    from safetensors import safe_open
+
+    file = model if model.is_file() else sorted((model / "unet").glob("*.safetensors"))[0]
+    with safe_open(str(file), framework="pt") as fh:
+        key = next(k for k in fh.keys() if model.is_dir() or k.startswith("model.diffusion_model."))
+        return fh.get_tensor(key).dtype
+
+
+def _convert_layout(merged: Path, out: Path, dtype: torch.dtype) -> None:
+    """A merged diffusers folder as one SGM single file, or a merged single file as a diffusers folder."""
+    from finetune.models.single_file import load_single_file_pipeline, save_single_file
+
+    if merged.is_dir():
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(merged, local_files_only=True, use_safetensors=True,
+                                                         torch_dtype=dtype)
+        save_single_file(pipe, out)
+        return
+    pipe = load_single_file_pipeline(merged, dtype=dtype)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
 
 
 def base_unet_config(base: Path) -> dict:

@@ -29,4 +29,6 @@ def test_inspect_prints_buckets_problems_and_totals(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "bucket (h x w)" in done.stdout and "b.jpg: not an image" in done.stdout and "images: 1" in done.stdout
-    assert not (tmp_path / "output" / "manifest").exists()  # inspect writes no manifest
+    # "changes nothing": no output folder, and the image folder is as it was.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "imgs", "model"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.jpg"]

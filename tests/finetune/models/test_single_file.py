@@ -188,3 +188,47 @@ def test_vae_refuses_what_is_not_a_vae(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError, match="vae.pt.*allow_pickle"):
         torch.save({}, tmp_path / "vae.pt")
         load_vae(tmp_path / "vae.pt", config_dir=tiny_model_dir)
+
+
+def test_the_tiny_model_as_one_single_file_opens_by_its_shapes(tmp_path):
+    """`finetune tiny-model X.safetensors` writes one SGM file; loading finds the tiny architecture by itself."""
+    from finetune.config import ModelConfig
+    from finetune.models.load import load_models
+    from finetune.models.tiny import build_tiny_pipeline, save_tiny_model
+
+    path = save_tiny_model(tmp_path / "tiny.safetensors", seed=3)
+    assert path.is_file() and not (tmp_path / "tiny").exists()
+    models = load_models(ModelConfig(pretrained=path))
+    reference = build_tiny_pipeline(seed=3)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(models, name).state_dict(), getattr(reference, name).state_dict()
+        assert set(ours) == set(theirs), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+@pytest.mark.slow
+def test_a_single_file_model_trains_merges_and_samples_end_to_end(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import make_image
+
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done
+
+    run("tiny-model", "tiny.safetensors")
+    for i, (h, w) in enumerate([(96, 160), (128, 128)]):
+        make_image(tmp_path / "imgs" / f"{i}.png", h, w)
+    (tmp_path / "c.toml").write_text(
+        '[model]\npretrained = "tiny.safetensors"\n[dataset]\nresolution = 128\nmin_side = 64\nmax_side = 256\n'
+        '[[dataset.subsets]]\nfolder = "imgs"\n'
+        '[training]\nmax_steps = 2\nmixed_precision = "no"\n[lora]\nrank = 2\n[output]\nname = "lora"\n',
+        encoding="utf-8")
+    run("train", "c.toml")
+    run("merge", "--base", "tiny.safetensors", "--lora", "output/lora.safetensors:0.5", "--out", "merged.safetensors")
+    done = run("sample", "merged.safetensors", "--prompt", "a shape", "--steps", "2", "--height", "64", "--width", "64",
+               "--lora", "output/lora.safetensors:0.5", "--out", "s.png")
+    assert (tmp_path / "s.png").is_file() and "Traceback" not in done.stderr

@@ -292,3 +292,26 @@ def test_missing_base_and_pickled_base_are_refused(lora_file, tmp_path):
     ckpt.write_bytes(b"\x80\x04")
     with pytest.raises(ModelError, match="model.ckpt"):
         merge_loras(ckpt, [(lora_file, 1.0)], tmp_path / "out.safetensors")
+
+
+def test_a_safetensors_out_path_writes_one_single_file_whatever_the_bases_layout(tmp_path, tiny_model_dir, lora_file):
+    """A user merging onto a diffusers base with --out merged.safetensors gets the file A1111/ComfyUI open,
+    not a folder named merged.safetensors; a folder out path from a single file gets a diffusers folder."""
+    from finetune.models.single_file import load_single_file_pipeline, read_shapes
+
+    lora = lora_file
+    out = tmp_path / "merged.safetensors"
+    merge_loras(tiny_model_dir, [(lora, 1.0)], out)
+    assert out.is_file() and "model.diffusion_model.input_blocks.0.0.weight" in read_shapes(out)
+    merged_unet = load_single_file_pipeline(out).unet
+    folder = tmp_path / "merged-folder"
+    merge_loras(tiny_model_dir, [(lora, 1.0)], folder)
+    from diffusers import UNet2DConditionModel
+
+    reference = UNet2DConditionModel.from_pretrained(folder / "unet")
+    for (name, a), (_, b) in zip(merged_unet.state_dict().items(), reference.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    back = tmp_path / "back"
+    merge_loras(out, [(lora, 0.0)], back)
+    assert (back / "model_index.json").is_file() and (back / "unet" / "config.json").is_file()
+    assert not list(tmp_path.glob(".merged*"))  # the work folders are gone

@@ -254,7 +254,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_prints_a_resume_command_that_wo
     assert hint[:4] == ["finetune", "train", str(path), "--resume"]
     assert f"output.dir={elsewhere}" in hint and "training.max_steps=300" in hint
     # The hint continues the same run (its folder, its settings): finish it at the step reached.
-    finish = [sys.executable, "-m", *hint[1:], "--set", f"training.max_steps={step}"]
+    finish = [sys.executable, "-m", *hint, "--set", f"training.max_steps={step}"]
     done = subprocess.run(finish, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from" in done.stdout and (elsewhere / "lora.safetensors").is_file()
