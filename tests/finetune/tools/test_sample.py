@@ -31,3 +31,20 @@ def test_render_is_reproducible_per_seed_and_the_negative_prompt_changes_it(pipe
     assert not (negative[0] == plain[0]).all()  # the negative prompt replaced the empty one in CFG
     assert grid(render(pipe, ["a", "b"], [0, 1, 2], steps=1, guidance_scale=1.0, height=64, width=64),
                 columns=3).size == (192, 128)
+
+
+def test_a_labelled_grid_names_each_tile_under_it(pipe):
+    from PIL import Image
+
+    tiles = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
+    sheet = grid(tiles, columns=2, labels=["a red circle | step 10 | seed 0", "a red circle | step 10 | seed 1"])
+    assert sheet.size == (128, 64 + 14)
+    strip = np.asarray(sheet)[64:, :, :]
+    assert (strip < 128).any()  # dark text on the white strip under each tile
+    assert (np.asarray(sheet)[:64, :64] == (255, 0, 0)).all()  # the tiles themselves untouched
+
+
+def test_render_reports_its_progress_on_the_console(pipe, capsys):
+    render(pipe, ["a", "b"], [0], steps=2, guidance_scale=1.0, height=64, width=64, progress=True)
+    err = capsys.readouterr().err
+    assert "sample 2/2" in err and "4/4" in err
