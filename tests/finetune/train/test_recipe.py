@@ -272,6 +272,7 @@ def test_two_processes_train_as_one_group(tmp_path, tiny_model_dir, shapes_folde
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "processes: 2 (cpu:0, MULTI_CPU)" in done.stdout  # one gloo group, not two lone ranks
+    assert done.stdout.count("done: step 3") == 1  # the summary prints once, not once per process
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-000003" / "train_state.json").read_text())
     assert state["num_processes"] == 2 and state["images_seen"] == 3 * 2 * 2
 
