@@ -46,8 +46,9 @@ def base_pipeline(models, unet, device, progress: bool = False):
 
 
 def two_stage(base_pipe, refiner_pipe, prompt: str, *, seed: int, steps: int, switch: float, guidance_scale: float,
-              height: int, width: int, negative_prompt: str = "", aesthetic_score: float = 6.0):
-    """One PIL image: base to `switch` (latents), refiner from `switch` to the end."""
+              height: int, width: int, negative_prompt: str = "", aesthetic_score: float = 6.0,
+              output_type: str = "pil"):
+    """One PIL image (or with output_type "latent" the refined latents): base to `switch`, refiner after."""
     if not 0 < switch < 1:
         raise ModelError(f"--switch {switch}: the hand-off point must be between 0 and 1 (the paper's 0.8)")
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -58,8 +59,8 @@ def two_stage(base_pipe, refiner_pipe, prompt: str, *, seed: int, steps: int, sw
                             generator=generator).images  # (1, 4, H/8, W/8), noisy at the switch
         return refiner_pipe(prompt, negative_prompt=negative, image=latents, num_inference_steps=steps,
                             guidance_scale=guidance_scale, denoising_start=switch, generator=generator,
-                            aesthetic_score=aesthetic_score,
-                            negative_aesthetic_score=NEGATIVE_AESTHETIC_SCORE).images[0]
+                            aesthetic_score=aesthetic_score, negative_aesthetic_score=NEGATIVE_AESTHETIC_SCORE,
+                            output_type=output_type).images[0]
 
 
 def refine_image(refiner_pipe, prompt: str, image, *, seed: int, steps: int, strength: float, guidance_scale: float,
