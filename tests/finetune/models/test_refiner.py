@@ -66,3 +66,15 @@ def test_text_conditioning_equals_the_pipelines_encode_prompt(refiner_pipe, capt
     assert embeds.shape == (len(captions), 77, refiner_pipe.text_encoder_2.config.hidden_size)
     torch.testing.assert_close(embeds, ref_embeds, atol=1e-6, rtol=0)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-6, rtol=0)
+
+
+def test_text_caches_of_base_and_refiner_never_share_keys_and_latents_do(tiny_model_dir, tiny_refiner_dir):
+    from finetune.cache.keys import text_identity, text_key, vae_identity
+
+    base, refiner = load_models(model_cfg(tiny_model_dir)), load_models(model_cfg(tiny_refiner_dir))
+    # The tiny pair shares bigG (as the real pair does): the base's key covers CLIP-L as well.
+    base_id = text_identity(base.tokenizers, base.text_encoders)
+    refiner_id = text_identity(refiner.tokenizers, refiner.text_encoders)
+    assert base_id != refiner_id
+    assert text_key("a cat", base_id, "truncate", "fp16") != text_key("a cat", refiner_id, "truncate", "fp16")
+    assert vae_identity(base.vae) == vae_identity(refiner.vae)  # same VAE: latent entries are shared

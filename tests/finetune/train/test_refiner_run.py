@@ -179,3 +179,25 @@ def test_two_stage_sample_runs_and_changes_with_the_refiner_lora(lora_run, tiny_
     assert plain.shape == (4, 8, 8) and (plain - tuned).abs().max() > 1e-5
     with pytest.raises(ModelError, match="pass it with --refiner-lora"):
         load_pair(tiny_model_dir, tiny_refiner_dir, lora=[result.output_path], progress=False)
+
+
+def test_convert_resize_and_extract_keep_refiner_names(lora_run, tiny_refiner_dir, tmp_path):
+    from safetensors import safe_open
+
+    from finetune.adapters.convert import convert_lora
+    from finetune.tools.extract import extract_lora
+    from finetune.tools.merge import merge_loras
+    from finetune.tools.resize import resize_lora
+
+    _, result = lora_run
+    original = adapter_tensors(result.output_path)
+    peft = convert_lora(result.output_path, tmp_path / "peft.safetensors", "diffusers")
+    back = adapter_tensors(convert_lora(peft, tmp_path / "back.safetensors", "kohya"))
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in back)
+    resized = adapter_tensors(resize_lora(result.output_path, tmp_path / "r2.safetensors", 2).out)
+    assert {k.split(".")[0] for k in resized} == {k.split(".")[0] for k in original}
+    merge_loras(tiny_refiner_dir, [(result.output_path, 1.0)], tmp_path / "merged")
+    extract_lora(tiny_refiner_dir, tmp_path / "merged", 4, tmp_path / "extracted.safetensors")
+    with safe_open(str(tmp_path / "extracted.safetensors"), "pt") as fh:
+        assert fh.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-refiner/lora"
+        assert {k.split(".")[0] for k in fh.keys()} == {k.split(".")[0] for k in original}
