@@ -201,3 +201,20 @@ def test_convert_resize_and_extract_keep_refiner_names(lora_run, tiny_refiner_di
     with safe_open(str(tmp_path / "extracted.safetensors"), "pt") as fh:
         assert fh.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-refiner/lora"
         assert {k.split(".")[0] for k in fh.keys()} == {k.split(".")[0] for k in original}
+
+
+def test_training_samples_of_a_refiner_run_refine_a_dataset_image_or_follow_the_base(lora_run, tiny_model_dir):
+    from PIL import Image
+
+    from finetune.models.load import load_models
+    from finetune.tools.sample import render_training_samples
+
+    cfg, _ = lora_run
+    cfg = cfg.model_copy(deep=True)
+    cfg.sample.prompts, cfg.sample.steps, cfg.sample.height, cfg.sample.width = ["a red circle"], 4, 64, 64
+    models = load_models(cfg.model)
+    for base in (None, tiny_model_dir):
+        cfg.sample.base = base
+        (path,) = render_training_samples(models.unet, models, cfg, 7, "cpu")
+        # Without a base the dataset image is refined at its bucket's size; with one, at the sample size.
+        assert Image.open(path).size == ((128, 128) if base is None else (64, 64))
