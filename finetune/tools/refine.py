@@ -35,14 +35,18 @@ def refiner_pipeline(models, unet, device, progress: bool = False):
 
 
 def base_pipeline(models, unet, device, progress: bool = False):
-    from finetune.tools.sample import sdxl_pipeline
+    """A `StableDiffusionXLPipeline` for the first stage (tools.sample imports this module, not the reverse)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     if models.kind != "base":
         raise ModelError(f"{models.source_path}: this is an SDXL refiner where the base is expected; "
                          "pass the base model first and the refiner with --refiner")
-    pipe = sdxl_pipeline(models, unet, device)
+    pipe = StableDiffusionXLPipeline(
+        vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2,
+        tokenizer=models.tokenizer, tokenizer_2=models.tokenizer_2, unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(models.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=not progress)
-    return pipe
+    return pipe.to(device)
 
 
 def two_stage(base_pipe, refiner_pipe, prompt: str, *, seed: int, steps: int, switch: float, guidance_scale: float,
@@ -78,17 +82,17 @@ def load_pair(base: Path, refiner: Path, loras=(), refiner_loras=(), device=None
     """(base pipeline, refiner pipeline) from saved models, with their (file, scale) LoRAs applied unmerged."""
     from finetune.config import ModelConfig
     from finetune.models.load import load_models
-    from finetune.tools.sample import apply_loras
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base_models = load_models(ModelConfig(pretrained=base, kind="base"))
     refiner_models = load_models(ModelConfig(pretrained=refiner, kind="refiner"))
     base_pipe = base_pipeline(base_models, base_models.unet, device, progress)
     refiner_pipe = refiner_pipeline(refiner_models, refiner_models.unet, device, progress)
     for pipe, files, kind in ((base_pipe, loras, "base"), (refiner_pipe, refiner_loras, "refiner")):
-        for path, _ in files:
+        for i, (path, _) in enumerate(files):
             check_lora_for(Path(path), kind)
-        apply_loras(pipe, files)
+            pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
+        if files:  # each at its scale, unmerged
+            pipe.set_adapters([f"lora{i}" for i in range(len(files))], adapter_weights=[s for _, s in files])
     return base_pipe, refiner_pipe
 
 

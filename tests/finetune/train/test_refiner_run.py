@@ -174,11 +174,12 @@ def test_two_stage_sample_runs_and_changes_with_the_refiner_lora(lora_run, tiny_
     args = dict(seed=0, steps=5, switch=0.8, guidance_scale=1.0, height=64, width=64, output_type="latent")
     base, refiner = load_pair(tiny_model_dir, tiny_refiner_dir, progress=False)
     plain = two_stage(base, refiner, "a red circle", **args)
-    base, refiner = load_pair(tiny_model_dir, tiny_refiner_dir, refiner_lora=[result.output_path], progress=False)
+    base, refiner = load_pair(tiny_model_dir, tiny_refiner_dir, refiner_loras=[(result.output_path, 1.0)],
+                              progress=False)
     tuned = two_stage(base, refiner, "a red circle", **args)
     assert plain.shape == (4, 8, 8) and (plain - tuned).abs().max() > 1e-5
     with pytest.raises(ModelError, match="pass it with --refiner-lora"):
-        load_pair(tiny_model_dir, tiny_refiner_dir, lora=[result.output_path], progress=False)
+        load_pair(tiny_model_dir, tiny_refiner_dir, loras=[(result.output_path, 1.0)], progress=False)
 
 
 def test_convert_resize_and_extract_keep_refiner_names(lora_run, tiny_refiner_dir, tmp_path):
