@@ -218,4 +218,5 @@ def test_training_samples_of_a_refiner_run_refine_a_dataset_image_or_follow_the_
         cfg.sample.base = base
         (path,) = render_training_samples(models.unet, models, cfg, 7, "cpu")
         # Without a base the dataset image is refined at its bucket's size; with one, at the sample size.
-        assert Image.open(path).size == ((128, 128) if base is None else (64, 64))
+        # (Widths only: the grid adds a label strip under each tile.)
+        assert Image.open(path).size[0] == (128 if base is None else 64)
