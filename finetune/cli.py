@@ -30,7 +30,7 @@ def cmd_quickstart(args) -> None:
 
 def cmd_tiny_model(args) -> None:
     if args.refiner:
-        from finetune.models.refiner import save_tiny_refiner
+        from finetune.models.tiny_refiner import save_tiny_refiner
 
         print(f"tiny SDXL-refiner-architecture model written to {save_tiny_refiner(Path(args.out), seed=args.seed)}")
         return

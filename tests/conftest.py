@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_refiner_dir(tmp_path_factory) -> Path:
     """The tiny SDXL refiner (bigG only, five-value conditioning) as a diffusers folder. Treat as read-only."""
-    from finetune.models.refiner import save_tiny_refiner
+    from finetune.models.tiny_refiner import save_tiny_refiner
 
     return save_tiny_refiner(tmp_path_factory.mktemp("models") / "tiny-refiner")
 

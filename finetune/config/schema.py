@@ -287,8 +287,8 @@ class SampleConfig(Section):
     height: int | None = Field(None, ge=64, description="Sample height (default: dataset.resolution).")
     width: int | None = Field(None, ge=64, description="Sample width (default: dataset.resolution).")
     base: Path | None = Field(None, description="Refiner runs: the SDXL base of the first stage (else a dataset image).")
-    switch: float = Field(0.8, gt=0, lt=1, description="Refiner runs: the share of the schedule the base denoises.")
-    strength: float = Field(0.3, gt=0, le=1, description="Refiner runs without a base: img2img strength on the image.")
+    switch: float = Field(0.8, gt=0, lt=1, description="Refiner runs: share of the schedule the base denoises.")
+    strength: float = Field(0.3, gt=0, le=1, description="Refiner runs without a base: img2img strength.")
     _paths = field_validator("base")(_resolve)
 
 

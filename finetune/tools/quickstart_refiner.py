@@ -19,7 +19,7 @@ PROMPT = "a red circle, flat colors, simple drawing"
 def run_refiner_quickstart(out: Path, steps: int = 60) -> dict[str, Path]:
     """Run the refiner quickstart into `out`; returns the output files by role."""
     from finetune.config import load_config
-    from finetune.models.refiner import save_tiny_refiner
+    from finetune.models.tiny_refiner import save_tiny_refiner
     from finetune.models.tiny import save_tiny_model
     from finetune.tools.refine import render_two_stage
     from finetune.train.recipe import train

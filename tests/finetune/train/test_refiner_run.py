@@ -117,7 +117,7 @@ def test_lora_merges_into_diffusers_and_single_file_refiners(lora_run, tiny_refi
     from diffusers import UNet2DConditionModel
 
     from finetune.models.single_file import load_single_file_pipeline, save_single_file
-    from finetune.models.refiner import build_tiny_refiner
+    from finetune.models.tiny_refiner import build_tiny_refiner
     from finetune.tools.merge import merge_loras
 
     cfg, result = lora_run
