@@ -14,7 +14,6 @@ import os
 from importlib import resources
 from pathlib import Path
 
-
 from finetune.errors import ModelError
 
 KINDS = ("base", "refiner")
