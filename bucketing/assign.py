@@ -58,3 +58,14 @@ def add_time_ids(original_size: Sequence[int], crop_top_left: Sequence[int], buc
     """SDXL's micro-conditioning: [orig_h, orig_w, crop_top, crop_left, target_h, target_w]."""
     return [int(original_size[0]), int(original_size[1]), int(crop_top_left[0]), int(crop_top_left[1]),
             int(bucket_size[0]), int(bucket_size[1])]
+
+
+def refiner_add_time_ids(original_size: Sequence[int], crop_top_left: Sequence[int],
+                         aesthetic_score: float) -> list[float]:
+    """The SDXL refiner's micro-conditioning: [orig_h, orig_w, crop_top, crop_left, aesthetic_score].
+
+    As diffusers' StableDiffusionXLImg2ImgPipeline._get_add_time_ids (requires_aesthetics_score) and
+    SGM's refiner conditioner order them; the refiner has no target size.
+    """
+    return [float(original_size[0]), float(original_size[1]), float(crop_top_left[0]), float(crop_top_left[1]),
+            float(aesthetic_score)]

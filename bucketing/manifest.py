@@ -17,6 +17,7 @@ from bucketing.errors import DatasetError
 from bucketing.export import export_hf_dataset
 from bucketing.report import DatasetReport
 from bucketing.scan import ImageRecord, ValidationCache, scan_folder
+from captions.scores import read_aesthetic_scores
 from captions.sources import folder_repeats, read_metadata_jsonl, resolve_caption
 
 __all__ = ["BuildOptions", "BuildResult", "DatasetError", "SubsetSpec", "build_manifest", "load_manifest",
@@ -55,6 +56,7 @@ class BuildOptions:
     flip: bool = False
     alpha_color: tuple[int, int, int] = (255, 255, 255)  # applied when images are loaded (load_bucket_image)
     seed: int = 0  # random crops: one rng per image, seeded by (seed, fingerprint)
+    aesthetic_score: float = 6.0  # the refiner's score of images without one in metadata.jsonl
 
 
 @dataclass
@@ -99,10 +101,13 @@ def _subset_rows(subset: SubsetSpec, options: BuildOptions, buckets: tuple[Bucke
     report.problems.extend((_full(root, path), reason) for path, reason in scan.problems)
     report.notes.extend((_full(root, path), note) for path, note in scan.notes)
     name = subset.name or Path(subset.folder or subset.hf_dataset).name
+    scores = read_aesthetic_scores(root)
     rows = []
     for record in scan.records:
         caption = _caption(record, root, subset, metadata, report)
-        rows.extend(_rows(record, root, caption, name, subset, buckets, options))
+        score = scores.get(Path(record.rel_path).as_posix(), options.aesthetic_score)
+        rows.extend({**row, "aesthetic_score": score}
+                    for row in _rows(record, root, caption, name, subset, buckets, options))
     return rows
 
 

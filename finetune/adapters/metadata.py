@@ -9,17 +9,17 @@ import time
 def adapter_metadata(*, base_model: str, base_model_hash: str | None, method: str, variant: str, rank: int,
                      alpha: float, resolution: int, steps: int, epochs: int, dataset_size: int,
                      buckets: list[tuple[int, int]], tag_frequencies: dict[str, int], config_hash: str,
-                     title: str) -> dict[str, str]:
-    """All values are strings, as the safetensors header requires."""
+                     title: str, kind: str = "base") -> dict[str, str]:
+    """All values are strings, as the safetensors header requires. `kind`: "base" or "refiner"."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.architecture": f"stable-diffusion-xl-v1-{kind}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
         "modelspec.date": now,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_base_model_version": f"sdxl_{kind}_v1-0",
         "ss_sd_model_name": base_model,
         "ss_sd_model_hash": base_model_hash or "",
         "ss_network_module": "networks.lora",

@@ -43,6 +43,7 @@ class LoraFile:
     # (component, canonical module path) -> module; see the module docstring.
     modules: dict[tuple[str, str], AdapterModule] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    unet_config: dict | None = None  # the UNet config its names were decoded with (SDXL base's or refiner's)
 
 
 def read_lora(path: Path, unet_config: dict | None = None, te_layers: tuple[int, int] = (12, 32),
@@ -69,8 +70,29 @@ def read_lora(path: Path, unet_config: dict | None = None, te_layers: tuple[int,
         raise ModelError(f"{path}: not a readable .safetensors file ({exc})") from None
     if text_configs is not None:
         te_layers = tuple(int(c["num_hidden_layers"]) for c in text_configs)
-    modules = modules_from_tensors(tensors, metadata, unet_config, te_layers, where=str(path))
-    return LoraFile(modules, metadata)
+    candidates = [unet_config] if unet_config is not None else default_unet_configs(metadata)
+    for i, config in enumerate(candidates):
+        try:
+            modules = modules_from_tensors(tensors, metadata, config, te_layers, where=str(path))
+            return LoraFile(modules, metadata, config)
+        except ModelError:
+            if i == len(candidates) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def default_unet_configs(metadata: dict[str, str]) -> list[dict]:
+    """UNet configs to decode a LoRA with when the caller names none: the kind its metadata says first.
+
+    A base LoRA's SGM names decode with the base's config; a refiner LoRA's (four levels, attention in
+    the middle two) only with the refiner's, so a file without metadata is tried with both.
+    """
+    from finetune.models.configs import sdxl_unet_config
+    from finetune.models.refiner import REFINER_ARCHITECTURE, sdxl_refiner_unet_config
+
+    configs = [sdxl_unet_config(), sdxl_refiner_unet_config()]
+    refiner = metadata.get("modelspec.architecture", "").startswith(REFINER_ARCHITECTURE)
+    return configs[::-1] if refiner else configs
 
 
 def modules_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,

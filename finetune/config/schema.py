@@ -45,6 +45,7 @@ class ModelConfig(Section):
                                 "diffusers folder with its configs and tokenizers (weights are not needed).")
     allow_pickle: bool = Field(False, description="Allow pickled .ckpt/.pt files (loaded with weights_only=True).")
     name: str | None = Field(None, description="Base model name written into adapter metadata (default: folder/file name).")
+    kind: Literal["auto", "base", "refiner"] = Field("auto", description="SDXL base or refiner ('auto': from the weights).")
 
     _paths = field_validator("pretrained", "vae", "config")(_resolve)
 
@@ -97,6 +98,7 @@ class DatasetConfig(Section):
     min_original_side: int = Field(0, ge=0, description="Drop images whose shorter side is below this (0 keeps all; small ones are upscaled).")
     max_pixels: int = Field(178_956_970, ge=1, description="Refuse images above this many pixels (decompression bombs).")
     crop: Literal["center", "random"] = Field("center", description="Crop of the resized image to its bucket.")
+    aesthetic_score: float = Field(6.0, ge=0, le=10, description="Refiner: score of images without one in metadata.jsonl.")
     flip: bool = Field(False, description="Also train on horizontally flipped images (micro-conditioning mirrors the crop).")
     alpha_color: tuple[int, int, int] = Field((255, 255, 255), description="Background for transparent images.")
     remainder: Literal["drop", "carry"] = Field("carry", description="A bucket's last partial batch: drop it, or keep it as a smaller batch.")
@@ -284,6 +286,10 @@ class SampleConfig(Section):
     guidance_scale: float = Field(5.0, ge=0)
     height: int | None = Field(None, ge=64, description="Sample height (default: dataset.resolution).")
     width: int | None = Field(None, ge=64, description="Sample width (default: dataset.resolution).")
+    base: Path | None = Field(None, description="Refiner runs: the SDXL base of the first stage (else a dataset image).")
+    switch: float = Field(0.8, gt=0, lt=1, description="Refiner runs: share of the schedule the base denoises.")
+    strength: float = Field(0.3, gt=0, le=1, description="Refiner runs without a base: img2img strength.")
+    _paths = field_validator("base")(_resolve)
 
 
 class ValidationConfig(Section):

@@ -11,6 +11,7 @@ import torch
 from finetune.errors import ModelError
 
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+REFINER_PARTS = ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
 
 
 @dataclass
@@ -24,19 +25,22 @@ class SDXLModels:
     noise_scheduler: Any  # a DDPMScheduler with the model's training betas
     name: str
     source_path: Path
+    kind: str = "base"  # "base" or "refiner" (finetune.models.refiner), found from the weights
 
     @property
     def tokenizers(self) -> tuple:
-        return (self.tokenizer, self.tokenizer_2)
+        # The refiner has bigG alone: its tokenizer and encoder are the "_2" ones, as in diffusers.
+        return (self.tokenizer_2,) if self.kind == "refiner" else (self.tokenizer, self.tokenizer_2)
 
     @property
     def text_encoders(self) -> tuple:
-        return (self.text_encoder, self.text_encoder_2)
+        return (self.text_encoder_2,) if self.kind == "refiner" else (self.text_encoder, self.text_encoder_2)
 
 
-def check_diffusers_folder(path: Path) -> None:
-    """Raise ModelError unless `path` looks like an SDXL diffusers folder."""
-    missing = [part for part in SDXL_PARTS if not (path / part).is_dir()]
+def check_diffusers_folder(path: Path, kind: str = "base") -> None:
+    """Raise ModelError unless `path` looks like an SDXL (base or refiner) diffusers folder."""
+    parts = REFINER_PARTS if kind == "refiner" else SDXL_PARTS
+    missing = [part for part in parts if not (path / part).is_dir()]
     if not (path / "model_index.json").is_file() or missing:
         raise ModelError(
             f"{path}: not an SDXL diffusers folder (missing: {', '.join(missing) or 'model_index.json'}); "
@@ -53,13 +57,18 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
     path = Path(cfg.pretrained)
     if not path.exists():
         raise ModelError(f"{path}: model not found (model.pretrained must be a local diffusers folder or .safetensors)")
-    if path.is_file():
-        from finetune.models.single_file import load_single_file_pipeline
+    from finetune.models.refiner import check_kind
 
-        pipe = load_single_file_pipeline(path, allow_pickle=cfg.allow_pickle, dtype=dtype, config_dir=cfg.config)
+    if path.is_file():
+        from finetune.models.single_file import load_single_file_pipeline, single_file_kind
+
+        kind = check_kind(single_file_kind(path, allow_pickle=cfg.allow_pickle), cfg.kind, str(path))
+        pipe = load_single_file_pipeline(path, allow_pickle=cfg.allow_pickle, dtype=dtype, config_dir=cfg.config,
+                                         kind=kind)
     else:
-        check_diffusers_folder(path)
-        pipe = _load_diffusers_folder(path, dtype)
+        kind = check_kind(folder_kind(path), cfg.kind, str(path))
+        check_diffusers_folder(path, kind)
+        pipe = _load_diffusers_folder(path, dtype, kind)
     vae = pipe.vae
     if cfg.vae is not None:  # e.g. the fp16-safe SDXL VAE in place of the checkpoint's own
         from finetune.models.single_file import load_vae
@@ -77,14 +86,25 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         name=cfg.name or (path.stem if path.is_file() else path.name),
         source_path=path,
+        kind=kind,
     )
 
 
-def _load_diffusers_folder(path: Path, dtype: torch.dtype):
-    from diffusers import StableDiffusionXLPipeline
+def folder_kind(path: Path) -> str:
+    """"base" or "refiner" for a diffusers folder (ModelError naming it when it is no SDXL folder)."""
+    from finetune.models.refiner import kind_of_folder
 
+    if not (path / "model_index.json").is_file():
+        check_diffusers_folder(path)  # raises, naming what is missing
+    return kind_of_folder(path)
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype, kind: str = "base"):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLImg2ImgPipeline if kind == "refiner" else StableDiffusionXLPipeline
     try:
-        return StableDiffusionXLPipeline.from_pretrained(
+        return pipeline_class.from_pretrained(
             path, torch_dtype=dtype, local_files_only=True, use_safetensors=True
         )
     except (OSError, ValueError, EnvironmentError) as err:

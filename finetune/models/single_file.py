@@ -27,6 +27,9 @@ TE2_PREFIX = "conditioner.embedders.1.model."
 # Keys diffusers' single-file loader looks for to recognise each SDXL text encoder.
 TE1_MARKER = TE1_PREFIX + "text_model.embeddings.position_embedding.weight"
 TE2_MARKER = TE2_PREFIX + "positional_embedding"
+# The refiner's lone bigG encoder sits at embedders.0, in OpenCLIP names like the base's embedders.1.
+REFINER_TE_PREFIX = "conditioner.embedders.0.model."
+REFINER_TE_MARKER = REFINER_TE_PREFIX + "positional_embedding"
 
 
 # --- config folder -------------------------------------------------------------------------------
@@ -89,10 +92,12 @@ def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def check_sdxl_keys(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise ModelError naming `path` and what it holds unless it is a full SDXL base checkpoint."""
+    """Raise ModelError naming `path` and what it holds unless it is a full SDXL base or refiner checkpoint."""
     keys = shapes.keys()
-    has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
-    if has_unet and TE1_MARKER in keys and TE2_MARKER in keys and f"{UNET_PREFIX}label_emb.0.0.weight" in keys:
+    sdxl_unet = f"{UNET_PREFIX}label_emb.0.0.weight" in keys
+    if sdxl_unet and TE1_MARKER in keys and TE2_MARKER in keys:
+        return
+    if sdxl_unet and REFINER_TE_MARKER in keys and not any(k.startswith("conditioner.embedders.1.") for k in keys):
         return
     raise ModelError(f"{path}: not an SDXL single-file checkpoint: {describe_keys(shapes)}; "
                      "expected model.diffusion_model.*, conditioner.embedders.0/1.* and first_stage_model.* keys")
@@ -107,8 +112,8 @@ def describe_keys(shapes: dict[str, tuple[int, ...]]) -> str:
         return "found SD 1.x/2.x keys (cond_stage_model.*)"
     if any(k.startswith("lora_") or ".lora_" in k for k in keys):
         return "found LoRA keys (merge it with `finetune merge` instead)"
-    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        return "found an SDXL refiner (one OpenCLIP encoder), which is not supported"
+    if any(k.startswith(REFINER_TE_PREFIX) for k in keys) and not any(k.startswith(UNET_PREFIX) for k in keys):
+        return "found only the refiner's OpenCLIP text encoder (conditioner.embedders.0.model)"
     if any(k.startswith(UNET_PREFIX) for k in keys) and f"{UNET_PREFIX}label_emb.0.0.weight" not in shapes:
         return "found a UNet without SDXL's micro-conditioning embedding (label_emb): SD 1.x/2.x?"
     if any(k.startswith(UNET_PREFIX) for k in keys):
@@ -122,28 +127,45 @@ def describe_keys(shapes: dict[str, tuple[int, ...]]) -> str:
 
 # --- loading -------------------------------------------------------------------------------------
 
+def single_file_kind(path: Path, *, allow_pickle: bool = False) -> str:
+    """"base" or "refiner" for an SGM checkpoint, from its keys (ModelError naming the file for anything else)."""
+    from finetune.models.refiner import kind_of_keys
+
+    shapes = read_shapes(Path(path), allow_pickle=allow_pickle)
+    check_sdxl_keys(Path(path), shapes)
+    return kind_of_keys(shapes) or "base"
+
+
 def load_single_file_pipeline(path: Path, *, allow_pickle: bool = False, dtype: torch.dtype = torch.float32,
-                              config_dir: Path | None = None):
-    """A `StableDiffusionXLPipeline` from one SGM checkpoint file, offline.
+                              config_dir: Path | None = None, kind: str | None = None):
+    """A `StableDiffusionXLPipeline` (base) or `StableDiffusionXLImg2ImgPipeline` (refiner) from one SGM file, offline.
 
     Args:
         config_dir: a diffusers folder whose configs and tokenizers describe the model (model.config;
-            default: SDXL base's, or the tiny model's when the shapes say so, materialized into the user cache).
+            default: SDXL base's or refiner's, or the tiny model's when the shapes say so, materialized
+            into the user cache).
+        kind: "base" or "refiner" (default: read from the file's keys).
 
     Raises:
         ModelError: a refused pickle, a file that is not SDXL, or a load that fails (naming the file).
     """
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from finetune.models.refiner import kind_of_keys, refiner_config_dir
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint file not found")
     shapes = read_shapes(path, allow_pickle=allow_pickle)
     check_sdxl_keys(path, shapes)
-    config_dir = Path(config_dir) if config_dir is not None else default_config_dir(architecture_of(shapes))
+    kind = kind or kind_of_keys(shapes) or "base"
+    if config_dir is None:
+        config_dir = refiner_config_dir() if kind == "refiner" else default_config_dir(architecture_of(shapes))
+    config_dir = Path(config_dir)
+    pipeline_class = StableDiffusionXLImg2ImgPipeline if kind == "refiner" else StableDiffusionXLPipeline
     try:
         # diffusers reads pickles with torch.load(weights_only=True) itself; the opt-in was checked above.
-        return StableDiffusionXLPipeline.from_single_file(
+        return pipeline_class.from_single_file(
             str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelError(f"{path}: diffusers could not load it as SDXL with the configs in {config_dir}: {err}; if it "
@@ -262,7 +284,7 @@ def te2_state_dict_to_openclip(state_dict: dict) -> dict:
 
 
 def sgm_state_dict(parts) -> dict[str, torch.Tensor]:
-    """One SGM-keyed state dict from anything with .unet, .vae, .text_encoder, .text_encoder_2."""
+    """One SGM-keyed state dict from anything with .unet, .vae, .text_encoder (None: a refiner), .text_encoder_2."""
     from finetune.models.sgm_keys import unet_state_dict_to_sgm
 
     state = {}
@@ -270,8 +292,12 @@ def sgm_state_dict(parts) -> dict[str, torch.Tensor]:
     state.update({UNET_PREFIX + k: v for k, v in unet.items()})
     levels = len(parts.vae.config.block_out_channels)
     state.update({VAE_PREFIX + k: v for k, v in vae_state_dict_to_sgm(parts.vae.state_dict(), levels).items()})
+    bigg = te2_state_dict_to_openclip(parts.text_encoder_2.state_dict())
+    if getattr(parts, "text_encoder", None) is None:  # the refiner: bigG alone, at embedders.0
+        state.update({REFINER_TE_PREFIX + k: v for k, v in bigg.items()})
+        return state
     state.update({TE1_PREFIX + k: v for k, v in te1_state_dict_to_sgm(parts.text_encoder.state_dict()).items()})
-    state.update({TE2_PREFIX + k: v for k, v in te2_state_dict_to_openclip(parts.text_encoder_2.state_dict()).items()})
+    state.update({TE2_PREFIX + k: v for k, v in bigg.items()})
     return state
 
 

@@ -39,8 +39,8 @@ def encode_prompts(
 
     Args:
         captions: one string per sample ("" is encoded like any caption, as the pipeline's positive path).
-        tokenizers: (tokenizer, tokenizer_2).
-        text_encoders: (CLIPTextModel, CLIPTextModelWithProjection).
+        tokenizers: (tokenizer, tokenizer_2); the refiner's: (tokenizer_2,).
+        text_encoders: (CLIPTextModel, CLIPTextModelWithProjection); the refiner's: (CLIPTextModelWithProjection,).
         long_captions: "truncate" (diffusers' behaviour; use `count_tokens` to warn) or "chunk"
             (75-token windows, each wrapped in BOS/EOS and padded to 77, encoded separately and
             concatenated on the sequence axis; every caption of the batch padded with empty chunks
@@ -52,8 +52,8 @@ def encode_prompts(
     """
     if long_captions not in LONG_CAPTION_MODES:
         raise ConfigError(f"dataset.long_captions = {long_captions!r}: must be one of {', '.join(LONG_CAPTION_MODES)}")
-    if len(tokenizers) != 2 or len(text_encoders) != 2:
-        raise ValueError("encode_prompts needs SDXL's two tokenizers and two text encoders")
+    if len(tokenizers) != len(text_encoders) or len(tokenizers) not in (1, 2):
+        raise ValueError("encode_prompts needs SDXL's two tokenizers and encoders (the refiner's: bigG's alone)")
     captions = list(captions)
     if long_captions == "truncate":
         ids = [_truncated_ids(tok, captions) for tok in tokenizers]

@@ -11,7 +11,7 @@ import torch
 
 from finetune.errors import ModelError
 from finetune.io import atomic_file
-from finetune.tools.merge import FOLDER_COMPONENTS, base_unet_config, read_header
+from finetune.tools.merge import FOLDER_COMPONENTS, base_kind, base_unet_config, read_header
 
 UNET_PREFIX = "model.diffusion_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
@@ -74,12 +74,15 @@ def extract_lora(base: Path, tuned: Path, rank: int, out: Path, *, targets: str 
         if not Path(path).exists():
             raise ModelError(f"{path}: checkpoint not found")
     unet_config = base_unet_config(Path(base))
+    kind = base_kind(Path(base))
     patterns = [re.compile(p) for name in list(TARGETS)[: list(TARGETS).index(targets) + 1] for p in TARGETS[name]]
     base_index, tuned_index = module_index(Path(base), unet_config), module_index(Path(tuned), unet_config)
     report, state = ExtractReport(Path(out), rank), {}
     for module in sorted(base_index):
         if module not in tuned_index or not any(p.search(module[1]) for p in patterns):
             continue
+        if kind == "refiner" and module[0] != "unet":
+            continue  # refiner LoRAs are UNet-only: its bigG has no key naming both ComfyUI and diffusers read
         before, after = _load(base_index[module]), _load(tuned_index[module])
         if before.shape != after.shape:
             raise ModelError(f"{module[0]}:{module[1]} is {tuple(before.shape)} in {base} but {tuple(after.shape)} "
@@ -94,7 +97,7 @@ def extract_lora(base: Path, tuned: Path, rank: int, out: Path, *, targets: str 
         state[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
         state[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))  # alpha = rank: the scale is 1
         report.energy[name] = energy
-    _write(Path(out), state, rank, Path(base).name)
+    _write(Path(out), state, rank, Path(base).name, kind)
     return report
 
 
@@ -182,15 +185,15 @@ def _single_file_index(model: Path, unet_config: dict) -> dict[tuple[str, str], 
     return index
 
 
-def _write(out: Path, state: dict, rank: int, base_name: str) -> None:
+def _write(out: Path, state: dict, rank: int, base_name: str, kind: str = "base") -> None:
     from safetensors.torch import save_file
 
     metadata = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.architecture": f"stable-diffusion-xl-v1-{kind}/lora",
         "modelspec.title": out.stem,
-        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_base_model_version": f"sdxl_{kind}_v1-0",
         "ss_sd_model_name": base_name,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),

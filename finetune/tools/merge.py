@@ -75,9 +75,11 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
     if base.is_file() and base.suffix != ".safetensors":
         raise ModelError(f"{base}: merging needs a .safetensors single file or a diffusers folder")
     unet_config = base_unet_config(base)
+    kind = base_kind(base)
     wanted: dict[tuple[str, str], list[_Add]] = {}
     report = MergeReport(out)
     for path, scale in loras:
+        check_lora_kind(Path(path), base, kind)
         lora = read_lora(Path(path), unet_config=unet_config)
         for key, module in lora.modules.items():
             wanted.setdefault(key, []).append(_Add(Path(path).name, module, float(scale)))
@@ -126,11 +128,33 @@ def _convert_layout(merged: Path, out: Path, dtype: torch.dtype) -> None:
 
 
 def base_unet_config(base: Path) -> dict:
-    """The UNet config of a diffusers folder; SDXL base's for a single file (its names decode the same)."""
+    """The UNet config of a diffusers folder; SDXL base's or refiner's for a single file (its names decode the same)."""
     from finetune.models.configs import sdxl_unet_config
+    from finetune.models.refiner import sdxl_refiner_unet_config
 
     config = base / "unet" / "config.json"
-    return json.loads(config.read_text()) if base.is_dir() and config.is_file() else sdxl_unet_config()
+    if base.is_dir() and config.is_file():
+        return json.loads(config.read_text())
+    return sdxl_refiner_unet_config() if base_kind(base) == "refiner" else sdxl_unet_config()
+
+
+def base_kind(base: Path) -> str:
+    """"base" or "refiner": from a folder's configs, or a single file's text-encoder keys."""
+    from finetune.models.refiner import kind_of_folder, kind_of_keys
+
+    if base.is_dir():
+        return kind_of_folder(base) if (base / "unet" / "config.json").is_file() else "base"
+    return kind_of_keys(read_header(base)[0]) or "base"
+
+
+def check_lora_kind(lora: Path, base: Path, kind: str) -> None:
+    """One line when a LoRA's metadata says it was trained for the other SDXL model (base vs refiner)."""
+    from finetune.adapters.metadata_read import lora_kind
+
+    found = lora_kind(lora)
+    if found is not None and found != kind:
+        raise ModelError(f"{lora}: an SDXL {found} LoRA cannot merge into {base}, an SDXL {kind}; "
+                         f"merge it into the {found}")
 
 
 # --- safetensors streaming -----------------------------------------------------------------------

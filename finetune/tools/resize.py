@@ -77,7 +77,7 @@ def resize_lora(src: Path, dst: Path, rank: int, *, energy: float | None = None,
     # The source's precision (an fp16 file stays fp16); the SVD itself runs in fp32.
     dtype = next(t.dtype for k, t in module_kohya_tensors(next(iter(lora.modules.values()))).items() if k != "alpha")
     tensors = {k: v if k.endswith(".alpha") else v.to(dtype)
-               for k, v in kohya_tensors(resized, unet_config or sdxl_unet_config()).items()}
+               for k, v in kohya_tensors(resized, unet_config or lora.unet_config or sdxl_unet_config()).items()}
     with atomic_file(Path(dst)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return report

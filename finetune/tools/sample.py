@@ -77,15 +77,20 @@ def render_training_samples(unet, models, cfg, step: int, device, progress: bool
 
     was_training = unet.training
     unet.eval()
-    parts = [models.vae, models.text_encoder, models.text_encoder_2]
+    parts = [models.vae, *models.text_encoders]
     homes = [next(m.parameters()).device for m in parts]
-    pipe = sdxl_pipeline(models, unet, device)
     size = cfg.dataset.resolution
     print(f"step {step}: rendering {len(cfg.sample.prompts) * len(cfg.sample.seeds)} samples "
           f"({cfg.sample.steps} steps each) into {cfg.output.dir / 'samples'}", flush=True)
-    images = render(pipe, cfg.sample.prompts, cfg.sample.seeds, steps=cfg.sample.steps,
-                    guidance_scale=cfg.sample.guidance_scale, height=cfg.sample.height or size,
-                    width=cfg.sample.width or size, negative_prompt=cfg.sample.negative_prompt, progress=progress)
+    if models.kind == "refiner":
+        from finetune.tools.refine import render_refiner_samples
+
+        images = render_refiner_samples(unet, models, cfg, device, progress=progress)
+    else:
+        pipe = sdxl_pipeline(models, unet, device)
+        images = render(pipe, cfg.sample.prompts, cfg.sample.seeds, steps=cfg.sample.steps,
+                        guidance_scale=cfg.sample.guidance_scale, height=cfg.sample.height or size,
+                        width=cfg.sample.width or size, negative_prompt=cfg.sample.negative_prompt, progress=progress)
     for module, home in zip(parts, homes):
         module.to(home)  # back off the GPU if that is where caching left them
     unet.train(was_training)

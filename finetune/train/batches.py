@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bucketing.assign import add_time_ids, assign
+from bucketing.assign import add_time_ids, assign, refiner_add_time_ids
 from bucketing.buckets import Bucket
 from bucketing.image import load_bucket_image
 from bucketing.sampler import BucketBatchSampler
@@ -30,8 +30,10 @@ class TrainDataset(Dataset):
     """
 
     def __init__(self, manifest, dataset_cfg, *, seed: int, prior_loss_weight: float = 1.0,
-                 latents: LatentLookup | None = None, text: TextLookup | None = None, masked: bool = False):
+                 latents: LatentLookup | None = None, text: TextLookup | None = None, masked: bool = False,
+                 kind: str = "base"):
         self.rows = manifest
+        self.kind = kind  # "refiner": five-value add_time_ids with the row's aesthetic score
         self.cfg = dataset_cfg
         self.seed = seed
         self.prior_loss_weight = prior_loss_weight
@@ -68,8 +70,7 @@ class TrainDataset(Dataset):
         crop = self.crop_for(index, row)
         sample = {
             "index": index,
-            "add_time_ids": torch.tensor(
-                add_time_ids(tuple(row["original_size"]), crop, tuple(row["bucket"])), dtype=torch.float32),
+            "add_time_ids": torch.tensor(self.time_ids(row, crop), dtype=torch.float32),
             "loss_weight": torch.tensor(self.prior_loss_weight if row["is_regularization"] else 1.0),
         }
         if self.latents is not None:
@@ -89,6 +90,14 @@ class TrainDataset(Dataset):
         else:
             sample["caption"] = caption
         return sample
+
+
+    def time_ids(self, row: dict, crop: tuple[int, int]) -> list:
+        """The row's micro-conditioning; manifests older than the `aesthetic_score` column take the default."""
+        if self.kind == "refiner":
+            score = row.get("aesthetic_score")
+            return refiner_add_time_ids(row["original_size"], crop, self.cfg.aesthetic_score if score is None else score)
+        return add_time_ids(tuple(row["original_size"]), crop, tuple(row["bucket"]))
 
 
 def to_pixels(image) -> torch.Tensor:

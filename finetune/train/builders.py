@@ -244,14 +244,16 @@ class TrainData(NamedTuple):
     sampler: object  # BucketBatchSampler: its position is part of every checkpoint
 
 
-def build_data(manifest, cfg, latents, text, num_replicas: int, rank: int) -> TrainData:
-    """Hold out validation rows (validation.split), build both datasets and this process's bucket loader."""
+def build_data(manifest, cfg, latents, text, num_replicas: int, rank: int, kind: str = "base") -> TrainData:
+    """Hold out validation rows (validation.split), build both datasets and this process's bucket loader.
+
+    `kind` ("base" or "refiner") picks the micro-conditioning the datasets read from the rows."""
     train_rows, val_rows = split_rows(list(manifest["fingerprint"]), cfg.validation.split, cfg.training.seed)
 
     def dataset_for(rows):
         return TrainDataset(manifest.select(rows), cfg.dataset, seed=cfg.training.seed,
                             prior_loss_weight=cfg.loss.prior_loss_weight, masked=cfg.loss.masked,
-                            latents=latents.subset(rows) if latents else None, text=text)
+                            latents=latents.subset(rows) if latents else None, text=text, kind=kind)
 
     rows = manifest.select(train_rows) if val_rows else manifest
     dataset = dataset_for(train_rows)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from finetune.config import dump_config
+from finetune.models.refiner import kind_of_unet
 
 
 def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, base_name: str,
@@ -26,8 +27,8 @@ def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, 
     if cfg.training.method == "lora":
         from finetune.adapters.save import save_adapter
 
-        return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format, dtype=dtype,
-                            metadata=training_metadata(cfg, state, manifest, base_name))
+        metadata = training_metadata(cfg, state, manifest, base_name, kind_of_unet(unet))
+        return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format, dtype=dtype, metadata=metadata)
     return save_full_unet(path, unet, unet_state, dtype)
 
 
@@ -56,7 +57,7 @@ def save_full_unet(path: Path, unet, state_dict: dict | None = None, dtype: torc
     sgm = unet_state_dict_to_sgm(unet.state_dict() if state_dict is None else state_dict, dict(unet.config))
     tensors = {f"model.diffusion_model.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in sgm.items()}
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base"})
+        save_file(tensors, str(tmp), metadata={"modelspec.architecture": f"stable-diffusion-xl-v1-{kind_of_unet(unet)}"})
     return path
 
 
@@ -74,7 +75,7 @@ def base_model_hash(path: Path) -> str | None:
         return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
 
 
-def training_metadata(cfg, state, manifest, base_name: str) -> dict[str, str]:
+def training_metadata(cfg, state, manifest, base_name: str, kind: str = "base") -> dict[str, str]:
     from captions.tags import tag_frequencies
     from finetune.adapters.metadata import adapter_metadata
 
@@ -94,6 +95,7 @@ def training_metadata(cfg, state, manifest, base_name: str) -> dict[str, str]:
         tag_frequencies=tag_frequencies(manifest["caption"]),
         config_hash=hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16],
         title=cfg.output.name,
+        kind=kind,
     )
     if state.changed_on_resume:  # resumed with --allow-changes: an uninterrupted run would differ
         metadata["finetune.reproducible"] = "false"

@@ -39,6 +39,7 @@ from finetune.train.loss import make_noise_scheduler, resolve_prediction_type, t
 from finetune.train.optim import build_lr_scheduler
 from finetune.train.outputs import averaged_weights, save_trained_weights
 from finetune.train.plan import print_plan
+from finetune.train.refiner import refiner_run_config
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
 from finetune.train.validation import validation_loss
 from finetune.rng import step_generator
@@ -201,6 +202,7 @@ class Recipe:
         """Load SDXL, build the caches, and keep on the GPU only what training still needs."""
         cfg, acc = self.cfg, self.accelerator
         self.models = models = load_models(cfg.model, dtype=torch.float32)
+        self.cfg = cfg = self._for_model_kind(models.kind)
         # Before the caches are built (minutes), not at the first step.
         timestep_range(models.noise_scheduler.config.num_train_timesteps, cfg.loss.min_timestep, cfg.loss.max_timestep)
         self.phase = "caching"
@@ -219,10 +221,18 @@ class Recipe:
         self.prediction_type = resolve_prediction_type(cfg.loss.prediction_type, self.noise_scheduler)
         return latents, text
 
+    def _for_model_kind(self, kind: str) -> TrainConfig:
+        """The config as the loaded model's kind needs it (a refiner: its timestep range, no text encoder)."""
+        cfg, line = refiner_run_config(self.cfg, kind)
+        if line:
+            self.accelerator.print(line)
+        return cfg
+
     def _setup_data(self, latents, text) -> None:
         """Train/validation split, datasets, the bucket loader, and the resume state."""
         cfg, acc = self.cfg, self.accelerator
-        data = builders.build_data(self.manifest, cfg, latents, text, acc.num_processes, acc.process_index)
+        data = builders.build_data(self.manifest, cfg, latents, text, acc.num_processes, acc.process_index,
+                                   kind=self.models.kind)
         self.manifest, self.dataset, self.val_dataset, self.loader, self.sampler = data
         self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
                                      dataset_hash=dataset_hash(self.manifest))
