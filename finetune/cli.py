@@ -34,9 +34,12 @@ def cmd_tiny_model(args) -> None:
 
         print(f"tiny SDXL-refiner-architecture model written to {save_tiny_refiner(Path(args.out), seed=args.seed)}")
         return
+    from finetune.models.single_file import save_tiny_single_file
     from finetune.models.tiny import save_tiny_model
 
-    print(f"tiny SDXL-architecture model written to {save_tiny_model(Path(args.out), seed=args.seed)}")
+    out = Path(args.out)
+    save = save_tiny_single_file if out.suffix.lower() == ".safetensors" else save_tiny_model
+    print(f"tiny SDXL-architecture model written to {save(out, seed=args.seed)}")
 
 
 def cmd_train(args) -> int:

@@ -321,3 +321,10 @@ def save_single_file(pipe_or_parts, path: Path, *, dtype: torch.dtype | None = N
     with atomic_file(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", **(metadata or {})})
     return path
+
+
+def save_tiny_single_file(out: Path, seed: int = 0) -> Path:
+    """The tiny model as one SGM single file (as A1111/ComfyUI checkpoints are), for testing that path offline."""
+    from finetune.models.tiny import build_tiny_pipeline
+
+    return save_single_file(build_tiny_pipeline(seed), out)

@@ -115,16 +115,12 @@ def materialize_tiny_config_folder(out: Path) -> Path:
 
 
 def save_tiny_model(out: Path, seed: int = 0) -> Path:
-    """Write the tiny model as a diffusers folder that `StableDiffusionXLPipeline.from_pretrained` opens, or,
-    for a path ending in .safetensors, as one SGM single file (as A1111/ComfyUI checkpoints are)."""
+    """Write the tiny model as a diffusers folder that `StableDiffusionXLPipeline.from_pretrained` opens
+    (`single_file.save_tiny_single_file` writes it as one SGM file)."""
     from finetune.io import atomic_dir
 
     out = Path(out)
     pipe = build_tiny_pipeline(seed)
-    if out.suffix.lower() == ".safetensors":
-        from finetune.models.single_file import save_single_file
-
-        return save_single_file(pipe, out)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # save_pretrained writes the tokenizers too; rewrite them so both carry SDXL's padding.

@@ -194,9 +194,10 @@ def test_the_tiny_model_as_one_single_file_opens_by_its_shapes(tmp_path):
     """`finetune tiny-model X.safetensors` writes one SGM file; loading finds the tiny architecture by itself."""
     from finetune.config import ModelConfig
     from finetune.models.load import load_models
-    from finetune.models.tiny import build_tiny_pipeline, save_tiny_model
+    from finetune.models.single_file import save_tiny_single_file
+    from finetune.models.tiny import build_tiny_pipeline
 
-    path = save_tiny_model(tmp_path / "tiny.safetensors", seed=3)
+    path = save_tiny_single_file(tmp_path / "tiny.safetensors", seed=3)
     assert path.is_file() and not (tmp_path / "tiny").exists()
     models = load_models(ModelConfig(pretrained=path))
     reference = build_tiny_pipeline(seed=3)
