@@ -45,7 +45,7 @@ def test_dtype_is_applied(tiny_model_dir):
 def test_single_file_loads_the_same_weights(folder_models, tiny_model_dir, tmp_path, monkeypatch):
     path = single_file.save_single_file(folder_models, tmp_path / "tiny-file.safetensors")
     # The bundled configs describe full-size SDXL; the tiny model brings its own.
-    monkeypatch.setattr(single_file, "default_config_dir", lambda: tiny_model_dir)
+    monkeypatch.setattr(single_file, "default_config_dir", lambda *kind: tiny_model_dir)
     models = load_models(ModelConfig(pretrained=path, name="mine"))
     assert models.name == "mine" and models.source_path == path
     for part in PARTS:
