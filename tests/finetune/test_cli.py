@@ -30,6 +30,7 @@ def test_help_explains_every_subcommand():
     assert "--resume" in run("train", "--help").stdout
 
 
+@pytest.mark.slow
 def test_not_an_sdxl_folder_and_empty_image_folder_are_one_line_errors(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "images").mkdir()

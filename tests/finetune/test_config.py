@@ -169,6 +169,7 @@ def test_quickstart_toml_is_valid(tmp_path):
     assert load_config(path).training.max_steps == 5
 
 
+@pytest.mark.slow
 def test_cli_config_error_is_one_line_without_traceback(project):
     path = write(project, MINIMAL + "[training]\nlearning_rate = -1\n")
     proc = subprocess.run([sys.executable, "-m", "finetune", "dataset", "build", str(path)],

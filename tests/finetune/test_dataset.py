@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ def test_long_captions_are_counted_in_clip_tokens():
     assert long_caption_warning(["a short caption"]) is None
 
 
+@pytest.mark.slow
 def test_inspect_prints_buckets_problems_and_totals(tmp_path):
     folder = tmp_path / "imgs"
     make_image(folder / "a.png", 200, 300)

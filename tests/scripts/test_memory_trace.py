@@ -58,6 +58,7 @@ def _args(**overrides):
 
 @pytest.mark.parametrize(("profile", "checkpointing"), [("fast", None), ("low_vram", None),
                                                          ("low_vram", "transformer"), ("full", None)])
+@pytest.mark.slow
 def test_fake_trace_counts_what_real_tensors_hold(profile, checkpointing):
     """The same step on the tiny model, traced on fake tensors and run on real ones: the same peak and FLOPs."""
     from finetune.config import LoraConfig

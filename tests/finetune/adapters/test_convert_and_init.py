@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 
@@ -34,6 +36,7 @@ def unet_output(unet):
         return unet(sample, torch.tensor([500]), **cond).sample
 
 
+@pytest.mark.slow
 def test_round_trip_is_bitwise_and_diffusers_loads_both_formats(tmp_path):
     pipe = trained_unet()
     expected = unet_output(pipe.unet)

@@ -155,6 +155,7 @@ def test_kohya_and_diffusers_round_trip_bitwise_with_text_encoders_and_dora(tmp_
         assert fh.metadata()["ss_network_dim"] == "4"  # the metadata travels with the tensors
 
 
+@pytest.mark.slow
 def test_dora_diffusers_file_reproduces_training_and_kohya_file_reads_the_same(tmp_path):
     pipe = trained_pipe(LoraConfig(rank=4, alpha=2.0, targets="locon", variant="dora"))
     expected = outputs(pipe)
@@ -272,6 +273,7 @@ def _write(path, tensors):
 
 # --- init_from for every variant -------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["dora", "loha", "lokr"])
 def test_init_from_reproduces_each_variant(tmp_path, variant):
     cfg = LoraConfig(rank=4, alpha=2.0, targets="locon", variant=variant)

@@ -70,6 +70,7 @@ def comfy_formula(tensors: dict, weight: torch.Tensor) -> torch.Tensor:
     return torch.kron(w1, w2).reshape(weight.shape) * (alpha / rank if rank else 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["lora", "dora", "loha", "lokr"])
 def test_read_module_and_comfyui_formula_reproduce_peft(tmp_path, variant):
     unet = trained_unet(variant)

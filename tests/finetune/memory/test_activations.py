@@ -22,6 +22,7 @@ def loss_and_grads(unet, mode: str | None):
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "transformer", "resnet", "offload"])
 def test_every_mode_gives_the_gradients_of_no_checkpointing(mode):
     reference_loss, reference = loss_and_grads(tiny_unet(), None)

@@ -133,6 +133,7 @@ def test_quantized_layer_computes_with_exactly_its_stored_weight(kind):
     torch.testing.assert_close(layer(x), F.linear(x, dequantized(layer), linear.bias), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, bound", [("fp8", 0.05), ("nf4", 0.16)])
 def test_unet_prediction_stays_close_to_the_bf16_base(kind, bound):
     """Whole tiny UNet, random weights, bf16 autocast. Measured: fp8 2.8%, NF4 10.4% off the bf16 base."""
@@ -166,6 +167,7 @@ def test_fp8_backward_is_the_dequantized_linears_and_keeps_no_full_precision_wei
     assert not any(shape == (32, 64) and dtype != FP8 for shape, dtype in saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_lora_on_the_quantized_base_trains_the_adapter_only(kind):
     unet = tiny_unet()
@@ -205,6 +207,7 @@ def test_lora_on_the_quantized_base_trains_the_adapter_only(kind):
     assert all(torch.equal(named[n], before) for n, before in frozen.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("variant", ["lora", "dora", "loha", "lokr"])
 def test_adapter_variant_table(kind, variant):
@@ -242,6 +245,7 @@ def adapted(kind, seed=0):
     return unet.train()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_sampling_in_eval_mode_and_checkpointing_leave_the_gradients_unchanged(kind):
     """bitsandbytes repacks a 4-bit weight on an eval-mode forward (AVX512-BF16 CPUs) into a layout
@@ -262,6 +266,7 @@ def test_sampling_in_eval_mode_and_checkpointing_leave_the_gradients_unchanged(k
             torch.testing.assert_close(grads[name], reference[name], rtol=1e-3, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_casting_the_unet_afterwards_keeps_the_base_quantized(kind):
     unet = tiny_unet(torch.float32)
@@ -318,6 +323,7 @@ def test_base_weight_bytes_of_an_sdxl_size_layer(kind):
         assert nbytes / (n * 2 + bias) < 0.26
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_saved_adapter_keys_do_not_depend_on_the_base(kind, tmp_path):
     from peft.utils import get_peft_model_state_dict

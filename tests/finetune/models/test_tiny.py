@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import re
 
 import torch
@@ -59,6 +61,7 @@ def test_tiny_model_has_sdxl_conditioning_widths():
     assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
+@pytest.mark.slow
 def test_saved_tiny_model_opens_with_the_sdxl_pipeline(tiny_model_dir):
     from diffusers import StableDiffusionXLPipeline
 

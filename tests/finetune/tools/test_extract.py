@@ -118,6 +118,7 @@ def test_linear_targets_include_feed_forward(tiny_model_dir, tuned_dir, tmp_path
     assert_models_close(tmp_path / "remerged", tuned_dir)
 
 
+@pytest.mark.slow
 def test_extract_from_single_files_and_mixed_layouts(tiny_model_dir, tuned_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

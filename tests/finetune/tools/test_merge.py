@@ -128,6 +128,7 @@ def lora_file(tmp_path_factory) -> Path:
     return write_kohya_lora(tmp_path_factory.mktemp("lora") / "tiny.safetensors", TINY_MODULES)
 
 
+@pytest.mark.slow
 def test_folder_merge_equals_base_plus_lora_on_a_fixed_input(tiny_model_dir, lora_file, tmp_path):
     merged_dir = tmp_path / "merged"
     report = merge_loras(tiny_model_dir, [(lora_file, 0.7)], merged_dir)
@@ -294,6 +295,7 @@ def test_missing_base_and_pickled_base_are_refused(lora_file, tmp_path):
         merge_loras(ckpt, [(lora_file, 1.0)], tmp_path / "out.safetensors")
 
 
+@pytest.mark.slow
 def test_a_safetensors_out_path_writes_one_single_file_whatever_the_bases_layout(tmp_path, tiny_model_dir, lora_file):
     """A user merging onto a diffusers base with --out merged.safetensors gets the file A1111/ComfyUI open,
     not a folder named merged.safetensors; a folder out path from a single file gets a diffusers folder."""

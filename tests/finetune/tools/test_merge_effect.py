@@ -41,6 +41,7 @@ def unet_output(unet):
         return unet(sample, torch.tensor([300]), **cond).sample
 
 
+@pytest.mark.slow
 def test_merged_folder_equals_base_plus_lora(tmp_path, tiny_model_dir):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 

@@ -95,6 +95,7 @@ def unet_output(lora_path=None):
         return pipe.unet(sample, torch.tensor([500]), **cond).sample
 
 
+@pytest.mark.slow
 def test_resized_file_loads_in_diffusers_with_the_same_or_a_close_effect(tmp_path):
     source = trained_lora_file(tmp_path / "r4.safetensors")
     base, expected = unet_output(), unet_output(source)
@@ -115,6 +116,7 @@ def test_resized_file_loads_in_diffusers_with_the_same_or_a_close_effect(tmp_pat
     assert json.loads(metadata["resized"])["rank"] == 2
 
 
+@pytest.mark.slow
 def test_a_diffusers_file_resizes_to_kohya_keys_without_its_peft_header(tmp_path):
     from finetune.adapters.convert import convert_lora
 

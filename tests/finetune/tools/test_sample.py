@@ -22,6 +22,7 @@ def pixels(pipe, **kwargs):
     return [np.asarray(image, dtype=np.int16) for image in render(pipe, ["a red circle"], [0, 1], **settings)]
 
 
+@pytest.mark.slow
 def test_render_is_reproducible_per_seed_and_the_negative_prompt_changes_it(pipe):
     plain = pixels(pipe)
     assert len(plain) == 2 and plain[0].shape == (64, 64, 3)

@@ -66,6 +66,7 @@ def test_compile_passes_static_shapes_and_the_mode(tmp_path, monkeypatch):
     assert seen == {"dynamic": False, "mode": "reduce-overhead"}
 
 
+@pytest.mark.slow
 def test_channels_last_changes_the_layout_not_the_result():
     from finetune.config import LoraConfig, MemoryConfig, TrainingConfig
     from finetune.train.builders import prepare_unet

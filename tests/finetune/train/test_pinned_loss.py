@@ -20,6 +20,7 @@ PINNED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.__version__.startswith("2.13."), reason="losses recorded with torch 2.13")
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_three_steps_give_the_recorded_losses(tmp_path, tiny_model_dir, shapes_folder, method):
