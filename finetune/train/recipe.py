@@ -183,7 +183,8 @@ class Recipe:
         if resume:
             self._resume(resume)
         self.log = RunLog.open(self.cfg, self.accelerator, self.state.step)
-        print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.params, self.models.unet)
+        print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.params, self.models.unet,
+                   self.sampler, self.manifest)
         return self
 
     def _setup_manifest(self) -> None:
