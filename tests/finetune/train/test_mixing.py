@@ -13,16 +13,18 @@ from trainer_runs import adapter_tensors, make_shapes_folder, write_config
 from finetune.config import load_config
 from finetune.train.recipe import train
 
-pytestmark = pytest.mark.slow
 
-# The shapes at two budgets (128² and 192²), and a second folder at 128² with its own batch size and weight.
+# The shapes at two budgets (128² and 192²), and a second folder at 128² with its own batch size and
+# weight; equal probabilities give each subset half of every epoch's 10 draws (8 shape rows + 2 squares).
 MIXED = """
 resolution = [128, 192]
 loss_weight = 0.5
+probability = 1.0
 [[dataset.subsets]]
 folder = "{squares}"
 batch_size = 1
 loss_weight = 2.0
+probability = 1.0
 """
 
 
@@ -45,6 +47,7 @@ def mixed_config(folder: Path, model: Path, folders, steps: int = 6, every: int 
     return path
 
 
+@pytest.mark.slow
 def test_two_budgets_plan_cache_train_and_resume_bitwise(tmp_path, tiny_model_dir, folders):
     from bucketing.manifest import load_manifest
     from finetune.cache.latents import latent_keys_for_manifest
@@ -94,13 +97,14 @@ def test_two_budgets_plan_cache_train_and_resume_bitwise(tmp_path, tiny_model_di
     assert full.losses[3:] == resumed.losses
 
 
+@pytest.mark.slow
 def test_plan_prints_buckets_per_budget_and_each_subset(tmp_path, tiny_model_dir, folders, capsys):
     cfg = load_config(mixed_config(tmp_path, tiny_model_dir, folders, steps=1, every=5))
     train(cfg, progress=False)
     out = capsys.readouterr().out
     assert "resolution 128 (~128x128 pixels):" in out and "resolution 192 (~192x192 pixels):" in out
-    assert f"subset {folders[0].name}: resolution 128/192, effective batch 2, 8 images per epoch" in out
-    assert f"subset {folders[1].name}: resolution 128, effective batch 1, 2 images per epoch" in out
+    assert f"subset {folders[0].name}: resolution 128/192, effective batch 2, 5 images per epoch" in out
+    assert f"subset {folders[1].name}: resolution 128, effective batch 1, 5 images per epoch" in out
 
 
 def test_loss_weight_scales_each_subsets_loss_and_prior_loss_weight_still_works():
