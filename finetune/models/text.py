@@ -68,7 +68,7 @@ def encode_prompts(
     else:
         chunks = max(num_chunks(tok, c, weighted) for tok in tokenizers for c in captions) if captions else 1
         ids = [_chunked_ids(tok, captions, chunks) for tok in tokenizers] if not weighted else None
-    multipliers = [None, None]
+    multipliers = [None] * len(tokenizers)  # one per encoder (the refiner has bigG alone)
     if weighted:
         from finetune.models.weighted import weighted_ids
 
