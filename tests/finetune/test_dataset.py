@@ -37,6 +37,7 @@ def test_inspect_prints_buckets_problems_and_totals(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.jpg"]
 
 
+@pytest.mark.slow  # two `finetune dataset inspect` subprocesses
 def test_inspect_warns_when_fixed_sides_crop_a_panorama(tmp_path):
     make_image(tmp_path / "imgs" / "pano.png", 250, 1000)
     (tmp_path / "model").mkdir()
