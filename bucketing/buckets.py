@@ -22,9 +22,11 @@ class Bucket:
         return (self.height, self.width)
 
 
-def make_buckets(resolution: int, step: int = 64, min_side: int = 512, max_side: int = 2048,
+def make_buckets(resolution: int, step: int = 64, min_side: int | None = None, max_side: int | None = None,
                  max_aspect: float = 4.0) -> tuple[Bucket, ...]:
     """For each height (multiple of `step`), the widest width (multiple of `step`) within resolution².
+
+    Unset `min_side`/`max_side` follow the budget (`derived_sides`: 512..2048 at 1024).
 
     The width is also bounded by `max_side` and by `max_aspect` × height; a bucket whose sides fall
     outside [min_side, max_side] or whose aspect is under 1/max_aspect is left out. Each bucket's
@@ -34,6 +36,9 @@ def make_buckets(resolution: int, step: int = 64, min_side: int = 512, max_side:
     Raises:
         ValueError: non-positive arguments, or no bucket fits.
     """
+    if min_side is None or max_side is None:
+        low, high = derived_sides(resolution, step) if resolution > 0 and step > 0 else (0, 0)
+        min_side, max_side = min_side or low, max_side or high
     if min(resolution, step, min_side, max_side) <= 0 or max_aspect < 1:
         raise ValueError(f"make_buckets: resolution {resolution}, step {step}, min_side {min_side}, "
                          f"max_side {max_side} must be positive and max_aspect {max_aspect} at least 1")
@@ -57,6 +62,17 @@ def make_buckets(resolution: int, step: int = 64, min_side: int = 512, max_side:
 
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
+
+
+def derived_sides(resolution: int, step: int = 64) -> tuple[int, int]:
+    """Bucket side limits that follow the pixel budget: half and twice `resolution`, on the step grid.
+
+    At 1024 this is the SDXL paper's 512..2048. Fixed limits break other budgets: with min_side 512
+    at resolution 512 the only bucket is 512x512, so every non-square image loses pixels to the crop.
+    """
+    if resolution <= 0 or step <= 0:
+        raise ValueError(f"derived_sides: resolution {resolution} and step {step} must be positive")
+    return max(step, _round_up(resolution // 2, step)), max(step, resolution * 2 // step * step)
 
 
 def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> Bucket:

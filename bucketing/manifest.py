@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bucketing.assign import assign
-from bucketing.buckets import Bucket, make_buckets
+from bucketing.buckets import Bucket, derived_sides, make_buckets
+from bucketing.checks import plan_warnings, upscaled_rows
 from bucketing.errors import DatasetError
 from bucketing.export import export_hf_dataset
 from bucketing.report import DatasetReport
@@ -41,14 +42,19 @@ class SubsetSpec:
     kohya_repeats: bool = False  # images under a "<N>_<caption>" folder are repeated N times instead
     is_regularization: bool = False
     recursive: bool = True
+    resolution: int | list[int] | None = None  # own pixel budget(s); None: BuildOptions'; a list: a row per budget
+    min_side: int | None = None  # None: the options' (own resolution: half of it)
+    max_side: int | None = None  # None: the options' (own resolution: twice it)
+    max_aspect: float | None = None  # None: the options'
+    loss_weight: float | None = None  # written to each row; None: the trainer's default for the subset
 
 
 @dataclass
 class BuildOptions:
     resolution: int = 1024
     bucket_step: int = 64
-    min_side: int = 512
-    max_side: int = 2048
+    min_side: int | None = None  # None: half of resolution (derived_sides)
+    max_side: int | None = None  # None: twice resolution
     max_aspect: float = 4.0
     min_original_side: int = 0
     max_pixels: int = 178_956_970
@@ -62,8 +68,9 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     dataset: object  # datasets.Dataset
-    buckets: tuple[Bucket, ...]
+    buckets: tuple[Bucket, ...]  # every planned bucket, all budgets together
     report: DatasetReport = field(default_factory=DatasetReport)
+    plans: dict[int, tuple[Bucket, ...]] = field(default_factory=dict)  # budget -> its planned buckets
 
 
 def build_manifest(subsets: list[SubsetSpec], options: BuildOptions, work_dir: Path) -> BuildResult:
@@ -78,21 +85,47 @@ def build_manifest(subsets: list[SubsetSpec], options: BuildOptions, work_dir: P
     import datasets
 
     work_dir = Path(work_dir)
-    buckets = make_buckets(options.resolution, options.bucket_step, options.min_side, options.max_side,
-                           options.max_aspect)
     cache = ValidationCache(work_dir / "validation.json")
-    rows, report = [], DatasetReport()
+    rows, report, plans = [], DatasetReport(), {}
     for subset in subsets:
-        rows.extend(_subset_rows(subset, options, buckets, work_dir, cache, report))
+        subset_plans = subset_buckets(subset, options)
+        for resolution, buckets in subset_plans:
+            plans[resolution] = tuple(sorted(set(plans.get(resolution, ())) | set(buckets),
+                                             key=lambda b: (b.aspect, b.height)))
+        rows.extend(_subset_rows(subset, options, subset_plans, work_dir, cache, report))
     cache.save(prune=True)  # entries of files gone from every subset would only grow the file
     if not rows:
         raise DatasetError(_nothing_usable(subsets, report))
     report.totals = _totals(rows, report)
-    return BuildResult(datasets.Dataset.from_list(rows), buckets, report)
+    report.warnings = plan_warnings(rows)
+    report.upscaled = upscaled_rows(rows)
+    every = tuple(sorted({b for buckets in plans.values() for b in buckets}, key=lambda b: (b.aspect, b.height)))
+    return BuildResult(datasets.Dataset.from_list(rows), every, report, dict(sorted(plans.items())))
 
 
-def _subset_rows(subset: SubsetSpec, options: BuildOptions, buckets: tuple[Bucket, ...], work_dir: Path,
-                 cache: ValidationCache, report: DatasetReport) -> list[dict]:
+def subset_buckets(subset: SubsetSpec, options: BuildOptions) -> list[tuple[int, tuple[Bucket, ...]]]:
+    """(budget, buckets) for each of the subset's budgets. A subset with its own resolution gets sides
+    derived from it unless it sets them; otherwise the options' sides apply.
+
+    Raises:
+        DatasetError: no bucket fits (names the subset and the keys to change).
+    """
+    own = subset.resolution is not None
+    budgets = (list(subset.resolution) if isinstance(subset.resolution, (list, tuple)) else [subset.resolution]) \
+        if own else [options.resolution]
+    plans = []
+    for budget in budgets:
+        low, high = derived_sides(budget, options.bucket_step) if own else (options.min_side, options.max_side)
+        try:
+            plans.append((budget, make_buckets(budget, options.bucket_step, subset.min_side or low,
+                                               subset.max_side or high, subset.max_aspect or options.max_aspect)))
+        except ValueError as err:
+            raise DatasetError(f"subset {subset.name or subset.folder or subset.hf_dataset}: {err}") from None
+    return plans
+
+
+def _subset_rows(subset: SubsetSpec, options: BuildOptions, plans: list[tuple[int, tuple[Bucket, ...]]],
+                 work_dir: Path, cache: ValidationCache, report: DatasetReport) -> list[dict]:
     """The rows of one subset; its problems and notes go to `report` with paths under the subset's root."""
     root, metadata, export_problems = _subset_root(subset, work_dir, options.max_pixels)
     report.problems.extend(export_problems)
@@ -106,8 +139,9 @@ def _subset_rows(subset: SubsetSpec, options: BuildOptions, buckets: tuple[Bucke
     for record in scan.records:
         caption = _caption(record, root, subset, metadata, report)
         score = scores.get(Path(record.rel_path).as_posix(), options.aesthetic_score)
-        rows.extend({**row, "aesthetic_score": score}
-                    for row in _rows(record, root, caption, name, subset, buckets, options))
+        for resolution, buckets in plans:
+            rows.extend({**row, "aesthetic_score": score}
+                        for row in _rows(record, root, caption, name, subset, buckets, options, resolution))
     return rows
 
 
@@ -149,7 +183,7 @@ def _totals(rows: list[dict], report: DatasetReport) -> dict[str, int]:
     subsets = Counter(r["subset"] for r in plain)
     per_epoch = sum(r["repeats"] for r in rows)  # what one epoch trains on, repeats and flips included
     return {"rows": len(rows), "images": len(plain), "skipped": len(report.problems),
-            "upscaled": upscaled, "buckets used": len({tuple(r["bucket"]) for r in rows}),
+            "upscaled": upscaled, "buckets used": len({(r["resolution"], tuple(r["bucket"])) for r in rows}),
             **({"samples per epoch": per_epoch} if per_epoch != len(rows) else {}),
             **{f"subset {name}": count for name, count in subsets.items()}}
 
@@ -160,9 +194,11 @@ def _upscaled(original_size: list[int], bucket: list[int]) -> bool:
 
 
 def _rows(record: ImageRecord, root: Path, caption: str, subset_name: str, subset: SubsetSpec,
-          buckets: tuple[Bucket, ...], options: BuildOptions) -> list[dict]:
-    """One row per flip variant; a random crop is seeded by (seed, fingerprint), so a rebuild agrees."""
-    rng = random.Random(f"{options.seed}:{record.fingerprint}")
+          buckets: tuple[Bucket, ...], options: BuildOptions, resolution: int) -> list[dict]:
+    """One row per flip variant; a random crop is seeded by (seed, fingerprint[, budget]), so a rebuild agrees."""
+    # The budget joins the seed only when it differs from the dataset's: single-budget plans keep their crops.
+    tag = "" if resolution == options.resolution else f":{resolution}"
+    rng = random.Random(f"{options.seed}:{record.fingerprint}{tag}")
     variants = (False, True) if options.flip else (False,)
     rows = []
     for flip in variants:
@@ -173,6 +209,7 @@ def _rows(record: ImageRecord, root: Path, caption: str, subset_name: str, subse
             "crop_top_left": [a.crop_top, a.crop_left], "flip": flip, "subset": subset_name,
             "repeats": _repeats(record, root, subset), "is_regularization": subset.is_regularization,
             "fingerprint": record.fingerprint, "mask_path": record.mask_path,
+            "resolution": resolution, "loss_weight": subset.loss_weight,
         })
     return rows
 

@@ -29,13 +29,23 @@ class BucketBatchSampler:
          is seen exactly once (per repeat) per epoch.
     4. The steps of all buckets are shuffled together.
 
+    Mixing subsets:
+    - `batch_sizes` (one per row) replaces `batch_size` row by row: rows are grouped by (bucket,
+      batch size), so a 512² subset can take bigger batches than a 1024² one; a batch is still one shape.
+    - `groups` (a subset id per row) with `group_weights` (id -> weight) fixes each subset's share of
+      an epoch: the epoch keeps its length (the sum of repeats) and subset g gets round(length × w_g/Σw)
+      draws (largest remainders). A subset draws whole passes over its rows (with repeats) and then a
+      seeded sample of one more pass, so a small subject folder is seen many times and a big style
+      folder partly, other rows each epoch.
+
     `random.Random(f"{seed}:{epoch}")` drives all of it: the same seed gives the same batches,
     another epoch a different order. Every process gets the same number of batches (DDP needs that).
     """
 
     def __init__(self, buckets: Sequence[tuple[int, int]], batch_size: int, seed: int,
                  repeats: Sequence[int] | None = None, num_replicas: int = 1, rank: int = 0,
-                 remainder: str = "carry"):
+                 remainder: str = "carry", batch_sizes: Sequence[int] | None = None,
+                 groups: Sequence[int] | None = None, group_weights: dict[int, float] | None = None):
         if remainder not in ("drop", "carry"):
             raise ValueError(f"remainder must be 'drop' or 'carry', got {remainder!r}")
         if batch_size < 1 or num_replicas < 1:
@@ -48,6 +58,17 @@ class BucketBatchSampler:
             raise ValueError(f"repeats: need one count >= 0 per row ({len(self.buckets)} rows), "
                              f"got {len(self.repeats)} counts")
         self.batch_size, self.seed = batch_size, seed
+        self.batch_sizes = [int(b) for b in batch_sizes] if batch_sizes is not None else [batch_size] * len(self.buckets)
+        if len(self.batch_sizes) != len(self.buckets) or min(self.batch_sizes, default=1) < 1:
+            raise ValueError(f"batch_sizes: need one size >= 1 per row ({len(self.buckets)} rows)")
+        self.groups = [int(g) for g in groups] if groups is not None else None
+        self.group_weights = dict(group_weights) if group_weights else None
+        if self.group_weights is not None:
+            if self.groups is None or len(self.groups) != len(self.buckets):
+                raise ValueError(f"group_weights need one group id per row ({len(self.buckets)} rows)")
+            missing = sorted(set(self.groups) - set(self.group_weights))
+            if missing or min(self.group_weights.values()) <= 0:
+                raise ValueError(f"group_weights: need a weight > 0 for every group (missing: {missing})")
         self.num_replicas, self.rank, self.remainder = num_replicas, rank, remainder
         self.epoch = 0
         self.batch_index = 0  # batches of this epoch already yielded to this process
@@ -66,27 +87,50 @@ class BucketBatchSampler:
 
     def _plan(self, epoch: int) -> list[Step]:
         rng = random.Random(f"{self.seed}:{epoch}")
-        groups: dict[tuple[int, int], list[int]] = {}
+        counts = self.epoch_counts(epoch)
+        groups: dict[tuple, list[int]] = {}
         for row, bucket in enumerate(self.buckets):
-            groups.setdefault(bucket, []).append(row)
+            groups.setdefault((bucket, self.batch_sizes[row]), []).append(row)
         steps: list[Step] = []
-        for bucket in sorted(groups):  # sorted: dict order must not depend on row order alone
-            steps.extend(self._cut(self._in_rounds(groups[bucket], rng)))
+        for key in sorted(groups):  # sorted: dict order must not depend on row order alone
+            steps.extend(self._cut(self._in_rounds(groups[key], rng, counts), key[1]))
         rng.shuffle(steps)
         return steps
 
-    def _in_rounds(self, rows: list[int], rng: random.Random) -> list[int]:
-        """Each row `repeats` times: round k holds the rows repeated more than k times, shuffled."""
+    def epoch_counts(self, epoch: int) -> list[int]:
+        """How often each row is drawn in `epoch`: its repeats, or its share of its group's draws."""
+        if self.group_weights is None:
+            return self.repeats
+        rng = random.Random(f"{self.seed}:{epoch}:draws")  # its own stream: the batch order's is untouched
+        members: dict[int, list[int]] = {}
+        for row, group in enumerate(self.groups):
+            members.setdefault(group, []).append(row)
+        ids = sorted(members)
+        draws = draw_counts(sum(self.repeats), [self.group_weights[g] for g in ids])
+        counts = [0] * len(self.buckets)
+        for group, wanted in zip(ids, draws):
+            pool = [r for r in members[group] for _ in range(self.repeats[r])]  # one pass, repeats included
+            if not pool:
+                continue
+            passes, extra = divmod(wanted, len(pool))
+            for row in pool:
+                counts[row] += passes
+            for row in rng.sample(pool, extra):
+                counts[row] += 1
+        return counts
+
+    def _in_rounds(self, rows: list[int], rng: random.Random, counts: Sequence[int]) -> list[int]:
+        """Each row `counts[row]` times: round k holds the rows drawn more than k times, shuffled."""
         out: list[int] = []
-        for round_ in range(max((self.repeats[r] for r in rows), default=0)):
-            members = [r for r in rows if self.repeats[r] > round_]
+        for round_ in range(max((counts[r] for r in rows), default=0)):
+            members = [r for r in rows if counts[r] > round_]
             rng.shuffle(members)
             out.extend(members)
         return out
 
-    def _cut(self, rows: list[int]) -> list[Step]:
+    def _cut(self, rows: list[int], size: int) -> list[Step]:
         """Steps of one bucket: full ones, then the remainder as the docstring says."""
-        n, size = self.num_replicas, self.batch_size
+        n = self.num_replicas
         full = len(rows) // (size * n)
         steps = [[rows[(k * n + p) * size:(k * n + p + 1) * size] for p in range(n)] for k in range(full)]
         rest = rows[full * size * n:]
@@ -119,3 +163,14 @@ class BucketBatchSampler:
         if epoch < 0 or index < 0:
             raise ValueError(f"sampler state: epoch ({epoch}) and batch_index ({index}) must be >= 0")
         self.epoch, self.batch_index = epoch, index
+
+
+def draw_counts(total: int, weights: Sequence[float]) -> list[int]:
+    """`total` draws split by `weights` (largest remainders, ties to the earlier): the counts sum to `total`."""
+    whole = sum(weights)
+    exact = [total * w / whole for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:total - sum(counts)]:
+        counts[i] += 1
+    return counts

@@ -30,7 +30,7 @@ def build_options(cfg, seed: int) -> BuildOptions:
     return BuildOptions(
         resolution=cfg.resolution,
         bucket_step=cfg.bucket_step,
-        min_side=cfg.min_side,
+        min_side=cfg.min_side,  # the config fills unset sides from the resolution
         max_side=cfg.max_side,
         max_aspect=cfg.max_aspect,
         min_original_side=cfg.min_original_side,
@@ -44,7 +44,8 @@ def build_options(cfg, seed: int) -> BuildOptions:
 
 
 def subset_specs(cfg) -> list[SubsetSpec]:
-    return [SubsetSpec(**subset.model_dump()) for subset in cfg.subsets]
+    """The planning part of each subset (probability and batch_size are the sampler's)."""
+    return [SubsetSpec(**subset.model_dump(exclude={"probability", "batch_size"})) for subset in cfg.subsets]
 
 
 def build_dataset(cfg, seed: int, manifest_dir: Path) -> ManifestInfo:
@@ -64,8 +65,12 @@ def build_dataset(cfg, seed: int, manifest_dir: Path) -> ManifestInfo:
 def _report_text(result) -> str:
     from bucketing.report import bucket_counts
 
-    counts = bucket_counts(result.dataset)  # images, not rows: a flipped twin is the same image
-    text = format_report(result.report, result.buckets, counts)
+    # Images, not rows: a flipped twin is the same image. One table per budget when subsets mix them.
+    if len(result.plans) > 1:
+        text = format_report(result.report, result.plans,
+                             {res: bucket_counts(result.dataset, res) for res in result.plans})
+    else:
+        text = format_report(result.report, result.buckets, bucket_counts(result.dataset))
     warning = long_caption_warning(list(result.dataset["caption"]))
     return f"{text}\nwarning: {warning}" if warning else text
 

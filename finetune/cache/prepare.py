@@ -38,7 +38,7 @@ def prepare_caches(cfg, manifest, models, accelerator, progress: bool = True):
         stats.append(build_text_cache(
             captions, models.tokenizers, models.text_encoders, cfg.cache_dir / "text",
             dtype=cfg.cache.dtype, long_captions=cfg.dataset.long_captions, batch_size=cfg.cache.batch_size,
-            accelerator=accelerator, progress=progress,
+            accelerator=accelerator, progress=progress, weighted=cfg.dataset.weighted_captions,
         ))
         text_lookup = TextCache(cfg.cache_dir / "text", in_memory=cfg.cache.in_memory).get
     return latent_lookup, text_lookup, stats

@@ -16,7 +16,7 @@ from finetune.models.text import CONTEXT_LENGTH, encode_prompts, num_chunks
 
 def build_text_cache(captions: Iterable[str], tokenizers, text_encoders, cache_dir: Path, *, dtype: str = "fp16",
                      long_captions: str = "truncate", batch_size: int = 8, accelerator=None,
-                     progress: bool = True, shard_size: int = 256) -> CacheStats:
+                     progress: bool = True, shard_size: int = 256, weighted: bool = False) -> CacheStats:
     """Encode every caption the cache lacks; "" is always included so caption dropout works with the cache.
 
     Stores per caption `prompt_embeds` (77*k, C) and `pooled_prompt_embeds` (P,), k its own chunk
@@ -25,9 +25,11 @@ def build_text_cache(captions: Iterable[str], tokenizers, text_encoders, cache_d
     out_dtype = store_dtype(dtype)
     captions = list(dict.fromkeys(["", *captions]))
     text_id = text_identity(tokenizers, text_encoders)
-    key_of = {caption: text_key(caption, text_id, long_captions, dtype) for caption in captions}
+    # Weighted captions encode the same text differently: the mode joins the key (and TextCache reads it back).
+    mode = f"{long_captions}+weighted" if weighted else long_captions
+    key_of = {caption: text_key(caption, text_id, mode, dtype) for caption in captions}
     caption_of = {key: caption for caption, key in key_of.items()}
-    chunks_of = {c: _chunks(tokenizers, c, long_captions) for c in captions}
+    chunks_of = {c: _chunks(tokenizers, c, long_captions, weighted) for c in captions}
 
     def encode(missing: list[str]) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         # Captions of one chunk count per call: encode_prompts pads a batch to its longest caption,
@@ -39,21 +41,22 @@ def build_text_cache(captions: Iterable[str], tokenizers, text_encoders, cache_d
             for i in range(0, len(group), batch_size):
                 batch = group[i:i + batch_size]
                 with torch.no_grad():
-                    embeds, pooled = encode_prompts(batch, tuple(tokenizers), tuple(text_encoders), long_captions)
+                    embeds, pooled = encode_prompts(batch, tuple(tokenizers), tuple(text_encoders), long_captions,
+                                                    weighted=weighted)
                 for j, caption in enumerate(batch):
                     yield key_of[caption], {"prompt_embeds": embeds[j].to(out_dtype),
                                             "pooled_prompt_embeds": pooled[j].to(out_dtype)}
 
-    current = {"text_identity": text_id, "long_captions": long_captions, "dtype": dtype,
+    current = {"text_identity": text_id, "long_captions": mode, "dtype": dtype,
                "max_chunks": max(chunks_of.values())}
     return run_build("text", cache_dir, list(key_of.values()), encode, accelerator=accelerator,
                      shard_size=shard_size, progress=progress, unit="caption", index_extra={"current": current})
 
 
-def _chunks(tokenizers, caption: str, long_captions: str) -> int:
+def _chunks(tokenizers, caption: str, long_captions: str, weighted: bool = False) -> int:
     if long_captions != "chunk":
         return 1
-    return max(num_chunks(tokenizer, caption) for tokenizer in tokenizers)
+    return max(num_chunks(tokenizer, caption, weighted) for tokenizer in tokenizers)
 
 
 class TextCache:

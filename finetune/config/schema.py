@@ -10,32 +10,16 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+# Section, _resolve and FROZEN live in base.py and the [dataset] tables in data.py; they are
+# re-exported here, so `finetune.config.schema` still names every table.
+from finetune.config.base import FROZEN, Section, _resolve
+from finetune.config.data import DatasetConfig, SubsetConfig
 
 # The lora.variant values peft can train on each quantized base (peft 0.21): DoRA reads the fp8
 # weight without its scale; LoHa/LoKr expect a dense weight, not bitsandbytes' packed one.
 QUANTIZED_BASE_VARIANTS = {"nf4": ("lora", "dora"), "fp8": ("lora", "loha", "lokr")}
-
-
-# Marks a field that must keep its value on resume (the optimizer state, the data order or the step
-# math depend on it). Read by `frozen_keys`.
-FROZEN = {"frozen_on_resume": True}
-
-
-class Section(BaseModel):
-    """Base of every table: unknown keys are errors, assignments are validated too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
-    """Relative paths are relative to the config file's folder, not to the shell's."""
-    if value is None:
-        return None
-    base = (info.context or {}).get("base_dir")
-    value = Path(value).expanduser()
-    return (Path(base) / value).resolve() if base and not value.is_absolute() else value
 
 
 class ModelConfig(Section):
@@ -55,67 +39,6 @@ class ModelConfig(Section):
             path = getattr(self, key)
             if path is not None and not path.exists():
                 raise ValueError(f"{key}: path does not exist: {path} (point it at a local SDXL diffusers folder or .safetensors file)")
-        return self
-
-
-class SubsetConfig(Section):
-    folder: Path | None = Field(None, description="Folder of images (searched recursively).")
-    hf_dataset: Path | None = Field(None, description="A `datasets` dataset saved with save_to_disk, instead of a folder.")
-    image_column: str = Field("image", description="Image column of hf_dataset.")
-    caption_column: str = Field("text", description="Caption column of hf_dataset.")
-    name: str | None = Field(None, description="Subset name in the manifest (default: folder name).")
-    caption_ext: str = Field(".txt", description="Sidecar caption extension: .txt or .caption.")
-    caption_prefix: str = Field("", description="Text put before every caption of this subset.")
-    instance_prompt: str | None = Field(None, description="Caption for images without one (DreamBooth instance prompt).")
-    class_prompt: str | None = Field(None, description="Caption for regularization images (DreamBooth class prompt).")
-    repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
-    kohya_repeats: bool = Field(False, description="kohya's folder layout: images under a sub-folder named "
-                                "'<N>_<caption>' (e.g. '10_sks dog') are seen N times per epoch instead.")
-    is_regularization: bool = Field(False, description="Prior-preservation images, weighted by loss.prior_loss_weight.")
-    recursive: bool = Field(True, description="Look into sub-folders.")
-
-    _paths = field_validator("folder", "hf_dataset")(_resolve)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SubsetConfig:
-        if (self.folder is None) == (self.hf_dataset is None):
-            raise ValueError("folder: give exactly one of folder or hf_dataset")
-        for key in ("folder", "hf_dataset"):
-            path = getattr(self, key)
-            if path is not None and not path.is_dir():
-                raise ValueError(f"{key}: folder does not exist: {path}")
-        if self.caption_ext not in (".txt", ".caption"):
-            raise ValueError(f"caption_ext: must be .txt or .caption, got {self.caption_ext!r}")
-        return self
-
-
-class DatasetConfig(Section):
-    resolution: int = Field(1024, ge=64, description="Pixel budget per image: about resolution² pixels (SDXL: 1024).")
-    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this (64 keeps latents divisible by 8).")
-    min_side: int = Field(512, ge=64, description="Smallest bucket side in pixels.")
-    max_side: int = Field(2048, ge=64, description="Largest bucket side in pixels.")
-    max_aspect: float = Field(4.0, ge=1.0, description="Widest aspect ratio of a bucket (SDXL paper: 512x2048 .. 2048x512).")
-    min_original_side: int = Field(0, ge=0, description="Drop images whose shorter side is below this (0 keeps all; small ones are upscaled).")
-    max_pixels: int = Field(178_956_970, ge=1, description="Refuse images above this many pixels (decompression bombs).")
-    crop: Literal["center", "random"] = Field("center", description="Crop of the resized image to its bucket.")
-    aesthetic_score: float = Field(6.0, ge=0, le=10, description="Refiner: score of images without one in metadata.jsonl.")
-    flip: bool = Field(False, description="Also train on horizontally flipped images (micro-conditioning mirrors the crop).")
-    alpha_color: tuple[int, int, int] = Field((255, 255, 255), description="Background for transparent images.")
-    remainder: Literal["drop", "carry"] = Field("carry", description="A bucket's last partial batch: drop it, or keep it as a smaller batch.")
-    shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags every step (needs cache.text = false).")
-    keep_tokens: int = Field(0, ge=0, description="With shuffle_tags, the first N tags stay in place.")
-    tag_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Drop each tag with this probability per step (needs cache.text = false).")
-    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Train on the empty caption with this probability (for CFG).")
-    long_captions: Literal["truncate", "chunk"] = Field("truncate", description="Captions over 75 tokens: truncate (with a warning) or encode in 75-token chunks as A1111/kohya do.")
-    num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
-    subsets: list[SubsetConfig] = Field(min_length=1, description="[[dataset.subsets]] tables: folders of images.")
-
-    @model_validator(mode="after")
-    def _sides(self) -> DatasetConfig:
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side: {self.min_side} is larger than max_side {self.max_side}")
-        if self.resolution % self.bucket_step:
-            raise ValueError(f"resolution: must be a multiple of bucket_step ({self.bucket_step}), got {self.resolution}")
         return self
 
 
@@ -239,6 +162,11 @@ class LossConfig(Section):
     noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0.0357 is common for SDXL).")
     noise_offset_random_strength: bool = Field(False, description="Draw each sample's offset strength from "
                                                "[0, noise_offset) (kohya's noise_offset_random_strength).")
+    multires_noise_iterations: int | None = Field(None, ge=1, description="kohya's multi-resolution (pyramid) "
+                                                  "noise: add this many coarser noise levels (6-10 is common; "
+                                                  "unset = off).")
+    multires_noise_discount: float = Field(0.3, gt=0, le=1, description="Weight of each coarser level relative to "
+                                           "the one above (kohya's default 0.3).")
     input_perturbation: float = Field(0.0, ge=0, description="Perturb the noise fed to the model (0.1 in the paper).")
     zero_terminal_snr: bool = Field(False, description="Rescale betas to zero terminal SNR (v-prediction models).")
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field("auto", description="auto: from the scheduler config.")

@@ -21,8 +21,12 @@ def count_tokens(tokenizer, caption: str) -> int:
     return len(_caption_ids(tokenizer, [caption])[0])
 
 
-def num_chunks(tokenizer, caption: str) -> int:
+def num_chunks(tokenizer, caption: str, weighted: bool = False) -> int:
     """How many 75-token windows `caption` takes in "chunk" mode (at least one: "" is one empty chunk)."""
+    if weighted:
+        from finetune.models.weighted import weighted_token_count
+
+        return max(1, math.ceil(weighted_token_count(tokenizer, caption) / WINDOW))
     return max(1, math.ceil(count_tokens(tokenizer, caption) / WINDOW))
 
 
@@ -31,6 +35,7 @@ def encode_prompts(
     tokenizers: tuple,
     text_encoders: tuple,
     long_captions: str = "truncate",
+    weighted: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Encode captions with SDXL's two text encoders.
 
@@ -45,6 +50,8 @@ def encode_prompts(
             (75-token windows, each wrapped in BOS/EOS and padded to 77, encoded separately and
             concatenated on the sequence axis; every caption of the batch padded with empty chunks
             to the same count; pooled from the first chunk).
+        weighted: read A1111 emphasis, `(word:1.2)` / `[word]`, and apply it to the hidden states
+            (`finetune.models.weighted`); the pooled embedding stays unweighted.
 
     Returns:
         prompt_embeds (B, 77*k, C1+C2): penultimate hidden states of both encoders, concatenated;
@@ -56,17 +63,27 @@ def encode_prompts(
         raise ValueError("encode_prompts needs SDXL's two tokenizers and encoders (the refiner's: bigG's alone)")
     captions = list(captions)
     if long_captions == "truncate":
-        ids = [_truncated_ids(tok, captions) for tok in tokenizers]
         chunks = 1
+        ids = [_truncated_ids(tok, captions) for tok in tokenizers] if not weighted else None
     else:
-        chunks = max(num_chunks(tok, c) for tok in tokenizers for c in captions) if captions else 1
-        ids = [_chunked_ids(tok, captions, chunks) for tok in tokenizers]
+        chunks = max(num_chunks(tok, c, weighted) for tok in tokenizers for c in captions) if captions else 1
+        ids = [_chunked_ids(tok, captions, chunks) for tok in tokenizers] if not weighted else None
+    multipliers = [None] * len(tokenizers)  # one per encoder (the refiner has bigG alone)
+    if weighted:
+        from finetune.models.weighted import weighted_ids
+
+        ids, multipliers = zip(*(weighted_ids(tok, captions, None if long_captions == "truncate" else chunks)
+                                 for tok in tokenizers))
 
     hidden, pooled = [], None
-    for input_ids, encoder in zip(ids, text_encoders):
+    for input_ids, scale, encoder in zip(ids, multipliers, text_encoders):
         # (B * k, 77): every chunk is an independent CLIP sequence.
         out = encoder(input_ids.to(_device(encoder)), output_hidden_states=True)
         states = out.hidden_states[-2]  # (B * k, 77, C): penultimate layer, as SDXL was trained
+        if scale is not None:
+            from finetune.models.weighted import apply_emphasis
+
+            states = apply_emphasis(states, scale)
         hidden.append(states.reshape(len(captions), chunks * CONTEXT_LENGTH, states.shape[-1]))
         if out[0].ndim == 2:
             # The projection model's first output is text_embeds (B * k, P); keep the first chunk's.

@@ -65,13 +65,19 @@ class TrainDataset(Dataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}:crop")
         return assign(tuple(row["original_size"]), [bucket], "random", row["flip"], rng).crop_top_left
 
+    def loss_weight_of(self, row: dict) -> float:
+        """The subset's loss_weight; unset: loss.prior_loss_weight for regularization images, else 1."""
+        if row.get("loss_weight") is not None:
+            return float(row["loss_weight"])
+        return self.prior_loss_weight if row["is_regularization"] else 1.0
+
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         crop = self.crop_for(index, row)
         sample = {
             "index": index,
             "add_time_ids": torch.tensor(self.time_ids(row, crop), dtype=torch.float32),
-            "loss_weight": torch.tensor(self.prior_loss_weight if row["is_regularization"] else 1.0),
+            "loss_weight": torch.tensor(self.loss_weight_of(row)),
         }
         if self.latents is not None:
             cached = self.latents(index)
@@ -131,11 +137,24 @@ def build_dataloader(dataset: TrainDataset, manifest, dataset_cfg, *, batch_size
     The loader is not passed through `accelerator.prepare`: the sampler already shards by rank, and
     its position (epoch, batch) is saved in our checkpoints.
     """
+    batch_sizes, groups, weights = subset_sampling(list(manifest["subset"]), dataset_cfg, batch_size)
     sampler = BucketBatchSampler(
         [tuple(b) for b in manifest["bucket"]], batch_size=batch_size, seed=seed,
         repeats=list(manifest["repeats"]), num_replicas=num_replicas, rank=rank,
-        remainder=dataset_cfg.remainder,
+        remainder=dataset_cfg.remainder, batch_sizes=batch_sizes, groups=groups, group_weights=weights,
     )
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                         num_workers=dataset_cfg.num_workers, pin_memory=torch.cuda.is_available())
     return loader, sampler
+
+
+def subset_sampling(subset_of_row: list[str], dataset_cfg, batch_size: int
+                    ) -> tuple[list[int], list[int] | None, dict[int, float] | None]:
+    """Per row: its subset's batch size (default `batch_size`); with subset probabilities, the row's
+    subset index and each subset's weight, for the sampler's per-epoch draw counts."""
+    index = {subset.subset_name: i for i, subset in enumerate(dataset_cfg.subsets)}
+    subsets = dataset_cfg.subsets
+    sizes = [subsets[index[name]].batch_size or batch_size for name in subset_of_row]
+    if all(subset.probability is None for subset in subsets):
+        return sizes, None, None
+    return sizes, [index[name] for name in subset_of_row], {i: s.probability for i, s in enumerate(subsets)}

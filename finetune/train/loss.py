@@ -51,13 +51,45 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torc
 
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator | None,
-                 noise_offset: float = 0.0, random_strength: bool = False) -> torch.Tensor:
+                 noise_offset: float = 0.0, random_strength: bool = False,
+                 multires_iterations: int | None = None, multires_discount: float = 0.3) -> torch.Tensor:
     """Gaussian noise like `latents` (B, C, h, w).
 
     Offset noise adds noise_offset · N(0, 1) per sample and channel, shifting each channel's mean:
     the model then learns to change an image's overall brightness (very dark or bright images).
     With `random_strength` each sample's offset strength is drawn uniformly from [0, noise_offset).
+    With `multires_iterations`, kohya's pyramid noise is added after the offset (`pyramid_noise`).
     """
+    noise = _offset_noise(latents, generator, noise_offset, random_strength)
+    if multires_iterations:
+        noise = pyramid_noise(noise, generator, multires_iterations, multires_discount)
+    return noise
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator | None, iterations: int,
+                  discount: float) -> torch.Tensor:
+    """kohya's `pyramid_noise_like`: add upsampled coarser noise, level i at discount**i, then divide by
+    the whole batch's std.
+
+    Level i is (h, w) / r**i with r drawn from [2, 4) each level, bilinear-upsampled (align_corners
+    False); it stops after the first level one pixel high or wide. kohya draws r from Python's global
+    `random`; here every draw comes from `generator`, so a resumed run adds the same noise.
+    """
+    b, c, h, w = noise.shape
+    device = generator.device if generator is not None else noise.device
+    out = noise.float()
+    for i in range(iterations):
+        r = float(torch.rand((), generator=generator, device=device)) * 2 + 2
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        level = torch.randn((b, c, hn, wn), generator=generator, device=device).to(out.device)
+        out = out + F.interpolate(level, size=(h, w), mode="bilinear", align_corners=False) * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return (out / out.std()).to(noise.dtype)
+
+
+def _offset_noise(latents: torch.Tensor, generator: torch.Generator | None, noise_offset: float,
+                  random_strength: bool) -> torch.Tensor:
     noise = _randn(tuple(latents.shape), generator, latents)
     if noise_offset > 0:
         offset = _randn((latents.shape[0], latents.shape[1], 1, 1), generator, latents)  # (B, C, 1, 1)

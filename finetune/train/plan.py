@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from finetune.config import TrainConfig
 
 
-def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) -> None:
-    """Samples, batches, steps per epoch, effective batch, trained parameters, and the memory estimate."""
+def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet, sampler=None, manifest=None) -> None:
+    """Samples, batches, steps per epoch, effective batch, trained parameters, and the memory estimate;
+    with `sampler` and `manifest`, one line per subset when subsets mix budgets, batch sizes or shares."""
     from finetune.memory.profiles import estimate_run_gib, free_gpu_gib
 
     per_epoch = math.ceil(batches / cfg.training.gradient_accumulation_steps)
     trained = sum(p.numel() for p in params)
-    estimate = estimate_run_gib(unet, params, cfg.training, cfg.memory, cfg.optimizer.name, cfg.dataset.resolution**2)
+    largest = max([cfg.dataset.resolution] + [r for s in cfg.dataset.subsets for r in s.resolutions or []])
+    estimate = estimate_run_gib(unet, params, cfg.training, cfg.memory, cfg.optimizer.name, largest**2)
     free = free_gpu_gib()
     if free is not None:
         warning = f"  WARNING: more than the {free:.1f} GiB free on the GPU" if estimate > free else ""
@@ -23,3 +26,28 @@ def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet) -> 
         f"effective batch {cfg.training.effective_batch_size * acc.num_processes} images; "
         f"{trained / 1e6:.2f} M trained parameters; {cfg.training.max_steps} steps"
     )
+    if sampler is not None and manifest is not None:
+        for line in subset_lines(cfg, sampler, manifest, acc.num_processes):
+            acc.print(line)
+
+
+def subset_lines(cfg: TrainConfig, sampler, manifest, num_processes: int = 1) -> list[str]:
+    """Per subset: budgets, effective batch and images drawn per epoch (when any of it is per subset)."""
+    subsets = cfg.dataset.subsets
+    mixed = any(s.resolution is not None or s.batch_size or s.probability or s.loss_weight is not None
+                for s in subsets)
+    if not mixed:
+        return []
+    counts = sampler.epoch_counts(sampler.epoch)
+    drawn = Counter()
+    for name, count in zip(manifest["subset"], counts):
+        drawn[name] += count
+    lines = []
+    for s in subsets:
+        batch = (s.batch_size or cfg.training.batch_size) * cfg.training.gradient_accumulation_steps * num_processes
+        budgets = "/".join(str(r) for r in s.resolutions or [cfg.dataset.resolution])
+        weight = f", loss weight {s.loss_weight}" if s.loss_weight is not None else ""
+        share = f", probability {s.probability}" if s.probability is not None else ""
+        lines.append(f"  subset {s.subset_name}: resolution {budgets}, effective batch {batch}, "
+                     f"{drawn[s.subset_name]} images per epoch{share}{weight}")
+    return lines

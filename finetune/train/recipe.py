@@ -183,7 +183,8 @@ class Recipe:
         if resume:
             self._resume(resume)
         self.log = RunLog.open(self.cfg, self.accelerator, self.state.step)
-        print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.params, self.models.unet)
+        print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.params, self.models.unet,
+                   self.sampler, self.manifest)
         return self
 
     def _setup_manifest(self) -> None:
@@ -216,7 +217,8 @@ class Recipe:
             for encoder in models.text_encoders:
                 encoder.to(acc.device)
         self.text_encode = lambda captions: encode_prompts(
-            list(captions), models.tokenizers, tuple(models.text_encoders), cfg.dataset.long_captions)
+            list(captions), models.tokenizers, tuple(models.text_encoders), cfg.dataset.long_captions,
+            weighted=cfg.dataset.weighted_captions)
         self.noise_scheduler = make_noise_scheduler(dict(models.noise_scheduler.config), cfg.loss.zero_terminal_snr)
         self.prediction_type = resolve_prediction_type(cfg.loss.prediction_type, self.noise_scheduler)
         return latents, text

@@ -45,7 +45,8 @@ def diffusion_step_loss(unet, noise_scheduler, latents, prompt_embeds, pooled_pr
                         mask: torch.Tensor | None = None) -> torch.Tensor:
     """The SDXL denoising loss for one batch (scalar, fp32)."""
     device = latents.device
-    noise = sample_noise(latents, generator, loss_cfg.noise_offset, loss_cfg.noise_offset_random_strength)
+    noise = sample_noise(latents, generator, loss_cfg.noise_offset, loss_cfg.noise_offset_random_strength,
+                         loss_cfg.multires_noise_iterations, loss_cfg.multires_noise_discount)
     low, high = timestep_range(noise_scheduler.config.num_train_timesteps, loss_cfg.min_timestep, loss_cfg.max_timestep)
     timesteps = sample_timesteps(latents.shape[0], high, generator, device, low)
     noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, loss_cfg.input_perturbation, generator)

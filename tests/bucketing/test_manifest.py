@@ -64,6 +64,7 @@ def test_rows_match_an_independent_plan(folder, tmp_path, tree_digest):
             "fingerprint": expected_fingerprint(folder / row["path"]),
             "mask_path": str(folder / "sub" / "square_mask.png") if row["path"] == "sub/square.webp" else "",
             "aesthetic_score": 6.0,  # the default: no metadata.jsonl score (read by the refiner only)
+            "resolution": 256, "loss_weight": None,
         }
     assert tree_digest(folder) == before  # the user's folder is never written, not even touched
 

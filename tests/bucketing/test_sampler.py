@@ -97,3 +97,37 @@ def test_bad_arguments_are_refused():
         BucketBatchSampler(BUCKETS, 2, 0, num_replicas=2, rank=2)
     with pytest.raises(ValueError, match="repeats"):
         BucketBatchSampler(BUCKETS, 2, 0, repeats=[1])
+
+
+def test_subset_weights_split_each_epoch_by_count():
+    from collections import Counter
+
+    from bucketing.sampler import draw_counts
+
+    # A 20-image subject and a 2,000-image style folder, weighted 1:1: an epoch keeps its 2,020 draws.
+    groups = [0] * 20 + [1] * 2000
+    sampler = BucketBatchSampler([(64, 64)] * 2020, batch_size=4, seed=5, groups=groups,
+                                 group_weights={0: 1.0, 1: 1.0})
+    for epoch in (0, 1):
+        counts = sampler.epoch_counts(epoch)
+        assert sum(counts[:20]) == 1010 and sum(counts[20:]) == 1010
+        assert set(counts[:20]) == {50, 51}  # whole passes, then a seeded partial one
+        assert set(counts[20:]) == {0, 1}
+        drawn = Counter(groups[r] for step in sampler.epoch_steps(epoch) for batch in step for r in batch)
+        assert drawn == {0: 1010, 1: 1010}
+    assert sampler.epoch_counts(0) != sampler.epoch_counts(1)  # other style images next epoch
+    again = BucketBatchSampler([(64, 64)] * 2020, batch_size=4, seed=5, groups=groups, group_weights={0: 1.0, 1: 1.0})
+    assert again.epoch_steps(1) == sampler.epoch_steps(1)  # deterministic by seed
+    assert draw_counts(10, [1, 1, 1]) == [4, 3, 3] and draw_counts(7, [3, 1]) == [5, 2]
+
+
+def test_per_row_batch_sizes_keep_one_shape_per_batch_and_resume_exactly():
+    buckets = [(32, 32)] * 10 + [(64, 64)] * 5
+    sizes = [4] * 10 + [2] * 5
+    sampler = BucketBatchSampler(buckets, batch_size=1, seed=2, batch_sizes=sizes, remainder="drop")
+    batches = list(sampler)
+    assert sorted(len(b) for b in batches) == [2, 2, 4, 4]
+    assert all(len({buckets[r] for r in b}) == 1 and len(b) == sizes[b[0]] for b in batches)
+    resumed = BucketBatchSampler(buckets, batch_size=1, seed=2, batch_sizes=sizes, remainder="drop")
+    resumed.load_state_dict({"epoch": 0, "batch_index": 2})
+    assert list(resumed) == batches[2:]

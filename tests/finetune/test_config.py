@@ -247,3 +247,25 @@ def test_a_warmup_as_long_as_the_run_is_refused_by_the_schema(project):
     path.write_text('[model]\npretrained = "model"\n[dataset]\n[[dataset.subsets]]\nfolder = "images"\n', encoding="utf-8")
     with pytest.raises(ConfigError, match="optimizer.warmup_steps = 50 must be below training.max_steps = 50"):
         load_config(path, ["training.max_steps=50", "optimizer.warmup_steps=50"])
+
+
+def test_bucket_sides_follow_the_resolution_unless_set(project):
+    # Old code: min_side = 512 whatever the budget (512: bucketing off; 256: no bucket fits).
+    for resolution, sides in ((256, (128, 512)), (512, (256, 1024)), (1024, (512, 2048))):
+        cfg = load_config(write(project, MINIMAL), [f"dataset.resolution={resolution}"])
+        assert (cfg.dataset.min_side, cfg.dataset.max_side) == sides
+    cfg = load_config(write(project, MINIMAL), ["dataset.min_side=192"])
+    assert (cfg.dataset.min_side, cfg.dataset.max_side) == (192, 512)
+    dumped = dump_config(load_config(write(project, MINIMAL)))
+    assert "min_side = 128" in dumped and "max_side = 512" in dumped  # the resolved config records them
+
+
+def test_subset_mixing_keys_are_checked(project):
+    (project / "other").mkdir()
+    two = MINIMAL + '[[dataset.subsets]]\nfolder = "other"\n'
+    assert "missing on 'other'" in error_of(write(project, two.replace('"images"\n', '"images"\nprobability = 2\n')))
+    cfg = load_config(write(project, two.replace('"other"\n', '"other"\nresolution = [256, 512]\nbatch_size = 4\n')))
+    assert cfg.dataset.subsets[1].resolutions == [256, 512] and cfg.dataset.subsets[1].batch_size == 4
+    assert "multiple of bucket_step" in error_of(write(project, two.replace('"other"\n', '"other"\nresolution = 300\n')))
+    same = MINIMAL + '[[dataset.subsets]]\nfolder = "images"\nbatch_size = 2\n'
+    assert "distinct `name" in error_of(write(project, same))

@@ -35,3 +35,22 @@ def test_inspect_prints_buckets_problems_and_totals(tmp_path):
     # "changes nothing": no output folder, and the image folder is as it was.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "imgs", "model"]
     assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.jpg"]
+
+
+@pytest.mark.slow  # two `finetune dataset inspect` subprocesses
+def test_inspect_warns_when_fixed_sides_crop_a_panorama(tmp_path):
+    make_image(tmp_path / "imgs" / "pano.png", 250, 1000)
+    (tmp_path / "model").mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\npretrained = "model"\n[dataset]\nresolution = 512\nmin_side = 512\n'
+                      '[[dataset.subsets]]\nfolder = "imgs"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "finetune", "dataset", "inspect", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "warning: the crop cuts more than 20% of the area of 1 of 1 image(s)" in done.stdout
+    assert "pano.png (75% cut to 512x512)" in done.stdout
+    # Left to the derived sides (256..1024 at 512) the panorama gets a 256x1024 bucket and no warning.
+    config.write_text(config.read_text().replace("min_side = 512\n", ""), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "finetune", "dataset", "inspect", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert "256 x 1024" in done.stdout and "warning: the crop" not in done.stdout

@@ -302,3 +302,30 @@ def test_loss_has_gradients_for_pred():
     pred = torch.zeros(1, 4, 4, 4, requires_grad=True)
     diffusion_loss(pred, torch.ones(1, 4, 4, 4), loss_type="huber").backward()
     assert pred.grad is not None and (pred.grad < 0).all()
+
+
+def test_pyramid_noise_follows_kohya_and_draws_only_from_the_generator():
+    import random
+
+    from finetune.train.loss import pyramid_noise
+
+    latents = torch.zeros(2, 4, 16, 24)
+    noise = sample_noise(latents, gen(7), multires_iterations=3, multires_discount=0.3)
+    # By hand, with the same draws in the same order: base noise, then per level r in [2, 4) and its noise.
+    g = gen(7)
+    base = torch.randn(2, 4, 16, 24, generator=g)
+    expected = base.clone()
+    for i in range(3):
+        r = float(torch.rand((), generator=g)) * 2 + 2
+        hn, wn = max(1, int(16 / r**i)), max(1, int(24 / r**i))
+        up = torch.nn.Upsample(size=(16, 24), mode="bilinear")  # kohya's module, default align_corners
+        expected += up(torch.randn(2, 4, hn, wn, generator=g)) * 0.3**i
+        if hn == 1 or wn == 1:
+            break
+    torch.testing.assert_close(noise, expected / expected.std(), atol=1e-6, rtol=0)
+    assert float(noise.std()) == pytest.approx(1.0, abs=1e-5)
+    state = random.getstate()
+    assert torch.equal(noise, sample_noise(latents, gen(7), multires_iterations=3, multires_discount=0.3))
+    assert random.getstate() == state  # kohya's global `random` is left alone: resume stays exact
+    # Many levels on a small latent stop at the first 1-pixel level instead of failing.
+    assert pyramid_noise(torch.randn(1, 4, 8, 8), gen(1), 20, 0.3).shape == (1, 4, 8, 8)
