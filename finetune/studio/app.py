@@ -1,0 +1,49 @@
+"""The studio's page: four tabs (Dataset, Config, Runs, Tools) built into one gr.Blocks, and its launch."""
+
+from __future__ import annotations
+
+import hmac
+
+import gradio as gr
+
+from finetune.studio import page_config, page_dataset, page_runs, tools
+from finetune.studio.paths import Workspace
+
+CSS = """
+.field-error { color: #b42318; font-size: 0.9em; margin-top: -6px; }
+#ds-grid .caption-label { white-space: normal; font-size: 11px; }
+"""
+
+
+def build_app(workspace: Workspace) -> gr.Blocks:
+    with gr.Blocks(title="finetune studio", analytics_enabled=False) as demo:
+        gr.Markdown(f"## finetune studio\nworkspace: `{workspace.root}`: every path is relative to it and "
+                    "stays inside it.")
+        with gr.Tabs():
+            with gr.Tab("Dataset", id="dataset"):
+                page_dataset.build(workspace)
+            with gr.Tab("Config", id="config"):
+                page_config.build(workspace)
+            with gr.Tab("Runs", id="runs"):
+                page_runs.build(workspace, demo)
+            with gr.Tab("Tools", id="tools"):
+                tools.build(workspace)
+    return demo
+
+
+def password_check(password: str):
+    """Gradio auth: any user name, this password (compared in constant time)."""
+    def check(_user: str, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), password.encode())
+    return check
+
+
+def launch(workspace: Workspace, host: str, port: int, password: str | None) -> None:
+    demo = build_app(workspace)
+    demo.queue(default_concurrency_limit=4)
+    print(f"finetune studio on http://{host}:{port} (workspace {workspace.root}); Ctrl-C closes the studio, "
+          "training runs keep going", flush=True)
+    demo.launch(server_name=host, server_port=port, auth=password_check(password) if password else None,
+                # Gradio serves only files under these: thumbnails, samples and tool outputs all live there.
+                allowed_paths=[str(workspace.root)], show_error=True, quiet=True, css=CSS,
+                footer_links=[], ssr_mode=False)
