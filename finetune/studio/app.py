@@ -20,15 +20,27 @@ def build_app(workspace: Workspace) -> gr.Blocks:
         gr.Markdown(f"## finetune studio\nworkspace: `{workspace.root}`: every path is relative to it and "
                     "stays inside it.")
         with gr.Tabs():
-            with gr.Tab("Dataset", id="dataset"):
+            with gr.Tab("Dataset", id="dataset") as dataset_tab:
                 page_dataset.build(workspace)
-            with gr.Tab("Config", id="config"):
+            with gr.Tab("Config", id="config") as config_tab:
                 page_config.build(workspace)
-            with gr.Tab("Runs", id="runs"):
-                page_runs.build(workspace, demo)
-            with gr.Tab("Tools", id="tools"):
+            with gr.Tab("Runs", id="runs") as runs_tab:
+                timer = page_runs.build(workspace, demo)
+            with gr.Tab("Tools", id="tools") as tools_tab:
                 tools.build(workspace)
+        # The runs refresh ticks only while its tab is shown.
+        runs_tab.select(lambda: gr.Timer(active=True), None, timer)
+        for other in (dataset_tab, config_tab, tools_tab):
+            other.select(lambda: gr.Timer(active=False), None, timer)
     return demo
+
+
+def warm_up() -> None:
+    """Import what the estimate and the tools need while the user looks at the first page (5-8 s cold)."""
+    import diffusers  # noqa: F401
+    import peft  # noqa: F401
+
+    from finetune.train import builders  # noqa: F401
 
 
 def password_check(password: str):
@@ -39,6 +51,8 @@ def password_check(password: str):
 
 
 def launch(workspace: Workspace, host: str, port: int, password: str | None) -> None:
+    import threading
+
     demo = build_app(workspace)
     demo.queue(default_concurrency_limit=4)
     print(f"finetune studio on http://{host}:{port} (workspace {workspace.root}); Ctrl-C closes the studio, "
@@ -46,4 +60,7 @@ def launch(workspace: Workspace, host: str, port: int, password: str | None) -> 
     demo.launch(server_name=host, server_port=port, auth=password_check(password) if password else None,
                 # Gradio serves only files under these: thumbnails, samples and tool outputs all live there.
                 allowed_paths=[str(workspace.root)], show_error=True, quiet=True, css=CSS,
-                footer_links=[], ssr_mode=False)
+                footer_links=[], ssr_mode=False, prevent_thread_lock=True)
+    # After the server answers: Gradio checks that it can reach itself, and heavy imports starve that check.
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    demo.block_thread()

@@ -15,6 +15,8 @@ def _chart_frame(view: ds.DatasetView | None):
     import pandas as pd
 
     rows = view.bucket_table() if view else []
+    # Labels that sort as the plan does, portrait to landscape: the aspect ratio first ("0.25 256x64").
+    rows = [[f"{aspect:.2f} {label}", aspect, count] for label, aspect, count in rows]
     frame = pd.DataFrame(rows, columns=["bucket", "aspect", "images"])
     return frame.astype({"images": float})  # a quantity axis (integers would be drawn as categories)
 
@@ -29,7 +31,7 @@ def build(workspace: Workspace) -> None:
         open_btn = gr.Button("Open", variant="primary", elem_id="ds-open", scale=1)
     status = gr.Markdown(elem_id="ds-status")
     with gr.Row():
-        chart = gr.BarPlot(_chart_frame(None), x="bucket", y="images", title="images per bucket (h x w), portrait first",
+        chart = gr.BarPlot(_chart_frame(None), x="bucket", y="images", title="images per bucket: aspect (w/h), then h x w",
                            elem_id="ds-chart", scale=3, height=260, x_label_angle=-45)
         table = gr.Dataframe(headers=["bucket", "aspect", "images"], interactive=False, elem_id="ds-buckets",
                              label="bucket plan", scale=2, max_height=300)
@@ -66,21 +68,20 @@ def build(workspace: Workspace) -> None:
             view = ds.open_dataset(workspace, text)
         except FinetuneError as err:
             return (None, f"**cannot open**: {err}", _chart_frame(None), [], gr.update(choices=[ds.ALL], value=ds.ALL),
-                    gr.update(choices=[ds.ALL], value=ds.ALL), [], [], [], "", 1)
+                    gr.update(choices=[ds.ALL], value=ds.ALL), [], [], [], "", 1, 0)
         scanned = time.perf_counter() - started
         items, picked, pages_text, number = show(view, ds.ALL, 0, ds.ALL, 1)
         shown = time.perf_counter() - started - scanned
         used = [b for b, _, n in view.bucket_table() if n]
         message = (f"{len(view.rows)} images in {len(used)} of {len(view.buckets)} buckets, {len(view.problems)} "
                    f"problems and notes; scanned in {scanned:.1f} s, first page in {shown:.2f} s")
-        # The plan's order (portrait to landscape), not the labels' alphabetical one.
-        chart_update = gr.update(value=_chart_frame(view), sort=[row[0] for row in view.bucket_table()])
-        return (view, message, chart_update, view.bucket_table(),
+        return (view, message, _chart_frame(view), view.bucket_table(),
                 gr.update(choices=[ds.ALL] + used, value=ds.ALL),
                 gr.update(choices=[ds.ALL, ds.ANY_NOTE] + view.kinds(), value=ds.ALL),
-                [list(p) for p in view.problems], items, picked, pages_text, number)
+                [list(p) for p in view.problems], items, picked, pages_text, number, 0)
 
-    open_outputs = [view_state, status, chart, table, bucket, kind, problems, grid, picked_state, pages, page]
+    # Every filter goes back to "all" on open, the slider too: the grid shows what the controls say.
+    open_outputs = [view_state, status, chart, table, bucket, kind, problems, grid, picked_state, pages, page, cropped]
     open_btn.click(on_open, source, open_outputs)
     source.submit(on_open, source, open_outputs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import gradio as gr
@@ -34,11 +35,20 @@ def estimate_line(folder: Path) -> str:
     for line in reversed(runs.log_tail(folder, 400).splitlines()):
         if line.startswith("estimated peak GPU memory"):
             return line
-    try:
-        from finetune.config import load_config
-        from finetune.studio.estimate import preflight
+    config = Path(folder) / runs.RESOLVED_CONFIG
+    return _config_estimate(str(config), config.stat().st_mtime_ns if config.exists() else 0)
 
-        return preflight(load_config(runs.resume_config(folder)), 24.0)
+
+@lru_cache(maxsize=32)
+def _config_estimate(config: str, mtime_ns: int) -> str:
+    """Keyed by the resolved config's mtime: a refresh every few seconds must not rebuild the estimate."""
+    from finetune.config import load_config
+    from finetune.studio.estimate import preflight
+
+    if not mtime_ns:
+        return ""
+    try:
+        return preflight(load_config(config), 24.0)
     except FinetuneError as err:
         return f"no estimate: {err}"
 
@@ -68,6 +78,14 @@ def run_details(workspace: Workspace, folder_text: str | None) -> list:
             runs.log_tail(folder)]
 
 
+def _digest(value) -> str:
+    """A short fingerprint of an output's value (DataFrames by their JSON)."""
+    import hashlib
+
+    text = value.to_json() if hasattr(value, "to_json") else repr(value)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def runs_table(workspace: Workspace) -> list[list]:
     rows = []
     for folder in runs.list_runs(workspace):
@@ -77,7 +95,7 @@ def runs_table(workspace: Workspace) -> list[list]:
     return rows
 
 
-def build(workspace: Workspace, demo: gr.Blocks) -> None:
+def build(workspace: Workspace, demo: gr.Blocks) -> gr.Timer:
     with gr.Row():
         config = gr.Textbox(label="config to train (inside the workspace)", elem_id="run-config", scale=3)
         overrides = gr.Textbox(label="overrides, one section.key=value per line (as --set)", lines=2,
@@ -102,11 +120,17 @@ def build(workspace: Workspace, demo: gr.Blocks) -> None:
     log = gr.Textbox(label="console.log (end)", lines=14, max_lines=14, elem_id="run-log", autoscroll=True)
     details = [progress, *plots, samples, estimate, log]
 
-    def refresh(current):
+    def refresh(current, sent):
+        """Every output, but only those that changed since this tab last got them (`sent`: their digests),
+        so a two-second refresh does not resend charts and sample images that stayed the same."""
         rows = runs_table(workspace)
         names = [row[0] for row in rows]
         chosen = current if current in names else (names[0] if names else None)
-        return [rows, gr.update(choices=names, value=chosen), *run_details(workspace, chosen)]
+        values = [rows, gr.update(choices=names, value=chosen), *run_details(workspace, chosen)]
+        digests = [_digest(v) for v in values]
+        sent = sent or {}
+        out = [gr.skip() if sent.get(i) == d else v for i, (v, d) in enumerate(zip(values, digests))]
+        return [*out, dict(enumerate(digests))]
 
     def on_start(config_text, override_text):
         try:
@@ -139,7 +163,10 @@ def build(workspace: Workspace, demo: gr.Blocks) -> None:
 
     resume.click(on_resume, pick, status)
     pick.input(lambda c: run_details(workspace, c), pick, details)
-    timer = gr.Timer(REFRESH_S)
-    timer.tick(refresh, pick, [table, pick, *details], show_progress="hidden")
+    sent = gr.State({})
+    # Inactive until the Runs tab is shown (app.py switches it): other tabs pay nothing for it.
+    timer = gr.Timer(REFRESH_S, active=False)
+    timer.tick(refresh, [pick, sent], [table, pick, *details, sent], show_progress="hidden")
     # A reload or a second tab starts from the disk, like this tab did: the newest run is shown.
-    demo.load(refresh, pick, [table, pick, *details])
+    demo.load(refresh, [pick, sent], [table, pick, *details, sent])
+    return timer
