@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 
 import gradio as gr
 
@@ -25,11 +26,12 @@ def build_app(workspace: Workspace) -> gr.Blocks:
             with gr.Tab("Config", id="config") as config_tab:
                 page_config.build(workspace)
             with gr.Tab("Runs", id="runs") as runs_tab:
-                timer = page_runs.build(workspace, demo)
+                timer, sent = page_runs.build(workspace, demo)
             with gr.Tab("Tools", id="tools") as tools_tab:
                 tools.build(workspace)
-        # The runs refresh ticks only while its tab is shown.
-        runs_tab.select(lambda: gr.Timer(active=True), None, timer)
+        # The runs refresh ticks only while its tab is shown; on showing it, everything is sent afresh
+        # (values sent while the tab was not yet drawn may not have reached it).
+        runs_tab.select(lambda: (gr.Timer(active=True), {}), None, [timer, sent])
         for other in (dataset_tab, config_tab, tools_tab):
             other.select(lambda: gr.Timer(active=False), None, timer)
     return demo
@@ -50,9 +52,28 @@ def password_check(password: str):
     return check
 
 
+def _patient_url_ok(url: str) -> bool:
+    """Gradio's start-up self-check, with time to answer: its own gives up after one 3 s request, and on a
+    busy 2-core machine (a training run beside it) the first page of this large UI can take longer."""
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.head(url, timeout=15).status_code < 500:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def launch(workspace: Workspace, host: str, port: int, password: str | None) -> None:
     import threading
 
+    from gradio import networking
+
+    networking.url_ok = _patient_url_ok
     demo = build_app(workspace)
     demo.queue(default_concurrency_limit=4)
     print(f"finetune studio on http://{host}:{port} (workspace {workspace.root}); Ctrl-C closes the studio, "

@@ -32,7 +32,7 @@ def build(workspace: Workspace) -> None:
     status = gr.Markdown(elem_id="ds-status")
     with gr.Row():
         chart = gr.BarPlot(_chart_frame(None), x="bucket", y="images", title="images per bucket: aspect (w/h), then h x w",
-                           elem_id="ds-chart", scale=3, height=260, x_label_angle=-45)
+                           elem_id="ds-chart", scale=3, height=320, x_label_angle=-90)
         table = gr.Dataframe(headers=["bucket", "aspect", "images"], interactive=False, elem_id="ds-buckets",
                              label="bucket plan", scale=2, max_height=300)
     with gr.Row():

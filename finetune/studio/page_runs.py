@@ -90,12 +90,14 @@ def runs_table(workspace: Workspace) -> list[list]:
     rows = []
     for folder in runs.list_runs(workspace):
         state = runs.run_state(folder)
-        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.updated)) if state.updated else ""
+        # status.json's time; without one, the newest of the run's own files.
+        when = state.updated or runs.last_change(folder)
+        updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else ""
         rows.append([workspace.relative(folder), state.describe(), updated])
     return rows
 
 
-def build(workspace: Workspace, demo: gr.Blocks) -> gr.Timer:
+def build(workspace: Workspace, demo: gr.Blocks) -> tuple[gr.Timer, gr.State]:
     with gr.Row():
         config = gr.Textbox(label="config to train (inside the workspace)", elem_id="run-config", scale=3)
         overrides = gr.Textbox(label="overrides, one section.key=value per line (as --set)", lines=2,
@@ -169,4 +171,4 @@ def build(workspace: Workspace, demo: gr.Blocks) -> gr.Timer:
     timer.tick(refresh, [pick, sent], [table, pick, *details, sent], show_progress="hidden")
     # A reload or a second tab starts from the disk, like this tab did: the newest run is shown.
     demo.load(refresh, [pick, sent], [table, pick, *details, sent])
-    return timer
+    return timer, sent

@@ -202,10 +202,10 @@ def list_runs(workspace: Workspace, max_depth: int = 4) -> list[Path]:
                 walk(child, depth + 1)
 
     walk(workspace.root, 0)
-    return sorted(found, key=_last_change, reverse=True)
+    return sorted(found, key=last_change, reverse=True)
 
 
-def _last_change(folder: Path) -> float:
+def last_change(folder: Path) -> float:
     times = [p.stat().st_mtime for p in (folder / STATUS_FILE, folder / CONSOLE_LOG, folder / RESOLVED_CONFIG)
              if p.exists()]
     return max(times, default=0.0)
