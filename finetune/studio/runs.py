@@ -241,6 +241,10 @@ def start_run(workspace: Workspace, config_text: str, *, resume: bool = False,
     current = run_state(out)
     if current.state == "running":
         raise PathRefused(f"{out}: a run is already training there (pid {current.pid}); stop it first")
+    if not resume:
+        from finetune.train.checkpoint import check_fresh_start
+
+        check_fresh_start(cfg.output.checkpoints_dir)  # the trainer's own refusal, before a process starts
     log_path = out / CONSOLE_LOG
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = train_argv(config, resume, overrides)

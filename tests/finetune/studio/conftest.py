@@ -89,12 +89,11 @@ def studio_server(studio_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def studio_workspace(studio_root, studio_server) -> Path:
+def studio_workspace(studio_root, studio_server, tiny_model_dir) -> Path:
     """Tiny model, a folder of shapes with a 4:1 image, two configs (any plan; square only), a caption folder."""
-    from finetune.models.tiny import save_tiny_model
-
     root = studio_root
-    save_tiny_model(root / "model")
+    # A copy, not a link: the studio refuses paths whose real location is outside its workspace.
+    shutil.copytree(tiny_model_dir, root / "model")
     for i, (h, w) in enumerate([(96, 160), (160, 96), (128, 128), (112, 144)]):
         make_image(root / "images" / f"{i}.png", h, w, color=(200, 30 * i, 40))
         (root / "images" / f"{i}.txt").write_text(f"a red drawing number {i}", encoding="utf-8")
