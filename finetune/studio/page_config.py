@@ -10,7 +10,7 @@ from finetune.errors import FinetuneError
 from finetune.studio import config_form as cf
 from finetune.studio import runs
 from finetune.studio.estimate import CARD_SIZES_GIB, preflight
-from finetune.studio.paths import Workspace
+from finetune.studio.paths import PathRefused, Workspace
 
 FIELDS_PER_ROW = 3
 
@@ -79,14 +79,18 @@ def build(workspace: Workspace) -> None:
 
     def on_open(text, card_value):
         try:
-            path = workspace.existing(text, "config")
-            body = path.read_text(encoding="utf-8")
+            path = workspace.resolve(text, "config")
+            if path.suffix != ".toml" or path.is_dir():
+                raise PathRefused(f"config: {text} is not a .toml file")
+            # A new file starts empty; nothing is written until Save.
+            body = path.read_text(encoding="utf-8") if path.exists() else ""
             cf.parse_document(body)
         except (FinetuneError, OSError, ValueError) as err:
             return [gr.update()] * len(specs) + ["", "", f"**cannot open**: {err}", gr.update()] + \
                 [gr.update()] * (len(errors) + 2)
         values, body = load(body)
-        return values + [body, str(path), f"opened {workspace.relative(path)}", workspace.relative(path)] + \
+        opened = "opened" if path.exists() else "new file (saved on Save):"
+        return values + [body, str(path), f"{opened} {workspace.relative(path)}", workspace.relative(path)] + \
             checked(body, str(path), card_value)
 
     outputs = components + [doc_state, path_state, status, save_box] + errors + [general, estimate]

@@ -61,11 +61,14 @@ def thumbnail(path: Path, row: dict, cache_dir: Path) -> Path:
 
 def draw_crop(path: Path, row: dict):
     """The image scaled to THUMB_SIDE with the cut-away part shaded and the crop outlined."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageOps
 
-    from bucketing.image import open_image
+    from bucketing.image import to_rgb
 
-    image = open_image(path)  # EXIF-transposed RGB: the orientation original_size describes
+    with Image.open(path) as source:
+        # JPEG decodes at 1/2..1/8 scale when asked first: a 24-megapixel photo in milliseconds, not 0.3 s.
+        source.draft("RGB", (THUMB_SIDE * 2, THUMB_SIDE * 2))
+        image = to_rgb(ImageOps.exif_transpose(source))  # the orientation original_size describes
     image.thumbnail((THUMB_SIDE, THUMB_SIDE))
     h, w = row["original_size"]
     sy, sx = image.height / h, image.width / w
