@@ -20,12 +20,12 @@ def unet_config_source(pretrained: Path) -> str:
 
 
 @lru_cache(maxsize=8)
-def _prepared_unet(source: str, training_json: str, lora_json: str):
+def _prepared_unet(source: str, training_json: str, memory_json: str, lora_json: str):
     """(meta UNet, trained params) for these settings; cached because building SDXL's takes ~1.5 s."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from finetune.config import LoraConfig, TrainingConfig
+    from finetune.config import LoraConfig, MemoryConfig, TrainingConfig
     from finetune.models.configs import sdxl_unet_config
     from finetune.train.builders import prepare_unet
 
@@ -34,7 +34,8 @@ def _prepared_unet(source: str, training_json: str, lora_json: str):
     with meta:
         unet = UNet2DConditionModel.from_config(config)
     params = prepare_unet(unet, TrainingConfig.model_validate_json(training_json),
-                          LoraConfig.model_validate_json(lora_json), device=meta)
+                          MemoryConfig.model_validate_json(memory_json), LoraConfig.model_validate_json(lora_json),
+                          device=meta)
     return unet, params
 
 
@@ -47,13 +48,14 @@ def preflight(cfg, card_gib: float) -> str:
         resolved, message = apply_memory_profile(cfg, free_gib=float(card_gib))
     except ConfigError as err:
         return f"**memory profile**: {err}"
-    training = resolved.training
+    training, memory = resolved.training, resolved.memory
     try:
         # The adapter's own init file is not read for a count: its shapes are the config's.
         lora = resolved.lora.model_copy(update={"init_from": None})
-        unet, params = _prepared_unet(unet_config_source(resolved.model.pretrained),
-                                      training.model_dump_json(), lora.model_dump_json())
-        gib = estimate_run_gib(unet, params, training, resolved.optimizer.name, resolved.dataset.resolution ** 2)
+        unet, params = _prepared_unet(unet_config_source(resolved.model.pretrained), training.model_dump_json(),
+                                      memory.model_dump_json(), lora.model_dump_json())
+        gib = estimate_run_gib(unet, params, training, memory, resolved.optimizer.name,
+                               resolved.dataset.resolution ** 2)
     except Exception as err:  # noqa: BLE001 - e.g. nf4 needs real tensors; the page says why, not crash
         return f"{message or 'memory profile: custom'}\n\nno estimate for these settings: {err}"
     verdict = "fits" if gib <= card_gib else "**does not fit**"

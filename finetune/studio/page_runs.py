@@ -69,9 +69,9 @@ def run_details(workspace: Workspace, folder_text: str | None) -> list:
         done = min(1.0, state.step / state.max_steps)
         lines.append(f"progress {done:.0%}" + (f", ETA {_duration(runs.eta_seconds(metrics, state.max_steps))}"
                                                  if state.state == "running" else ""))
-    if metrics:
-        last = metrics[-1]
-        lines.append(f"last logged step {last['step']}: loss {last.get('loss', float('nan')):.4f}")
+    losses = [m for m in metrics if isinstance(m.get("loss"), (int, float))]  # val_loss lines have none
+    if losses:
+        lines.append(f"last logged step {losses[-1]['step']}: loss {losses[-1]['loss']:.4f}")
     gallery = [(str(path), f"step {step}") for path, step in runs.samples(folder)]
     charts = [_frame(metrics, key) for key, _ in CHARTS]
     return ["\n\n".join(lines), *charts, gallery, estimate_line(folder) if state.state != "not started" else "",

@@ -155,12 +155,14 @@ def run_state(folder: Path) -> RunState:
     metrics_step = (read_metrics(folder) or [{"step": 0}])[-1]["step"]
     max_steps = resolved_config(folder).get("training", {}).get("max_steps")
     if status is not None:
-        state = RunState(folder, status.get("state", "unknown"), int(status.get("step") or 0),
-                         status.get("max_steps", max_steps), status.get("error"), status.get("pid"),
-                         status.get("updated"))
+        # status.json is rewritten when the state changes; while running, the metrics are newer.
+        step = max(int(status.get("step") or 0), metrics_step if status.get("state") == "running" else 0)
+        state = RunState(folder, status.get("state", "unknown"), step, status.get("max_steps", max_steps),
+                         status.get("error"), status.get("pid"), status.get("updated"))
         if state.state == "running" and not pid_alive(state.pid):
             state.state = "killed"  # the process is gone without saying so: a crash, kill -9 or power loss
-            state.error = error_line(folder) or f"process {state.pid} is gone; resume from step {last_ckpt}"
+            resume = f"resume continues from step {last_ckpt}" if last_ckpt else "no checkpoint yet: start it again"
+            state.error = error_line(folder) or f"process {state.pid} is gone; {resume}"
         elif state.state == "failed" and not state.error:
             state.error = error_line(folder)
         return state

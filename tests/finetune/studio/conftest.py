@@ -54,6 +54,9 @@ height = 64
 width = 64
 every_n_steps = 2
 
+[logging]
+every_n_steps = 1
+
 [output]
 dir = "{out}"
 """

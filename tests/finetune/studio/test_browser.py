@@ -59,7 +59,7 @@ def test_a_run_starts_from_the_studio(page, studio_workspace):
     status = wait_text(page, "#run-status", r"started finetune train train.toml|not started")
     assert f"in {RUN_DIR}" in status
     STARTED["pid"] = int(re.search(r"pid (\d+)", status).group(1))
-    wait_text(page, "#run-progress", rf"{RUN_DIR}\W+running", timeout_s=20)
+    wait_text(page, "#run-progress", rf"{RUN_DIR}\W+running", timeout_s=30)
     second = page.context.new_page()  # a second tab reads the same folders: the same state
     second.goto(page.url)
     second.get_by_role("tab", name="Runs").click()
@@ -209,8 +209,8 @@ def _train_stop_and_resume(page, studio_workspace, run) -> None:
     page.wait_for_selector('#run-samples img', timeout=60_000)  # rendered inside the loop: it trains
     if not (run / "logs" / "metrics.jsonl").exists():  # the first step is always logged, before this sample
         _stand_in_metrics(run, 2)
-    wait_text(page, "#run-progress", r"last logged step \d+: loss", timeout_s=15)
-    page.wait_for_selector("#run-loss .mark-line path", timeout=15_000)
+    wait_text(page, "#run-progress", r"last logged step ([2-9]|\d\d+): loss", timeout_s=30)
+    page.wait_for_selector("#run-loss .mark-line path", state="attached", timeout=15_000)
 
     page.click("#run-stop")
     wait_text(page, "#run-status", "stop requested")

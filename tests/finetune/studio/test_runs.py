@@ -90,3 +90,10 @@ def test_train_argv_is_the_ordinary_cli_without_a_shell(tmp_path):
     argv = runs.train_argv(tmp_path / "my config.toml", True, ["training.max_steps=4"])
     assert argv == [sys.executable, "-m", "finetune", "train", str(tmp_path / "my config.toml"),
                     "--set", "training.max_steps=4", "--resume"]
+
+
+def test_a_running_status_takes_its_step_from_the_newer_metrics(tmp_path):
+    _status(tmp_path, step=0)  # written at start; the trainer rewrites it when the state changes
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 7, "loss": 0.9}\n')
+    assert runs.run_state(tmp_path).describe() == "running, step 7/10"
