@@ -97,3 +97,24 @@ def test_a_running_status_takes_its_step_from_the_newer_metrics(tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 7, "loss": 0.9}\n')
     assert runs.run_state(tmp_path).describe() == "running, step 7/10"
+
+
+def test_start_refuses_paths_outside_and_a_fresh_start_over_checkpoints(tmp_path):
+    import pytest
+
+    from finetune.errors import CheckpointError
+    from finetune.studio.paths import PathRefused
+
+    root = tmp_path / "ws"
+    for folder in ("model", "images", "out"):
+        (root / folder).mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "train.toml").write_text('[model]\npretrained = "model"\n[[dataset.subsets]]\nfolder = "images"\n'
+                                     '[output]\ndir = "out"\n', encoding="utf-8")
+    ws = Workspace(root)
+    with pytest.raises(PathRefused, match="output.dir"):
+        runs.start_run(ws, "train.toml", overrides=[f'output.dir="{tmp_path / "outside"}"'])
+    _checkpoint(root / "out", 2)
+    with pytest.raises(CheckpointError, match="--resume"):
+        runs.start_run(ws, "train.toml")
+    assert not (root / "out" / "logs").exists()  # refused before any process or file
