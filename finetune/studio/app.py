@@ -34,6 +34,10 @@ def build_app(workspace: Workspace) -> gr.Blocks:
         runs_tab.select(lambda: (gr.Timer(active=True), {}), None, [timer, sent])
         for other in (dataset_tab, config_tab, tools_tab):
             other.select(lambda: gr.Timer(active=False), None, timer)
+    # The page is the interface, not an API: private events are left out of the API description that
+    # the page downloads (3.3 MB for the config form's ~240 events) and cannot be called by API clients.
+    for fn in demo.fns.values():
+        fn.api_visibility = "private"
     return demo
 
 
