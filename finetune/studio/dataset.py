@@ -170,8 +170,8 @@ def caption_for_editing(view: DatasetView, row: dict) -> tuple[str, str]:
 def save_caption(workspace: Workspace, view: DatasetView, index: int, text: str) -> Path:
     """Write `text` to the row's sidecar caption file, atomically, as UTF-8; the row shows it at once.
 
-    The file keeps its permissions (a temp file would otherwise make it owner-only). No other file
-    in the folder changes: the temp file is renamed onto the sidecar.
+    An existing file keeps its permissions. No other file in the folder changes: the temp file is
+    renamed onto the sidecar.
 
     Raises:
         PathRefused: the sidecar lies outside the workspace, or the subset is not a folder.
@@ -183,20 +183,11 @@ def save_caption(workspace: Workspace, view: DatasetView, index: int, text: str)
         raise PathRefused(f"{row['path']}: comes from a `datasets` dataset; its captions are not sidecar files")
     path = workspace.resolve(sidecar_path(view, row), "caption file")
     text = " ".join(text.split())  # one line, as captions.sources reads it back
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
+    mode = path.stat().st_mode & 0o7777 if path.exists() else None
     with atomic_file(path) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
-        os.chmod(tmp, mode)
+    if mode is not None:
+        # atomic_file gives new files the umask's mode; an edited caption keeps the one it had.
+        os.chmod(path, mode)
     row["caption"] = text
     return path
-
-
-def _umask() -> int:
-    """The process umask, read without setting it (os.umask would change it for every thread a moment)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022

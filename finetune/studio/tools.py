@@ -13,7 +13,7 @@ from finetune.errors import FinetuneError
 from finetune.studio.paths import PathRefused, Workspace
 
 
-def parse_loras(workspace: Workspace, text: str) -> list[tuple[Path, float]]:
+def parse_loras(workspace: Workspace, text: str, required: bool = True) -> list[tuple[Path, float]]:
     """One LoRA per line, `path` or `path:weight` (as `finetune merge --lora FILE[:SCALE]`)."""
     loras = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -29,7 +29,7 @@ def parse_loras(workspace: Workspace, text: str) -> list[tuple[Path, float]]:
             except ValueError:
                 pass
         loras.append((workspace.existing(line, f"LoRA on line {number}"), weight))
-    if not loras:
+    if not loras and required:
         raise PathRefused("LoRAs: give at least one, one per line as path or path:weight")
     return loras
 
@@ -68,13 +68,14 @@ def run_extract(workspace: Workspace, base: str, tuned: str, rank: float, out: s
     return f"{report}\n\noutput: {workspace.relative(target)}"
 
 
-def run_sample(workspace: Workspace, model: str, prompt: str, negative: str, seed: float, steps: float,
+def run_sample(workspace: Workspace, model: str, loras: str, prompt: str, negative: str, seed: float, steps: float,
                height: float, width: float, out: str) -> tuple[str, str | None]:
     from finetune.tools.sample import render_from_model
 
     target = workspace.new_output(out, "sample image")
     path = render_from_model(workspace.existing(model, "model"), prompt, target, seed=int(seed), steps=int(steps),
-                             height=int(height), width=int(width), negative_prompt=negative)
+                             height=int(height), width=int(width), negative_prompt=negative,
+                             loras=parse_loras(workspace, loras, required=False), progress=False)
     return f"written {workspace.relative(path)}", str(path)
 
 
@@ -131,6 +132,8 @@ def build(workspace: Workspace) -> None:
             _guarded(lambda *a: run_extract(workspace, *a)), [base, tuned, rank, out], result)
     with gr.Tab("Sample", id="tool-sample"):
         model = gr.Textbox(label="model (diffusers folder or single .safetensors)", elem_id="sample-model")
+        sample_loras = gr.Textbox(label="LoRAs applied unmerged, one per line: path or path:weight (optional)",
+                                  lines=2, elem_id="sample-loras")
         prompt = gr.Textbox(label="prompt", elem_id="sample-prompt")
         negative = gr.Textbox(label="negative prompt", elem_id="sample-negative")
         with gr.Row():
@@ -149,7 +152,7 @@ def build(workspace: Workspace) -> None:
                 return f"**error**: {err}", None
 
         gr.Button("Render", variant="primary", elem_id="sample-run").click(
-            sample, [model, prompt, negative, seed, steps, height, width, out], [result, image])
+            sample, [model, sample_loras, prompt, negative, seed, steps, height, width, out], [result, image])
     with gr.Tab("Caption", id="tool-caption"):
         folder = gr.Textbox(label="image folder (images without a caption file get one)", elem_id="caption-folder")
         model = gr.Textbox(label="local image-to-text model folder", elem_id="caption-model")
