@@ -206,7 +206,7 @@ def _end(pid: int) -> None:
 
 def _train_stop_and_resume(page, studio_workspace, run) -> None:
     page.get_by_role("tab", name="Runs").click()
-    page.wait_for_selector('#run-samples img', timeout=60_000)  # rendered inside the loop: it trains
+    page.wait_for_selector('#run-samples img', timeout=120_000)  # rendered inside the loop: it trains
     if not (run / "logs" / "metrics.jsonl").exists():  # the first step is always logged, before this sample
         _stand_in_metrics(run, 2)
     wait_text(page, "#run-progress", r"last logged step ([2-9]|\d\d+): loss", timeout_s=30)
@@ -214,7 +214,7 @@ def _train_stop_and_resume(page, studio_workspace, run) -> None:
 
     page.click("#run-stop")
     wait_text(page, "#run-status", "stop requested")
-    shown = wait_text(page, "#runs-table", r"stopped at step \d+", timeout_s=40)
+    shown = wait_text(page, "#runs-table", r"stopped at step \d+", timeout_s=90)  # generous: a busy CI box
     step = int(re.search(r"stopped at step (\d+)", shown).group(1))
     assert (run / "checkpoints" / f"step-{step:06d}" / "train_state.json").is_file()
     assert "--- studio" in (run / "logs" / "console.log").read_text(encoding="utf-8")
