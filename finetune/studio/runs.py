@@ -62,6 +62,12 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def reap() -> None:
+    """Collect the exit of every trainer this studio started that has ended, so none stays a zombie."""
+    for proc in list(_LAUNCHED.values()):
+        proc.poll()
+
+
 def pid_alive(pid: int | None) -> bool:
     """The process exists and is not a zombie (an exited child not yet reaped)."""
     if not pid:
@@ -149,6 +155,7 @@ def run_state(folder: Path) -> RunState:
     from finetune.train.checkpoint import list_checkpoints
 
     folder = Path(folder)
+    reap()
     status = read_json(folder / STATUS_FILE)
     checkpoints = list_checkpoints(folder / "checkpoints")
     last_ckpt = checkpoints[-1][0] if checkpoints else 0

@@ -144,6 +144,66 @@ def _stand_in_metrics(folder: Path, last_step: int) -> None:
     (folder / "logs" / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def test_the_run_trains_charts_samples_and_stops_with_a_checkpoint(page, studio_workspace):
+    if "pid" not in STARTED:
+        pytest.skip("test_a_run_starts_from_the_studio did not start the run")
+    run = studio_workspace / RUN_DIR
+    try:
+        step = _train_and_stop(page, run)
+    finally:
+        _end(STARTED["pid"])  # the trainer outlives the studio by design: a failed test must not leave it running
+    # `finetune train --resume` continues it, in the background while the next tests use the browser;
+    # test_the_stopped_run_resumes_from_the_cli waits for it.
+    STARTED["resume"] = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "train", "train.toml", "--resume", "--set", f"output.dir=\"{RUN_DIR}\"",
+         "--set", f"training.max_steps={step + 1}", "--set", "sample.prompts=[]"],  # no pipeline to load at the end
+        cwd=studio_workspace, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    STARTED["step"] = step
+
+
+def _end(pid: int, grace_s: float = 30.0) -> None:
+    """Wait for the trainer to exit (after a stop it saves, then exits); else SIGINT, then SIGKILL."""
+    import signal
+
+    def gone(wait_s: float) -> bool:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+                if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+                    return True  # exited; the studio, its parent, collects it on its next look
+            except (ProcessLookupError, FileNotFoundError):
+                return True
+            time.sleep(0.1)
+        return False
+
+    for sig in (None, signal.SIGINT, signal.SIGKILL):
+        if sig is not None:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+        if gone(grace_s if sig is None else 10.0):
+            return
+
+
+def _train_and_stop(page, run) -> int:
+    page.get_by_role("tab", name="Runs").click()
+    page.wait_for_selector('#run-samples img', timeout=120_000)  # rendered inside the loop: it trains
+    if not (run / "logs" / "metrics.jsonl").exists():  # the first step is always logged, before this sample
+        _stand_in_metrics(run, 2)
+    wait_text(page, "#run-progress", r"last logged step ([2-9]|\d\d+): loss", timeout_s=30)
+    page.wait_for_selector("#run-loss .mark-line path", state="attached", timeout=15_000)
+
+    page.click("#run-stop")
+    wait_text(page, "#run-status", "stop requested")
+    shown = wait_text(page, "#runs-table", r"stopped at step \d+", timeout_s=90)  # generous: a busy CI box
+    step = int(re.search(r"stopped at step (\d+)", shown).group(1))
+    assert (run / "checkpoints" / f"step-{step:06d}" / "train_state.json").is_file()
+    assert "--- studio" in (run / "logs" / "console.log").read_text(encoding="utf-8")
+    return step
+
+
 def test_tools_page_merges_a_lora(page, studio_workspace):
     import torch
     from safetensors.torch import save_file
@@ -179,51 +239,12 @@ def test_a_path_outside_the_workspace_is_refused(page, studio_workspace, tmp_pat
     assert not (studio_workspace.parent / "escaped").exists()
 
 
-def test_the_run_trains_charts_samples_stops_and_resumes_from_the_cli(page, studio_workspace):
-    if "pid" not in STARTED:
-        pytest.skip("test_a_run_starts_from_the_studio did not start the run")
-    try:
-        _train_stop_and_resume(page, studio_workspace, studio_workspace / RUN_DIR)
-    finally:
-        _end(STARTED["pid"])  # the trainer outlives the studio by design: a failed test must not leave it running
-
-
-def _end(pid: int) -> None:
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        for _ in range(100):
-            time.sleep(0.1)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-
-
-def _train_stop_and_resume(page, studio_workspace, run) -> None:
+def test_the_stopped_run_resumes_from_the_cli(page, studio_workspace):
+    if "resume" not in STARTED:
+        pytest.skip("the run was not stopped with a checkpoint")
+    out, err = STARTED["resume"].communicate(timeout=240)
+    assert STARTED["resume"].returncode == 0, err[-2000:]
+    assert f"done: step {STARTED['step'] + 1}" in out
+    assert (studio_workspace / RUN_DIR / "lora.safetensors").is_file()
     page.get_by_role("tab", name="Runs").click()
-    page.wait_for_selector('#run-samples img', timeout=120_000)  # rendered inside the loop: it trains
-    if not (run / "logs" / "metrics.jsonl").exists():  # the first step is always logged, before this sample
-        _stand_in_metrics(run, 2)
-    wait_text(page, "#run-progress", r"last logged step ([2-9]|\d\d+): loss", timeout_s=30)
-    page.wait_for_selector("#run-loss .mark-line path", state="attached", timeout=15_000)
-
-    page.click("#run-stop")
-    wait_text(page, "#run-status", "stop requested")
-    shown = wait_text(page, "#runs-table", r"stopped at step \d+", timeout_s=90)  # generous: a busy CI box
-    step = int(re.search(r"stopped at step (\d+)", shown).group(1))
-    assert (run / "checkpoints" / f"step-{step:06d}" / "train_state.json").is_file()
-    assert "--- studio" in (run / "logs" / "console.log").read_text(encoding="utf-8")
-
-    done = subprocess.run([sys.executable, "-m", "finetune", "train", "train.toml", "--resume",
-                           "--set", f"output.dir=\"{RUN_DIR}\"", "--set", f"training.max_steps={step + 1}",
-                           "--set", "sample.prompts=[]"],  # no pipeline to load at the end: seconds saved
-                          cwd=studio_workspace, env=_env(), capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"done: step {step + 1}" in done.stdout
-    assert (run / "lora.safetensors").is_file()
-    wait_text(page, "#runs-table", r"finished, \d+ steps", timeout_s=15)  # a CLI run shows up in the studio
+    wait_text(page, "#runs-table", r"finished, \d+ steps", timeout_s=30)  # a CLI run shows up in the studio

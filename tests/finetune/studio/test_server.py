@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from finetune.studio.server import StudioRefused, check_bind, is_loopback
@@ -24,13 +20,14 @@ def test_open_address_needs_a_password(host):
     check_bind(host, "s3cret")
 
 
-def test_cli_refuses_to_start_on_0000_without_a_password(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "FINETUNE_STUDIO_PASSWORD"}
-    done = subprocess.run([sys.executable, "-m", "finetune", "studio", "--workspace", str(tmp_path),
-                           "--host", "0.0.0.0", "--port", "7999"], capture_output=True, text=True, env=env,
-                          timeout=60)
-    assert done.returncode == 2
-    assert "--host 0.0.0.0" in done.stderr and "password" in done.stderr
+def test_cli_refuses_to_start_on_0000_without_a_password(tmp_path, monkeypatch, capsys):
+    from finetune.cli import main
+
+    monkeypatch.delenv("FINETUNE_STUDIO_PASSWORD", raising=False)
+    # The command's own entry point, in-process: it refuses before importing Gradio or binding a port.
+    assert main(["studio", "--workspace", str(tmp_path), "--host", "0.0.0.0", "--port", "7999"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host 0.0.0.0 makes the studio reachable") and "--password" in err
 
 
 def test_nothing_else_imports_the_studio():
