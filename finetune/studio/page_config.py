@@ -86,7 +86,8 @@ def build(workspace: Workspace) -> None:
             body = path.read_text(encoding="utf-8") if path.exists() else ""
             cf.parse_document(body)
         except (FinetuneError, OSError, ValueError) as err:
-            return [gr.update()] * len(specs) + ["", "", f"**cannot open**: {err}", gr.update()] + \
+            # The form and its unsaved edits stay as they were: only the message changes.
+            return [gr.update()] * len(specs) + [gr.update(), gr.update(), f"**cannot open**: {err}", gr.update()] + \
                 [gr.update()] * (len(errors) + 2)
         values, body = load(body)
         opened = "opened" if path.exists() else "new file (saved on Save):"
@@ -103,7 +104,7 @@ def build(workspace: Workspace) -> None:
             path = runs.resume_config(folder)
             body = path.read_text(encoding="utf-8")
         except (FinetuneError, OSError) as err:
-            return [gr.update()] * len(specs) + ["", "", f"**cannot load**: {err}", gr.update()] + \
+            return [gr.update()] * len(specs) + [gr.update(), gr.update(), f"**cannot load**: {err}", gr.update()] + \
                 [gr.update()] * (len(errors) + 2)
         values, body = load(body)
         # Saved elsewhere by default: the run's own resolved config is its record, not a draft.
@@ -146,6 +147,9 @@ def build(workspace: Workspace) -> None:
             cf.save_document(cf.parse_document(doc_text), target)
         except (FinetuneError, OSError) as err:
             return f"**not saved**: {err}", path_text
-        return f"saved {workspace.relative(target)}", str(target)
+        moved = path_text and Path(path_text).parent != target.parent
+        note = (f"; its relative paths now resolve against {workspace.relative(target.parent)}/, check them"
+                if moved else "")
+        return f"saved {workspace.relative(target)}{note}", str(target)
 
     save_btn.click(on_save, [doc_state, path_state, save_box], [status, path_state])
