@@ -25,6 +25,7 @@ def build(workspace: Workspace) -> None:
     view_state = gr.State(None)  # the DatasetView of this tab
     picked_state = gr.State([])  # row indices passing the filters
     selected_state = gr.State(None)  # row index being edited
+    loaded_state = gr.State("")  # its caption as loaded: a different text in the box is an unsaved edit
     with gr.Row():
         source = gr.Textbox(label="config (.toml) or image folder, inside the workspace", elem_id="ds-source",
                             placeholder="train.toml or images/", scale=4)
@@ -95,23 +96,30 @@ def build(workspace: Workspace) -> None:
                     [grid, picked_state, pages, page])
     page.submit(on_filter, [view_state, bucket, cropped, kind, page], [grid, picked_state, pages, page])
 
-    def on_select(view, picked, page_value, evt: gr.SelectData):
+    def on_select(view, picked, page_value, previous, loaded, current, evt: gr.SelectData):
         index = picked[(int(page_value or 1) - 1) * ds.PAGE_SIZE + evt.index]
         row = view.rows[index]
         text, origin = ds.caption_for_editing(view, row)
         notes = "".join(f"\n- {n}" for n in row["notes"])
-        return index, f"**{row['abs_path']}**: {ds.label(row)}\n\ncaption file: {origin}{notes}", text, ""
+        warning = ""
+        if previous is not None and previous != index and current != loaded:
+            # Never silently: the edit is still in this message to copy back.
+            warning = f"**not saved**: your edit of {view.rows[previous]['path']} was left: {current!r}"
+        return (index, f"**{row['abs_path']}**: {ds.label(row)}\n\ncaption file: {origin}{notes}", text, warning,
+                text)
 
-    grid.select(on_select, [view_state, picked_state, page], [selected_state, selected, caption, saved])
+    grid.select(on_select, [view_state, picked_state, page, selected_state, loaded_state, caption],
+                [selected_state, selected, caption, saved, loaded_state])
 
     def on_save(view, index, text, b, c, k, p):
         if view is None or index is None:
-            return "select an image first", gr.update(), gr.update(), gr.update(), gr.update()
+            return "select an image first", *[gr.update()] * 6
         try:
             path = ds.save_caption(workspace, view, index, text)
         except FinetuneError as err:
-            return f"**not saved**: {err}", gr.update(), gr.update(), gr.update(), gr.update()
-        return (f"saved {workspace.relative(path)}", *show(view, b, c, k, p))
+            return f"**not saved**: {err}", *[gr.update()] * 6
+        written = view.rows[index]["caption"]  # as saved: one line
+        return (f"saved {workspace.relative(path)}", *show(view, b, c, k, p), written, written)
 
     save.click(on_save, [view_state, selected_state, caption, bucket, cropped, kind, page],
-               [saved, grid, picked_state, pages, page])
+               [saved, grid, picked_state, pages, page, loaded_state, caption])
