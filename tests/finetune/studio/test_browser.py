@@ -106,6 +106,10 @@ def test_caption_edit_writes_only_the_sidecar(page, studio_workspace):
     assert [name for name in after if after[name] != before[name]] == ["c1.txt"]
     assert (folder / "c1.txt").read_text(encoding="utf-8") == "a blue square, edited in the studio\n"
     assert "edited in the studio" in page.locator('#ds-grid img[alt^="c1.png"]').get_attribute("alt")
+    field(page, "ds-caption").fill("an edit nobody saves")
+    page.locator('#ds-grid img[alt^="c2.png"]').click()  # another image: the edit is not dropped in silence
+    assert "an edit nobody saves" in wait_text(page, "#ds-save-status", "not saved")
+    assert (folder / "c1.txt").read_text(encoding="utf-8") == "a blue square, edited in the studio\n"
 
 
 def test_invalid_config_value_shows_the_cli_message_next_to_the_field(page, studio_workspace):
