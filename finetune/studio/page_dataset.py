@@ -14,9 +14,11 @@ from finetune.studio.paths import Workspace
 def _chart_frame(view: ds.DatasetView | None):
     import pandas as pd
 
-    rows = view.bucket_table() if view else []
     # Labels that sort as the plan does, portrait to landscape: the aspect ratio first ("0.25 256x64").
-    rows = [[f"{aspect:.2f} {label}", aspect, count] for label, aspect, count in rows]
+    # Before a dataset is open, one placeholder row: the chart sizes its label column from its first
+    # data, and an empty first frame leaves every later label cut to a few characters.
+    rows = ([[f"{aspect:.2f} {label}", aspect, count] for label, aspect, count in view.bucket_table()] if view
+            else [["(no dataset open)", 0.0, 0]])
     frame = pd.DataFrame(rows, columns=["bucket", "aspect", "images"])
     return frame.astype({"images": float})  # a quantity axis (integers would be drawn as categories)
 
@@ -32,8 +34,9 @@ def build(workspace: Workspace) -> None:
         open_btn = gr.Button("Open", variant="primary", elem_id="ds-open", scale=1)
     status = gr.Markdown(elem_id="ds-status")
     with gr.Row():
-        chart = gr.BarPlot(_chart_frame(None), x="bucket", y="images", title="images per bucket: aspect (w/h), then h x w",
-                           elem_id="ds-chart", scale=3, height=320, x_label_angle=-90)
+        # Bars across: SDXL plans ~37 buckets, whose labels stay readable down the side, not under the bars.
+        chart = gr.BarPlot(_chart_frame(None), x="images", y="bucket", title="images per bucket: aspect (w/h), h x w",
+                           elem_id="ds-chart", scale=3, height=440)
         table = gr.Dataframe(headers=["bucket", "aspect", "images"], interactive=False, elem_id="ds-buckets",
                              label="bucket plan", scale=2, max_height=300)
     with gr.Row():
