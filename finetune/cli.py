@@ -163,6 +163,12 @@ def cmd_sample(args) -> None:
     print(f"written {out}")
 
 
+def cmd_studio(args) -> None:
+    from finetune.studio.server import serve
+
+    serve(args.workspace, host=args.host, port=args.port, password=args.password)
+
+
 class _Help(argparse.HelpFormatter):
     """Every option's help ends with its default, where it has one worth showing."""
 
@@ -270,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refiner", help="an SDXL refiner: the base denoises to --switch, the refiner finishes")
     p.add_argument("--refiner-lora", action="append", metavar="FILE[:SCALE]", help="a LoRA for the refiner; repeatable")
     p.add_argument("--switch", type=float, default=0.8, help="fraction of the schedule the base denoises")
+
+    p = command("studio", cmd_studio, "local web UI over the same configs and run folders (pip install -e \".[studio]\")")
+    p.add_argument("--workspace", required=True, help="root folder; the studio reads and writes only inside it")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback needs --password")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--password", default=None,
+                   help="required for a --host other than loopback (or env FINETUNE_STUDIO_PASSWORD)")
     return parser
 
 
