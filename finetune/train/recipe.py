@@ -171,8 +171,10 @@ class Recipe:
         self.cfg = cfg
         self.accelerator = acc = builders.make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
         set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
-        acc.print(f"processes: {acc.num_processes} ({acc.device}, {acc.distributed_type.value}), "
-                  f"mixed precision: {cfg.training.mixed_precision}")
+        run_line, process_line = builders.topology_lines(acc, cfg.training.mixed_precision)
+        acc.print(run_line)
+        if process_line:
+            print(process_line, flush=True)  # every process: rank, machine, device
         if profile_message:
             acc.print(profile_message)
         self._setup_manifest()
