@@ -42,7 +42,7 @@ from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
 from finetune.train.validation import validation_loss
-from finetune.rng import step_generator
+from finetune.rng import shared_step_generator
 
 log = logging.getLogger("finetune")
 
@@ -347,8 +347,9 @@ class Recipe:
         """Forward and backward of one micro-batch; its loss joins the window's. No host sync here."""
         acc = self.accelerator
         # Keyed by the micro-batch's place in the data order, which a resume restores exactly.
-        generator = step_generator(self.cfg.training.seed, self.state.epoch, self.state.batch_in_epoch,
-                                   acc.process_index, acc.device)
+        # Drawn for all processes' rows of the step, so the process count does not change the noise.
+        generator = shared_step_generator(self.cfg.training.seed, self.state.epoch, self.state.batch_in_epoch,
+                                          self.sampler.rows_in_step(self.state.batch_in_epoch - 1), acc.device)
         batch = {k: v.to(acc.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         latents = batch_latents(batch, self.models.vae, generator)  # (B, 4, H/8, W/8)
         prompt_embeds, pooled = batch_text(batch, self.text_encode)
