@@ -231,8 +231,11 @@ def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState, allow_cha
     if saved.dataset_hash and saved.dataset_hash != state.dataset_hash:
         changes.append("dataset: the images, captions or crops changed since the checkpoint")
     if saved.num_processes != state.num_processes:  # the sampler's shards: never accepted
-        raise CheckpointError(f"{folder}: cannot resume with {state.num_processes} processes: the checkpoint was "
-                              f"written by {saved.num_processes}; launch with --num_processes {saved.num_processes}")
+        raise CheckpointError(
+            f"{folder}: cannot resume: processes: {saved.num_processes} in the checkpoint, {state.num_processes} now "
+            "(each process holds its own place in the data order, its own RNG state and, with FSDP, its own shard): "
+            f"launch with --num_processes {saved.num_processes} (machines x GPUs per machine), or start a new run "
+            "from this checkpoint's weights (a LoRA: lora.init_from)")
     if changes and not allow_changes:
         raise CheckpointError(
             f"{folder}: cannot resume, the config changed in ways that would make the result differ from an "
