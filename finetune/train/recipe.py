@@ -34,6 +34,7 @@ from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
 from finetune.train.command import record_command
+from finetune.train.distributed import topology_lines
 from finetune.train.logs import RunLog, progress_bar, step_metrics
 from finetune.train.loss import make_noise_scheduler, resolve_prediction_type, timestep_range
 from finetune.train.optim import build_lr_scheduler
@@ -171,12 +172,14 @@ class Recipe:
         self.cfg = cfg
         self.accelerator = acc = builders.make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
         set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
-        run_line, process_line = builders.topology_lines(acc, cfg.training.mixed_precision)
+        run_line, process_line = topology_lines(acc, cfg.training.mixed_precision)
         acc.print(run_line)
         if process_line:
             print(process_line, flush=True)  # every process: rank, machine, device
         if profile_message:
             acc.print(profile_message)
+        if resume:  # before minutes of loading and caching
+            ckpt.check_process_count(ckpt.find_resume_folder(cfg.output.checkpoints_dir, resume), acc.num_processes)
         self._setup_manifest()
         latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
         self._setup_data(latents, text)  # needs the cache lookups

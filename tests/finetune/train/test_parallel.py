@@ -46,7 +46,7 @@ def fake_accelerator(world: int, rank: int, kind: str):
 
 
 def test_start_lines_name_processes_machines_and_the_distributed_type(monkeypatch):
-    from finetune.train.builders import topology_lines
+    from finetune.train.distributed import topology_lines
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     run, mine = topology_lines(fake_accelerator(4, 3, "FSDP"), "bf16")
@@ -67,3 +67,14 @@ def test_shipped_accelerate_configs_load(name):
     if config.distributed_type.value == "FSDP":
         assert config.fsdp_config["fsdp_version"] == 2  # check_parallelism refuses FSDP1
     assert config.num_processes % config.num_machines == 0
+
+
+def test_a_resume_with_another_process_count_is_refused_before_any_work(tmp_path):
+    from finetune.errors import CheckpointError
+    from finetune.train.checkpoint import STATE_FILE, TrainState, check_process_count
+
+    (tmp_path / STATE_FILE).write_text(TrainState(num_processes=2).to_json())
+    check_process_count(tmp_path, 2)
+    for now in (1, 4):
+        with pytest.raises(CheckpointError, match=f"processes: 2 in the checkpoint, {now} now .*--num_processes 2"):
+            check_process_count(tmp_path, now)
