@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_runs import adapter_tensors, make_shapes_folder, write_config
+from trainer_runs import adapter_tensors, write_config
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def shapes_folder(tmp_path_factory) -> Path:
-    return make_shapes_folder(tmp_path_factory.mktemp("shapes"))
 
 
 def launch(accelerate_config: str, config: Path, *args: str) -> subprocess.CompletedProcess:
