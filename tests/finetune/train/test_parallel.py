@@ -78,3 +78,21 @@ def test_a_resume_with_another_process_count_is_refused_before_any_work(tmp_path
     for now in (1, 4):
         with pytest.raises(CheckpointError, match=f"processes: 2 in the checkpoint, {now} now .*--num_processes 2"):
             check_process_count(tmp_path, now)
+
+
+def test_fsdp_on_cpu_turns_only_an_fsdp_launch_into_fsdp(monkeypatch):
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    from finetune.train.distributed import fsdp_on_cpu
+
+    monkeypatch.setitem(PartialState._shared_state, "distributed_type", DistributedType.MULTI_CPU)  # restored after
+    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision="no", fsdp_plugin=None)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    fsdp_on_cpu(SimpleNamespace(state=state))
+    assert state.distributed_type == DistributedType.MULTI_CPU and state.fsdp_plugin is None  # --multi_gpu: DDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    fsdp_on_cpu(SimpleNamespace(state=state))
+    assert state.distributed_type == DistributedType.FSDP and state.fsdp_plugin.fsdp_version == 2
+    assert PartialState._shared_state["distributed_type"] == DistributedType.FSDP
