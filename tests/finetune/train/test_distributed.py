@@ -1,7 +1,7 @@
 """Several processes on the CPU (gloo): FSDP2 full fine-tuning and DDP LoRA, launched as a user would.
 
-Each test starts `accelerate launch` with two processes, so each costs ~20-40 s on 2 cores: they are
-few and carry many checks each.
+Each `accelerate launch` of two processes costs ~20-25 s of wall time on 2 idle cores (imports, model,
+caches, a few steps), so there are three launches in all, each carrying many checks.
 """
 
 from __future__ import annotations
