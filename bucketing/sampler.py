@@ -142,6 +142,12 @@ class BucketBatchSampler:
             steps.append([rest[bounds[p]:bounds[p + 1]] for p in range(n)])
         return steps
 
+    def rows_in_step(self, index: int) -> tuple[int, int]:
+        """(offset, total) of this process's batch `index` of the current epoch: all processes together
+        train on `total` rows in that step, and this process's come after the first `offset`."""
+        step = self.epoch_steps(self.epoch)[index]
+        return sum(len(batch) for batch in step[:self.rank]), sum(len(batch) for batch in step)
+
     def __iter__(self) -> Iterator[list[int]]:
         steps = self.epoch_steps(self.epoch)
         while self.batch_index < len(steps):

@@ -17,11 +17,14 @@ from finetune.train.validation import split_rows
 
 log = logging.getLogger("finetune")
 
+
 def make_accelerator(training, logging_cfg, output_dir: Path):
-    """The run's `Accelerator`: devices, mixed precision, accumulation, trackers."""
+    """The run's `Accelerator`: devices, mixed precision, accumulation, trackers, the process group."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    from finetune.train.distributed import PROCESS_GROUP_TIMEOUT, fsdp_on_cpu
 
     # Accelerate keeps one state per process; a second run in the same process (a notebook, the
     # tests) may ask for another mixed precision. The process group (PartialState) is kept.
@@ -39,7 +42,7 @@ def make_accelerator(training, logging_cfg, output_dir: Path):
     report_to = None if logging_cfg.report_to == "none" else logging_cfg.report_to
     if report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no key, no network: log locally, sync later
-    return Accelerator(
+    accelerator = Accelerator(
         # Without cpu=True, `accelerate launch --multi_gpu` on a CPU machine starts processes that
         # each train alone; with it they form a gloo group.
         cpu=not cuda,
@@ -47,7 +50,12 @@ def make_accelerator(training, logging_cfg, output_dir: Path):
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # Used when this call creates the process group (the first run in a process).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
     )
+    if not cuda:
+        fsdp_on_cpu(accelerator)
+    return accelerator
 
 
 def check_parallelism(training, memory, *, fsdp_version: int | None, num_processes: int, renders: bool) -> None:

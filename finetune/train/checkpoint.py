@@ -230,9 +230,7 @@ def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState, allow_cha
     saved = TrainState.from_file(folder / STATE_FILE)
     if saved.dataset_hash and saved.dataset_hash != state.dataset_hash:
         changes.append("dataset: the images, captions or crops changed since the checkpoint")
-    if saved.num_processes != state.num_processes:  # the sampler's shards: never accepted
-        raise CheckpointError(f"{folder}: cannot resume with {state.num_processes} processes: the checkpoint was "
-                              f"written by {saved.num_processes}; launch with --num_processes {saved.num_processes}")
+    check_process_count(folder, state.num_processes)  # the sampler's shards: never accepted
     if changes and not allow_changes:
         raise CheckpointError(
             f"{folder}: cannot resume, the config changed in ways that would make the result differ from an "
@@ -260,6 +258,23 @@ def finished_run(cfg: TrainConfig, resume: str) -> TrainState | None:
         raise ConfigError(f"training.max_steps = {cfg.training.max_steps} is below the checkpoint's step "
                           f"{saved.step} ({folder}): set it above {saved.step} to train further")
     return saved if cfg.output.adapter_path.is_file() else None  # stopped on its last step: finish it
+
+
+def check_process_count(folder: Path, num_processes: int) -> None:
+    """Refuse at once (before loading models and building caches) a resume with another process count.
+
+    Raises:
+        CheckpointError: naming both counts and the launch flag that resumes.
+    """
+    saved = TrainState.from_file(folder / STATE_FILE)
+    if saved.num_processes != num_processes:
+        raise CheckpointError(f"{folder}: cannot resume: {_process_count_problem(saved.num_processes, num_processes)}")
+
+
+def _process_count_problem(saved: int, now: int) -> str:
+    return (f"processes: {saved} in the checkpoint, {now} now (each process holds its own place in the data order, "
+            f"its own RNG state and, with FSDP, its own shard): launch with --num_processes {saved} (machines x GPUs "
+            "per machine), or start a new run from this checkpoint's weights (a LoRA: lora.init_from)")
 
 
 def profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:

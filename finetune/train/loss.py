@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from finetune.errors import ConfigError
+from finetune.rng import draw_rows
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
@@ -45,9 +46,11 @@ def resolve_prediction_type(cfg_value: str, scheduler) -> str:
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
     # Drawn in fp32 on the generator's device, then moved: the same seed gives the same noise
-    # whatever the latents' dtype or device.
+    # whatever the latents' dtype or device. Rows are samples: a shared step generator draws for
+    # every process's rows and keeps this one's (rng.draw_rows).
     device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device).to(like.device, like.dtype)
+    rows = draw_rows(lambda n: torch.randn((n, *shape[1:]), generator=generator, device=device), shape[0], generator)
+    return rows.to(like.device, like.dtype)
 
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator | None,
@@ -95,7 +98,9 @@ def _offset_noise(latents: torch.Tensor, generator: torch.Generator | None, nois
         offset = _randn((latents.shape[0], latents.shape[1], 1, 1), generator, latents)  # (B, C, 1, 1)
         if random_strength:
             device = generator.device if generator is not None else latents.device
-            offset = offset * torch.rand((latents.shape[0], 1, 1, 1), generator=generator, device=device).to(offset)
+            strength = draw_rows(lambda n: torch.rand((n, 1, 1, 1), generator=generator, device=device),
+                                 latents.shape[0], generator)
+            offset = offset * strength.to(offset)
         noise = noise + noise_offset * offset
     return noise
 
@@ -119,7 +124,8 @@ def sample_timesteps(batch_size: int, high: int, generator: torch.Generator | No
                      device: torch.device | str, low: int = 0) -> torch.Tensor:
     """Uniform integer timesteps in [low, high), a LongTensor of shape (B,); see `timestep_range`."""
     draw_on = generator.device if generator is not None else device
-    timesteps = torch.randint(low, high, (batch_size,), generator=generator, device=draw_on)
+    timesteps = draw_rows(lambda n: torch.randint(low, high, (n,), generator=generator, device=draw_on),
+                          batch_size, generator)
     return timesteps.to(device)
 
 

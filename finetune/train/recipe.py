@@ -34,6 +34,7 @@ from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
 from finetune.train.command import record_command
+from finetune.train.distributed import topology_lines
 from finetune.train.logs import RunLog, progress_bar, step_metrics
 from finetune.train.loss import make_noise_scheduler, resolve_prediction_type, timestep_range
 from finetune.train.optim import build_lr_scheduler
@@ -42,7 +43,7 @@ from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
 from finetune.train.validation import validation_loss
-from finetune.rng import step_generator
+from finetune.rng import shared_step_generator
 
 log = logging.getLogger("finetune")
 
@@ -171,10 +172,14 @@ class Recipe:
         self.cfg = cfg
         self.accelerator = acc = builders.make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
         set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
-        acc.print(f"processes: {acc.num_processes} ({acc.device}, {acc.distributed_type.value}), "
-                  f"mixed precision: {cfg.training.mixed_precision}")
+        run_line, process_line = topology_lines(acc, cfg.training.mixed_precision)
+        acc.print(run_line)
+        if process_line:
+            print(process_line, flush=True)  # every process: rank, machine, device
         if profile_message:
             acc.print(profile_message)
+        if resume:  # before minutes of loading and caching
+            ckpt.check_process_count(ckpt.find_resume_folder(cfg.output.checkpoints_dir, resume), acc.num_processes)
         self._setup_manifest()
         latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
         self._setup_data(latents, text)  # needs the cache lookups
@@ -345,8 +350,9 @@ class Recipe:
         """Forward and backward of one micro-batch; its loss joins the window's. No host sync here."""
         acc = self.accelerator
         # Keyed by the micro-batch's place in the data order, which a resume restores exactly.
-        generator = step_generator(self.cfg.training.seed, self.state.epoch, self.state.batch_in_epoch,
-                                   acc.process_index, acc.device)
+        # Drawn for all processes' rows of the step, so the process count does not change the noise.
+        generator = shared_step_generator(self.cfg.training.seed, self.state.epoch, self.state.batch_in_epoch,
+                                          self.sampler.rows_in_step(self.state.batch_in_epoch - 1), acc.device)
         batch = {k: v.to(acc.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         latents = batch_latents(batch, self.models.vae, generator)  # (B, 4, H/8, W/8)
         prompt_embeds, pooled = batch_text(batch, self.text_encode)

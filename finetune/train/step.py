@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from finetune.rng import draw_rows
 from finetune.train.loss import (
     debiased_weights,
     diffusion_loss,
@@ -29,7 +30,8 @@ def batch_latents(batch: dict, vae, generator: torch.Generator) -> torch.Tensor:
         mean, std = dist.mean.float() * scale, dist.std.float() * scale
     if std is None:
         return mean
-    noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+    noise = draw_rows(lambda n: torch.randn((n, *mean.shape[1:]), generator=generator, device=generator.device),
+                      mean.shape[0], generator).to(mean.device)
     return mean + std.float().to(mean.device) * noise
 
 

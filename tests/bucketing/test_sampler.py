@@ -131,3 +131,13 @@ def test_per_row_batch_sizes_keep_one_shape_per_batch_and_resume_exactly():
     resumed = BucketBatchSampler(buckets, batch_size=1, seed=2, batch_sizes=sizes, remainder="drop")
     resumed.load_state_dict({"epoch": 0, "batch_index": 2})
     assert list(resumed) == batches[2:]
+
+
+def test_rows_in_step_place_each_process_in_the_step_batch():
+    buckets = [(64, 64)] * 7  # batch 2 x 2 processes: one full step, then 3 rows cut 2 + 1
+    samplers = [BucketBatchSampler(buckets, 2, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    sizes = [[len(b) for b in s] for s in samplers]
+    for index in range(len(samplers[0])):
+        (offset0, total0), (offset1, total1) = (s.rows_in_step(index) for s in samplers)
+        assert offset0 == 0 and offset1 == sizes[0][index] and total0 == total1 == sizes[0][index] + sizes[1][index]
+    assert sorted(a + b for a, b in zip(*sizes)) == [3, 4]  # a full step and the 2 + 1 remainder
