@@ -507,7 +507,7 @@ class Recipe:
         if not acc.is_main_process:
             return []
         paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device,
-                                        progress=self.progress)
+                                        progress=self.progress, words=self.words)
         self.rendered_step = self.state.step
         if cfg.logging.report_to != "none":
             log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
