@@ -32,8 +32,8 @@ def file_stem(token: str) -> str:
 
 
 def _word_pattern(token: str) -> re.Pattern:
-    # Not followed by `_<digit>`: an already expanded prompt is left as it is.
-    return re.compile(re.escape(token) + r"(?!_\d)")
+    # Neither a later vector's name (`<tok>_1`) nor the start of an already expanded word.
+    return re.compile(re.escape(token) + r"(?!_\d)(?! " + re.escape(token) + r"_1)")
 
 
 def expand_prompt(text: str, words: Sequence) -> str:
@@ -191,8 +191,8 @@ def add_new_words(tokenizers: Sequence, text_encoders: Sequence, words: Sequence
     add_tokens(tokenizers, words)
     new_words = NewWords(words, rows)
     for encoder, te in zip(ENCODERS, text_encoders):
+        te.requires_grad_(False)  # frozen: gradient flows through the encoder into the new rows only
         base = te.get_input_embeddings()
-        base.weight.requires_grad_(False)
         te.set_input_embeddings(RowsEmbedding(base, new_words.encoder_rows(encoder)))
         use_real_eos(te)
         new_words.to(base.weight.device)

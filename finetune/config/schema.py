@@ -314,7 +314,7 @@ class TrainConfig(Section):
     def _tables_present(cls, data: Any) -> Any:
         # Validate omitted tables too, so their defaults see the context (paths resolve the same way).
         if isinstance(data, dict):
-            data = {**{name: {} for name in cls.model_fields if name not in ("model", "dataset")}, **data}
+            data = {**{name: {} for name in cls.model_fields if name not in ("model", "dataset", "embeddings")}, **data}
         return data
 
     @model_validator(mode="after")
