@@ -7,6 +7,7 @@ The standalone file is what A1111/Forge and ComfyUI (`embedding:<name>`) load, a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from finetune.io import atomic_file
 
 BUNDLE_PREFIX = "bundle_emb."
 ARCHITECTURE = "stable-diffusion-xl-v1-base/textual-inversion"
+DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def word_metadata(word, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -28,13 +30,31 @@ def word_metadata(word, extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def save_embedding(path: Path, vectors: dict[str, torch.Tensor], metadata: dict[str, str],
                    dtype: torch.dtype = torch.float32) -> Path:
-    """One word's `{"clip_l": (n, C1), "clip_g": (n, C2)}`, written atomically."""
-    from safetensors.torch import save_file
-
+    """One word's `{"clip_l": (n, C1), "clip_g": (n, C2)}`, written atomically and byte-reproducibly."""
     tensors = {key: vectors[key].detach().to("cpu", dtype).contiguous() for key in ENCODERS}
     with atomic_file(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        tmp.write_bytes(safetensors_bytes(tensors, {k: str(v) for k, v in metadata.items()}))
     return Path(path)
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A .safetensors file with its header in sorted order: the same tensors give the same bytes.
+
+    (The safetensors library writes the metadata in hash-map order, which differs from run to run,
+    and a resumed run must write the file an uninterrupted one writes.)
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    data, offset = [], 0
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + len(raw)]}
+        data.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    return len(blob).to_bytes(8, "little") + blob + b"".join(data)
 
 
 def write_word_files(folder: Path, words, dtype: torch.dtype = torch.float32,
