@@ -138,3 +138,13 @@ def test_a_batch_mixing_cached_and_live_captions_is_encoded_live():
     batch = collate([cached, live])
     assert batch["caption"] == ["a photo", "a <myDog>"] and "prompt_embeds" not in batch
     assert "prompt_embeds" in collate([cached, cached])
+
+
+def test_a_word_in_a_long_captions_second_chunk_still_trains(pipe):
+    words = add_new_words((pipe.tokenizer, pipe.tokenizer_2), (pipe.text_encoder, pipe.text_encoder_2), [word()], 0)
+    caption = words.expand(", ".join(["red"] * 80) + ", <myDog>")  # past the first 75 tokens
+    embeds, _ = encode_prompts([caption, ""], (pipe.tokenizer, pipe.tokenizer_2),
+                               (pipe.text_encoder, pipe.text_encoder_2), "chunk")
+    assert embeds.shape[1] == 3 * 77
+    embeds[:, 77:].square().mean().backward()  # the second and third chunks only
+    assert all(p.grad.abs().sum() > 0 for p in words.trained_parameters())
