@@ -7,7 +7,6 @@ changing it would make "continue exactly" a lie. `finetune.train.checkpoint` rea
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 # re-exported here, so `finetune.config.schema` still names every table.
 from finetune.config.base import FROZEN, Section, _resolve
 from finetune.config.data import DatasetConfig, SubsetConfig
+from finetune.config.embeddings import EmbeddingConfig, EmbeddingTrainingKeys, embedding_problems
 
 # The lora.variant values peft can train on each quantized base (peft 0.21): DoRA reads the fp8
 # weight without its scale; LoHa/LoKr expect a dense weight, not bitsandbytes' packed one.
@@ -43,31 +43,8 @@ class ModelConfig(Section):
         return self
 
 
-class EmbeddingConfig(Section):
-    """One [[embeddings]] table: a new word learned as token embeddings (textual inversion / pivotal tuning)."""
-
-    token: str = Field(description="The new word as written in captions and prompts, e.g. \"<myDog>\".")
-    vectors: int = Field(1, ge=1, le=16, description="Embedding vectors for the word; n > 1 expands it to "
-                         "'<myDog> <myDog>_1 ... <myDog>_{n-1}' in the prompt, as diffusers does.")
-    init_word: str | None = Field(None, description="Start from this word's embedding (its tokens repeated or cut "
-                                  "to `vectors`); random (the table's own scale) when absent.")
-    encoders: list[Literal["clip_l", "clip_g"]] = Field(default_factory=lambda: ["clip_l", "clip_g"], min_length=1,
-                                                        description="Which text encoders' rows train; the other "
-                                                        "keeps the initial vector.")
-
-    @field_validator("token")
-    @classmethod
-    def _token(cls, value: str) -> str:
-        # A1111 splits bundle_emb.<name>.clip_l on ".", and the file is named after the word.
-        if not re.fullmatch(r"<?[A-Za-z0-9_-]+>?", value) or not value.strip("<>"):
-            raise ValueError(f"{value!r}: use letters, digits, '_' and '-', optionally in <>, e.g. \"<myDog>\"")
-        return value
-
-
-class TrainingConfig(Section):
-    method: Literal["lora", "full", "embedding"] = Field(
-        "lora", json_schema_extra=FROZEN, description="LoRA adapters (peft), full fine-tuning of the UNet, or "
-        "only the [[embeddings]] words (textual inversion); 'lora' with [[embeddings]] is pivotal tuning.")
+class TrainingConfig(EmbeddingTrainingKeys, Section):  # embedding_lr, embedding_stop_*: embeddings.py
+    method: Literal["lora", "full", "embedding"] = Field("lora", json_schema_extra=FROZEN, description="LoRA adapters (peft), full fine-tuning of the UNet, or [[embeddings]] words only.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     max_epochs: int | None = Field(None, ge=1, description="Train this many passes over the dataset instead; "
                                    "when set it replaces max_steps (as kohya's max_train_epochs does).")
@@ -84,13 +61,6 @@ class TrainingConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 = off).")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the trained weights (UNet or "
                                     "adapter) with this decay, and write it as the result; 0.999 is common.")
-    embedding_lr: float | None = Field(None, json_schema_extra=FROZEN, gt=0, description="Learning rate of the "
-                                       "[[embeddings]] rows (default: learning_rate; textual inversion: ~5e-3).")
-    embedding_stop_step: int | None = Field(None, json_schema_extra=FROZEN, ge=1, description="Pivotal tuning: the "
-                                            "embeddings freeze after this many steps; the LoRA trains on.")
-    embedding_stop_fraction: float | None = Field(None, json_schema_extra=FROZEN, gt=0, le=1, description="Pivotal "
-                                                  "tuning: freeze them after this fraction of max_steps instead "
-                                                  "(diffusers' train_text_encoder_ti_frac).")
     max_nan_steps: int = Field(5, ge=1, description="Stop after this many non-finite losses in a row.")
     allow_cpu: bool = Field(True, description="Run on the CPU when no GPU is found (tests, quickstart).")
 
@@ -106,13 +76,6 @@ class TrainingConfig(Section):
     def effective_batch_size(self) -> int:
         """Images per optimizer step on one process."""
         return self.batch_size * self.gradient_accumulation_steps
-
-    @property
-    def embedding_stop(self) -> int | None:
-        """The step after which the embeddings freeze (None: they train to the end)."""
-        if self.embedding_stop_fraction is not None:
-            return max(1, round(self.embedding_stop_fraction * self.max_steps))
-        return self.embedding_stop_step
 
     def steps_for_epochs(self, batches_per_epoch: int) -> int:
         """Optimizer steps in `max_epochs` passes of `batches_per_epoch` micro-batches each."""
@@ -306,8 +269,7 @@ class TrainConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    embeddings: list[EmbeddingConfig] = Field(default_factory=list, json_schema_extra=FROZEN,
-                                              description="[[embeddings]] tables: new words to learn.")
+    embeddings: list[EmbeddingConfig] = Field(default_factory=list, json_schema_extra=FROZEN, description="New words.")
 
     @model_validator(mode="before")
     @classmethod
@@ -339,7 +301,7 @@ class TrainConfig(Section):
         if self.memory.base_dtype != "fp32" and self.training.mixed_precision == "no":
             problems.append(f"memory.base_dtype = '{self.memory.base_dtype}' needs autocast: set "
                             "training.mixed_precision = 'bf16' (or 'fp16'), or base_dtype = 'fp32'")
-        problems += self._quantized_base_problems() + self._full_finetune_problems() + self._embedding_problems()
+        problems += self._quantized_base_problems() + self._full_finetune_problems() + embedding_problems(self.training, self.embeddings)
         if self.cache.latents and self.dataset.crop == "random":
             problems.append("dataset.crop = 'random' gives a new crop every epoch; set cache.latents = false or dataset.crop = 'center'")
         if self.training.max_epochs is None and self.optimizer.warmup_steps >= self.training.max_steps:
@@ -377,28 +339,6 @@ class TrainConfig(Section):
             blockers["prodigy"] = ("memory.fused_backward = true would give prodigy one step-size estimate per tensor: "
                                    "use adamw8bit or adafactor")
         return blockers
-
-    def _embedding_problems(self) -> list[str]:
-        training, words = self.training, self.embeddings
-        problems = []
-        if training.method == "embedding" and not words:
-            problems.append("training.method = 'embedding' trains [[embeddings]] words: add one, e.g. "
-                            "[[embeddings]] token = \"<myDog>\" init_word = \"dog\"")
-        if words and training.method == "full":
-            problems.append("[[embeddings]] train with training.method = 'embedding' or 'lora' (pivotal), not 'full'")
-        if words and training.train_text_encoder:
-            problems.append("[[embeddings]] keep the text encoders frozen but for the new rows: set "
-                            "training.train_text_encoder = false")
-        names = [word.token for word in words]
-        if len(set(names)) != len(names):
-            problems.append(f"embeddings: a token is listed twice ({', '.join(names)})")
-        stops = training.embedding_stop_step, training.embedding_stop_fraction
-        if all(s is not None for s in stops):
-            problems.append("training.embedding_stop_step and embedding_stop_fraction: set one of them")
-        if any(s is not None for s in stops) and training.method != "lora":
-            problems.append("training.embedding_stop_*: the embeddings freeze while a LoRA trains on; it needs "
-                            "training.method = 'lora' with [[embeddings]]")
-        return problems
 
     def _full_finetune_problems(self) -> list[str]:
         training, memory = self.training, self.memory
