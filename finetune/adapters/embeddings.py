@@ -179,7 +179,8 @@ def add_new_words(tokenizers: Sequence, text_encoders: Sequence, words: Sequence
     if not words:
         return None
     if len(tokenizers) != 2 or len(text_encoders) != 2:
-        raise ConfigError("[[embeddings]] need SDXL's two text encoders")
+        raise ConfigError("[[embeddings]] need SDXL base's two text encoders (the refiner has one): train "
+                          "new words on the base, or remove the [[embeddings]] tables")
     first = len(tokenizers[0])
     for encoder in text_encoders:
         if encoder.get_input_embeddings().num_embeddings != first:
