@@ -82,6 +82,7 @@ def test_only_the_named_encoders_rows_train_and_frozen_words_get_no_update(pipe)
     assert not embeds.requires_grad
 
 
+@pytest.mark.slow  # builds or loads two pipelines
 def test_the_embedding_file_loads_in_diffusers_with_the_training_effect(tmp_path, pipe):
     from safetensors.torch import load_file
 

@@ -319,6 +319,7 @@ def test_a_safetensors_out_path_writes_one_single_file_whatever_the_bases_layout
     assert not list(tmp_path.glob(".merged*"))  # the work folders are gone
 
 
+@pytest.mark.slow  # builds or loads two pipelines
 def test_bundled_words_join_a_folders_tokenizers_and_sit_beside_a_single_file(tiny_model_dir, tiny_single_file, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

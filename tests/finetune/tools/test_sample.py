@@ -52,6 +52,7 @@ def test_render_reports_its_progress_on_the_console(pipe, capsys):
     assert "sample 1/2" in err and "sample 2/2" in err and "/4 " in err  # 2 images x 2 steps
 
 
+@pytest.mark.slow  # builds or loads two pipelines
 def test_a_pivotal_loras_bundled_word_joins_the_pipeline(tmp_path):
     from safetensors.torch import save_file
 
