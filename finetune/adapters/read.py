@@ -103,6 +103,8 @@ def modules_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
 
     unet_config = unet_config or sdxl_unet_config()
     known = _known_modules(unet_config, te_layers)
+    # Words bundled with the LoRA (`bundle_emb.<token>.clip_l`) are embeddings, not modules.
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")}
     if any(k.startswith(KOHYA_PREFIXES) for k in tensors):
         grouped, unknown = _group_kohya(tensors, unet_config, te_layers)
     else:

@@ -133,13 +133,15 @@ def te_magnitude_key(key: str) -> str:
 
 
 def save_adapter(path: Path, unet, text_encoders=None, *, fmt: str = "kohya",
-                 metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+                 metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
+                 extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter of `unet` (and of the text encoders, if given) to `path`, atomically.
 
     Args:
         fmt: "kohya" (A1111/Forge/ComfyUI names, the default) or "diffusers" (PEFT keys).
         metadata: header strings (see finetune.adapters.metadata.adapter_metadata).
         dtype: dtype of the stored weights (alpha is always fp32).
+        extra_tensors: kohya format: more tensors for the file, e.g. `bundle_emb.<token>.clip_l`.
     """
     from safetensors.torch import save_file
 
@@ -152,6 +154,7 @@ def save_adapter(path: Path, unet, text_encoders=None, *, fmt: str = "kohya",
     state = kohya_state_dict(unet, text_encoders, dtype)
     if not state:
         raise ConfigError("the model carries no adapter to save (was add_unet_adapter called?)")
+    state.update(extra_tensors or {})
     metadata["format"] = "pt"
     with atomic_file(Path(path)) as tmp:
         save_file(state, str(tmp), metadata=metadata)

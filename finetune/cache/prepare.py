@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from bucketing.manifest import load_manifest
+from finetune.adapters.embeddings import mentions
 from finetune.cache.latents import LatentCache, build_latent_cache, latent_keys_for_manifest
 from finetune.cache.text import TextCache, build_text_cache
 from finetune.dataset import build_dataset
@@ -34,7 +35,8 @@ def prepare_caches(cfg, manifest, models, accelerator, progress: bool = True):
     if cfg.cache.text:
         for encoder in models.text_encoders:
             encoder.to(device)
-        captions = sorted(set(manifest["caption"]) | {""})
+        # Captions holding a trained word ([[embeddings]]) are encoded every step, never cached.
+        captions = [c for c in sorted(set(manifest["caption"]) | {""}) if not mentions(c, cfg.embeddings)]
         stats.append(build_text_cache(
             captions, models.tokenizers, models.text_encoders, cfg.cache_dir / "text",
             dtype=cfg.cache.dtype, long_captions=cfg.dataset.long_captions, batch_size=cfg.cache.batch_size,

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 # re-exported here, so `finetune.config.schema` still names every table.
 from finetune.config.base import FROZEN, Section, _resolve
 from finetune.config.data import DatasetConfig, SubsetConfig
+from finetune.config.embeddings import EmbeddingConfig, EmbeddingTrainingKeys, embedding_problems
 
 # The lora.variant values peft can train on each quantized base (peft 0.21): DoRA reads the fp8
 # weight without its scale; LoHa/LoKr expect a dense weight, not bitsandbytes' packed one.
@@ -42,8 +43,8 @@ class ModelConfig(Section):
         return self
 
 
-class TrainingConfig(Section):
-    method: Literal["lora", "full"] = Field("lora", json_schema_extra=FROZEN, description="LoRA adapters (peft) or full fine-tuning of the UNet.")
+class TrainingConfig(EmbeddingTrainingKeys, Section):  # embedding_lr, embedding_stop_*: embeddings.py
+    method: Literal["lora", "full", "embedding"] = Field("lora", json_schema_extra=FROZEN, description="LoRA adapters (peft), full fine-tuning of the UNet, or [[embeddings]] words only.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     max_epochs: int | None = Field(None, ge=1, description="Train this many passes over the dataset instead; "
                                    "when set it replaces max_steps (as kohya's max_train_epochs does).")
@@ -268,13 +269,14 @@ class TrainConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    embeddings: list[EmbeddingConfig] = Field(default_factory=list, json_schema_extra=FROZEN, description="New words.")
 
     @model_validator(mode="before")
     @classmethod
     def _tables_present(cls, data: Any) -> Any:
         # Validate omitted tables too, so their defaults see the context (paths resolve the same way).
         if isinstance(data, dict):
-            data = {**{name: {} for name in cls.model_fields if name not in ("model", "dataset")}, **data}
+            data = {**{name: {} for name in cls.model_fields if name not in ("model", "dataset", "embeddings")}, **data}
         return data
 
     @model_validator(mode="after")
@@ -299,7 +301,7 @@ class TrainConfig(Section):
         if self.memory.base_dtype != "fp32" and self.training.mixed_precision == "no":
             problems.append(f"memory.base_dtype = '{self.memory.base_dtype}' needs autocast: set "
                             "training.mixed_precision = 'bf16' (or 'fp16'), or base_dtype = 'fp32'")
-        problems += self._quantized_base_problems() + self._full_finetune_problems()
+        problems += self._quantized_base_problems() + self._full_finetune_problems() + embedding_problems(self.training, self.embeddings)
         if self.cache.latents and self.dataset.crop == "random":
             problems.append("dataset.crop = 'random' gives a new crop every epoch; set cache.latents = false or dataset.crop = 'center'")
         if self.training.max_epochs is None and self.optimizer.warmup_steps >= self.training.max_steps:
@@ -314,9 +316,9 @@ class TrainConfig(Section):
         kind = self.memory.base_dtype
         if kind not in QUANTIZED_BASE_VARIANTS:
             return []
-        if self.training.method != "lora":
+        if self.training.method == "full":
             return [f"memory.base_dtype = '{kind}' quantizes frozen weights: it needs training.method = 'lora'"]
-        if self.lora.variant not in QUANTIZED_BASE_VARIANTS[kind]:
+        if self.training.method == "lora" and self.lora.variant not in QUANTIZED_BASE_VARIANTS[kind]:
             allowed = " or ".join(repr(v) for v in QUANTIZED_BASE_VARIANTS[kind])
             return [f"lora.variant = '{self.lora.variant}' cannot train on memory.base_dtype = '{kind}': use {allowed}, "
                     "or another base_dtype"]

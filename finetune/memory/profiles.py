@@ -69,7 +69,7 @@ def pick_auto(free_gib: float | None, method: str = "lora") -> tuple[str, str]:
     """The profile `auto` stands for, and why."""
     if free_gib is None:
         return "custom", "no CUDA GPU: memory is not the limit, so the config's own keys apply"
-    for name, threshold in AUTO_THRESHOLDS[method]:
+    for name, threshold in AUTO_THRESHOLDS.get(method, AUTO_THRESHOLDS["lora"]):  # embedding: a frozen UNet, as LoRA
         if free_gib >= threshold:
             return name, f"{free_gib:.1f} GiB free on the GPU (>= {threshold:g} GiB)"
     return "min_vram", f"{free_gib:.1f} GiB free on the GPU"
@@ -198,7 +198,7 @@ def estimate_run_gib(unet, trained_params, training, memory, optimizer: str, pix
 
     trained = sum(p.numel() for p in trained_params)
     total = sum(logical_numel(p) for p in unet.parameters())
-    lora = training.method == "lora"
+    lora = training.method != "full"  # LoRA, or embeddings only: a frozen base
     return estimate_peak_gib(
         total - trained if lora else 0, trained, base_dtype=memory.base_dtype, optimizer=optimizer,
         pixels=pixels, batch_size=training.batch_size,

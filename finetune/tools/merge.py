@@ -35,11 +35,12 @@ COPY_CHUNK = 16 << 20  # bytes per read when copying an untouched tensor
 class MergeReport:
     out: Path
     merged: dict[str, list[str]] = field(default_factory=dict)  # LoRA file -> "component:module" merged
+    words: list[str] = field(default_factory=list)  # what became of the words the LoRAs bundle
 
     def __str__(self) -> str:
         lines = [f"merged into {self.out}:"]
         lines += [f"  {name}: {len(modules)} modules" for name, modules in self.merged.items()]
-        return "\n".join(lines)
+        return "\n".join(lines + self.words)
 
 
 @dataclass
@@ -68,6 +69,7 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
             merged tensor is not finite (nothing is written at `out` in any of these cases).
     """
     from finetune.adapters.read import read_lora
+    from finetune.tools.merge_words import bundled_words, write_words_beside
 
     base, out = Path(base), Path(out)
     if not base.exists():
@@ -84,12 +86,14 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
         for key, module in lora.modules.items():
             wanted.setdefault(key, []).append(_Add(Path(path).name, module, float(scale)))
         report.merged[str(path)] = [f"{c}:{p}" for c, p in lora.modules]
+    words = bundled_words([path for path, _ in loras])  # pivotal tuning's new words
     want_file = out.suffix.lower() == ".safetensors"
     if base.is_dir() == (not want_file):  # the base's own layout: stream only the tensors that change
         if base.is_dir():
-            _merge_folder(base, out, wanted, dtype)
+            report.words = _merge_folder(base, out, wanted, dtype, words)
         else:
             _merge_single_file(base, out, wanted, unet_config, dtype)
+            report.words = write_words_beside(out, words)
         return report
     # The other layout (a .safetensors out from a diffusers folder, or a folder out from a single file):
     # merge in the base's layout beside `out`, then convert that whole model once.
@@ -98,6 +102,10 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
         (_merge_folder(base, merged, wanted, dtype) if base.is_dir()
          else _merge_single_file(base, merged, wanted, unet_config, dtype))
         _convert_layout(merged, out, dtype or _unet_dtype(merged))
+    if words:
+        from finetune.tools.merge_words import add_words_to_folder
+
+        report.words = write_words_beside(out, words) if want_file else add_words_to_folder(out, words)
     return report
 
 
@@ -308,7 +316,7 @@ def _plan_folder(base: Path, wanted: dict) -> dict[Path, dict[str, _Edit]]:
     return plan
 
 
-def _merge_folder(base: Path, out: Path, wanted: dict, dtype) -> None:
+def _merge_folder(base: Path, out: Path, wanted: dict, dtype, words: dict | None = None) -> list[str]:
     plan = _plan_folder(base, wanted)
     if dtype is not None:  # a cast rewrites every weight file, edited or not
         for folder in (*FOLDER_COMPONENTS.values(), "vae"):
@@ -320,6 +328,11 @@ def _merge_folder(base: Path, out: Path, wanted: dict, dtype) -> None:
         shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=lambda d, names: [n for n in names if Path(d) / n in rewritten])
         for rel, edits in plan.items():
             stream_rewrite(base / rel, tmp / rel, edits, dtype)
+        if not words:
+            return []
+        from finetune.tools.merge_words import add_words_to_folder
+
+        return add_words_to_folder(tmp, words)
 
 
 # --- single file (SGM keys) ----------------------------------------------------------------------

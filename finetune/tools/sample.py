@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from finetune.adapters.embeddings import expand_prompt
+
 
 def sdxl_pipeline(models, unet, device):
     """A `StableDiffusionXLPipeline` over the loaded parts, with `unet` (possibly adapted) in place."""
@@ -71,8 +73,12 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text
 
 
-def render_training_samples(unet, models, cfg, step: int, device, progress: bool = True) -> list[Path]:
-    """Samples for `cfg.sample.prompts` with the current weights: `<output>/samples/step-NNNNNN.png`."""
+def render_training_samples(unet, models, cfg, step: int, device, progress: bool = True, words=None) -> list[Path]:
+    """Samples for `cfg.sample.prompts` with the current weights: `<output>/samples/step-NNNNNN.png`.
+
+    `words` (NewWords): multi-vector words are written out here, as in training (diffusers' own
+    expansion misses tokens with capitals, which its tokenizer lower-cases).
+    """
     from finetune.io import atomic_file
 
     was_training = unet.training
@@ -88,9 +94,11 @@ def render_training_samples(unet, models, cfg, step: int, device, progress: bool
         images = render_refiner_samples(unet, models, cfg, device, progress=progress)
     else:
         pipe = sdxl_pipeline(models, unet, device)
-        images = render(pipe, cfg.sample.prompts, cfg.sample.seeds, steps=cfg.sample.steps,
+        expand = words.expand if words is not None else str
+        images = render(pipe, [expand(p) for p in cfg.sample.prompts], cfg.sample.seeds, steps=cfg.sample.steps,
                         guidance_scale=cfg.sample.guidance_scale, height=cfg.sample.height or size,
-                        width=cfg.sample.width or size, negative_prompt=cfg.sample.negative_prompt, progress=progress)
+                        width=cfg.sample.width or size, negative_prompt=expand(cfg.sample.negative_prompt),
+                        progress=progress)
     for module, home in zip(parts, homes):
         module.to(home)  # back off the GPU if that is where caching left them
     unet.train(was_training)
@@ -127,25 +135,40 @@ def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0
     models = load_models(ModelConfig(pretrained=model_path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = sdxl_pipeline(models, models.unet, device)
-    apply_loras(pipe, loras)
-    image = render(pipe, [prompt], [seed], steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+    words = apply_loras(pipe, loras)
+    image = render(pipe, [expand_prompt(prompt, words)], [seed], steps=steps, guidance_scale=guidance_scale, height=height, width=width,
                    negative_prompt=negative_prompt, progress=progress)[0]
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
     return out
 
 
-def apply_loras(pipe, loras) -> None:
-    """Load each LoRA file (kohya or diffusers keys) into the pipeline at its scale, unmerged."""
+def apply_loras(pipe, loras) -> list:
+    """Load each LoRA file (kohya or diffusers keys) into the pipeline at its scale, unmerged; the
+    words a pivotal LoRA bundles join both tokenizers and text encoders. Returns those words."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file
+
+    from finetune.adapters.embedding_files import split_bundled
+    from finetune.adapters.embeddings import use_real_eos
     from finetune.errors import ModelError
 
-    names, scales = [], []
+    names, scales, words = [], [], []
     for i, (path, scale) in enumerate(loras):
         if not Path(path).is_file():
             raise ModelError(f"{path}: LoRA file not found")
         name = f"lora{i}"
-        pipe.load_lora_weights(str(path), adapter_name=name)
+        state, bundled = split_bundled(load_file(str(path)))
+        pipe.load_lora_weights(state, adapter_name=name)  # diffusers refuses the bundle's keys
+        for token, vectors in bundled.items():
+            for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                            ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+                pipe.load_textual_inversion(vectors[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
+                use_real_eos(encoder)  # SDXL's legacy eos id would pool at the new token
+            words.append(SimpleNamespace(token=token, vectors=vectors["clip_l"].shape[0]))
         names.append(name)
         scales.append(scale)
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
+    return words

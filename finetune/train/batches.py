@@ -40,6 +40,9 @@ class TrainDataset(Dataset):
         self.latents = latents
         self.text = text
         self.masked = masked
+        # Some captions may be encoded live (new words): every sample carries its text, so a batch
+        # that mixes both kinds is encoded live as a whole (see `collate`).
+        self.text_live = getattr(text, "words", None) is not None
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -91,9 +94,10 @@ class TrainDataset(Dataset):
         if self.masked:
             sample["mask"] = load_mask(row, crop)
         caption = self.caption_for(index, row["caption"])
-        if self.text is not None:
-            sample["prompt_embeds"], sample["pooled_prompt_embeds"] = self.text(caption)
-        else:
+        cached = self.text(caption) if self.text is not None else None  # None: not cached (a new word in it)
+        if cached is not None:
+            sample["prompt_embeds"], sample["pooled_prompt_embeds"] = cached
+        if cached is None or self.text_live:
             sample["caption"] = caption
         return sample
 
@@ -123,8 +127,9 @@ def load_mask(row: dict, crop: tuple[int, int] | None = None) -> torch.Tensor:
 
 
 def collate(samples: list[dict]) -> dict:
+    """Stack each key every sample has; a key only some have (cached text beside live text) is left out."""
     batch: dict = {}
-    for key in samples[0]:
+    for key in [k for k in samples[0] if all(k in s for s in samples)]:
         values = [s[key] for s in samples]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch

@@ -58,17 +58,22 @@ def make_accelerator(training, logging_cfg, output_dir: Path):
     return accelerator
 
 
-def check_parallelism(training, memory, *, fsdp_version: int | None, num_processes: int, renders: bool) -> None:
+def check_parallelism(training, memory, *, fsdp_version: int | None, num_processes: int, renders: bool,
+                      embeddings: bool = False) -> None:
     """Refuse launch/config pairs that would train wrongly; `accelerate launch` decides FSDP and the count.
 
     Args:
         fsdp_version: None without FSDP, else the launcher's --fsdp_version.
         renders: the run renders samples or computes a validation loss (a forward on one process).
+        embeddings: the run trains [[embeddings]] words.
 
     Raises:
         ConfigError: naming the key or the launch flag to change.
     """
     problems = []
+    if embeddings and num_processes > 1:
+        problems.append("[[embeddings]] train on one process for now (their rows sit outside DDP's reach): "
+                        "launch without --multi_gpu")
     if memory.fused_backward and (num_processes > 1 or fsdp_version):
         problems.append("memory.fused_backward = true steps each GPU on its own gradients before DDP/FSDP averages "
                         "them: run one process without FSDP, or set memory.fused_backward = false")
@@ -113,7 +118,7 @@ def prepare_unet(unet, training, memory, lora_cfg, device: torch.device | None =
     fused optimizer); autocast gives the bf16/fp16 speed.
     """
     unet.requires_grad_(False)
-    if training.method == "lora":
+    if training.method in ("lora", "embedding"):  # embedding: the UNet stays frozen, without adapters
         from finetune.adapters.inject import add_unet_adapter
 
         quantized = memory.base_dtype in ("fp8", "nf4")
@@ -126,8 +131,9 @@ def prepare_unet(unet, training, memory, lora_cfg, device: torch.device | None =
             # Before the adapters, so peft wraps the quantized layers; layer by layer onto the device,
             # so the full-precision base never sits on the GPU whole.
             quantize_base_linears(unet, memory.base_dtype, compute_dtype, device=device)
-        add_unet_adapter(unet, lora_cfg)
-        if lora_cfg.init_from is not None:
+        if training.method == "lora":
+            add_unet_adapter(unet, lora_cfg)
+        if training.method == "lora" and lora_cfg.init_from is not None:
             from finetune.adapters.load import load_adapter_weights
 
             load_adapter_weights(unet, None, lora_cfg.init_from)
@@ -136,7 +142,7 @@ def prepare_unet(unet, training, memory, lora_cfg, device: torch.device | None =
         unet.to(dtype=DTYPES[memory.weight_dtype])
         unet.requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
-    if training.method == "lora":
+    if training.method != "full":
         for p in params:
             p.data = p.data.float()  # adapters stay fp32 whatever the base precision
     if memory.channels_last:
@@ -225,9 +231,10 @@ def prepare_text_encoders(text_encoders, training, memory, lora_cfg) -> list:
     return params
 
 
-def prepare_trained_models(models, cfg, device: torch.device | None) -> tuple[list[dict], list]:
+def prepare_trained_models(models, cfg, device: torch.device | None, words=None) -> tuple[list[dict], list]:
     """Adapters (or trainable weights) on the UNet and, with training.train_text_encoder, both text
-    encoders; their parameters as optimizer groups (block LR scales, LoRA+ applied).
+    encoders; their parameters as optimizer groups (block LR scales, LoRA+ applied). `words`
+    (NewWords, [[embeddings]]): their rows join as a group at training.embedding_lr.
 
     Returns:
         (param groups, the text encoders' trained parameters)
@@ -241,6 +248,9 @@ def prepare_trained_models(models, cfg, device: torch.device | None) -> tuple[li
         groups.append({"params": te_params, "lr": training.text_encoder_lr or training.learning_rate})
     if cfg.lora.plus_ratio and training.method == "lora":
         groups = lora_plus_groups(groups, [models.unet, *models.text_encoders], cfg.lora.plus_ratio)
+    if words is not None:
+        te_params = te_params + words.trained_parameters()
+        groups.append({"params": words.trained_parameters(), "lr": training.embedding_lr or training.learning_rate})
     return groups, te_params
 
 

@@ -15,20 +15,31 @@ from finetune.models.refiner import kind_of_unet
 
 
 def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, base_name: str,
-                         unet_state: dict | None = None) -> Path:
-    """Write the adapter (method = "lora") or the whole UNet (method = "full") to `path`, atomically.
+                         unet_state: dict | None = None, words=None) -> Path:
+    """Write the adapter (method = "lora"), the whole UNet (method = "full") or the embedding
+    (method = "embedding") to `path`, atomically.
 
     `text_encoders` is the trained pair, or None when only the UNet trained; `unet_state`, when
-    given, holds the full UNet's weights gathered from FSDP shards.
+    given, holds the full UNet's weights gathered from FSDP shards. `words` (NewWords): each word
+    also goes to `embeddings/<word>.safetensors` beside `path`, and is bundled in a kohya LoRA.
     """
     from finetune.dtypes import DTYPES
 
     dtype = DTYPES[cfg.output.save_dtype]
+    if words is not None:
+        from finetune.train.words import save_word_files
+
+        save_word_files(path, words, cfg, dtype)
+        if cfg.training.method == "embedding":
+            return path
     if cfg.training.method == "lora":
+        from finetune.adapters.embedding_files import bundle_tensors
         from finetune.adapters.save import save_adapter
 
         metadata = training_metadata(cfg, state, manifest, base_name, kind_of_unet(unet))
-        return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format, dtype=dtype, metadata=metadata)
+        bundled = bundle_tensors(words, dtype) if words is not None and cfg.lora.format == "kohya" else None
+        return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format, dtype=dtype, metadata=metadata,
+                            extra_tensors=bundled)
     return save_full_unet(path, unet, unet_state, dtype)
 
 

@@ -29,7 +29,6 @@ from finetune.io import write_text_atomic
 from finetune.memory.activations import saved_activations
 from finetune.memory.profiles import apply_memory_profile, out_of_memory_message
 from finetune.models.load import load_models
-from finetune.models.text import encode_prompts
 from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
@@ -43,6 +42,7 @@ from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
 from finetune.train.validation import validation_loss
+from finetune.train.words import cached_text, freeze_after, setup_words, text_encoder_fn
 from finetune.rng import shared_step_generator
 
 log = logging.getLogger("finetune")
@@ -131,6 +131,7 @@ class Recipe:
         self.manifest = None  # the training rows (validation rows held out)
         self.models = None  # SDXLModels: tokenizers, text encoders, VAE, UNet, noise scheduler
         self.text_encode: Callable | None = None  # captions -> (prompt_embeds, pooled) when not cached
+        self.words = None  # NewWords: the [[embeddings]] rows (textual inversion, pivotal tuning)
         self.noise_scheduler = None
         self.prediction_type = ""
         self.dataset: TrainDataset | None = None
@@ -214,19 +215,19 @@ class Recipe:
         self.phase = "caching"
         latents, text, _ = prepare_caches(cfg, self.manifest, models, acc, progress=self.progress)
         self.phase = "setup"
-        # With both caches, the VAE and text encoders leave the GPU: only the UNet trains there.
-        release(models.vae if latents else None, *(models.text_encoders if text else ()))
+        # With both caches, the VAE and text encoders leave the GPU: only the UNet trains there
+        # (new words keep the encoders: their captions are encoded every step).
+        release(models.vae if latents else None, *(models.text_encoders if text and not cfg.embeddings else ()))
         if latents is None:
             models.vae.to(acc.device, dtype=torch.float32)
-        if text is None:
+        if text is None or cfg.embeddings:
             for encoder in models.text_encoders:
                 encoder.to(acc.device)
-        self.text_encode = lambda captions: encode_prompts(
-            list(captions), models.tokenizers, tuple(models.text_encoders), cfg.dataset.long_captions,
-            weighted=cfg.dataset.weighted_captions)
+        self.words = setup_words(models, cfg, acc, self.manifest["caption"])  # after the text cache
+        self.text_encode = text_encoder_fn(models, cfg.dataset.long_captions, self.words, cfg.dataset.weighted_captions)
         self.noise_scheduler = make_noise_scheduler(dict(models.noise_scheduler.config), cfg.loss.zero_terminal_snr)
         self.prediction_type = resolve_prediction_type(cfg.loss.prediction_type, self.noise_scheduler)
-        return latents, text
+        return latents, cached_text(text, cfg.embeddings)
 
     def _for_model_kind(self, kind: str) -> TrainConfig:
         """The config as the loaded model's kind needs it (a refiner: its timestep range, no text encoder)."""
@@ -261,8 +262,10 @@ class Recipe:
         self.fsdp = acc.distributed_type == DistributedType.FSDP
         builders.check_parallelism(training, memory, fsdp_version=acc.state.fsdp_plugin.fsdp_version if self.fsdp else None,
                                    num_processes=acc.num_processes,
-                                   renders=bool(cfg.sample.prompts) or cfg.validation.split > 0)
-        groups, te_params = builders.prepare_trained_models(models, cfg, device=None if self.fsdp else acc.device)
+                                   renders=bool(cfg.sample.prompts) or cfg.validation.split > 0,
+                                   embeddings=bool(cfg.embeddings))
+        groups, te_params = builders.prepare_trained_models(models, cfg, device=None if self.fsdp else acc.device,
+                                                            words=self.words)
         if not self.fsdp:
             # On the device before the optimizer: AdamW picks its fused CUDA kernel there, and the fused
             # backward's fp32 stand-ins sit beside their weights. (FSDP places the shards itself.)
@@ -287,6 +290,8 @@ class Recipe:
             models.text_encoder, models.text_encoder_2 = acc.prepare(models.text_encoder, models.text_encoder_2)
             self.trained_models += [models.text_encoder, models.text_encoder_2]
         acc.register_for_checkpointing(self.lr_scheduler)
+        if self.words is not None:  # the words' rows (their optimizer state is the optimizer's)
+            acc.register_for_checkpointing(self.words)
         if training.ema_decay:  # the EMA copy lives beside the trained weights, saved and restored with them
             self.ema = builders.build_ema(self.params, training.ema_decay)
             acc.register_for_checkpointing(self.ema)
@@ -354,6 +359,7 @@ class Recipe:
         generator = shared_step_generator(self.cfg.training.seed, self.state.epoch, self.state.batch_in_epoch,
                                           self.sampler.rows_in_step(self.state.batch_in_epoch - 1), acc.device)
         batch = {k: v.to(acc.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        freeze_after(self.words, self.state.step, self.cfg.training.embedding_stop)
         latents = batch_latents(batch, self.models.vae, generator)  # (B, 4, H/8, W/8)
         prompt_embeds, pooled = batch_text(batch, self.text_encode)
         with acc.autocast(), self.activations:
@@ -365,7 +371,8 @@ class Recipe:
         self.window_losses.append(loss.detach())
         if self.fused is not None and not self._losses_finite():
             return  # the fused backward would apply NaN updates as it goes: skip it (one micro-step per step)
-        acc.backward(loss)  # with memory.fused_backward this also steps the optimizer, tensor by tensor
+        if loss.requires_grad:  # embeddings only: a batch without a new word has nothing to train
+            acc.backward(loss)  # with memory.fused_backward this also steps the optimizer, tensor by tensor
         self.state.images_seen += len(batch["add_time_ids"]) * acc.num_processes
 
     def optimizer_step(self) -> bool:
@@ -415,8 +422,8 @@ class Recipe:
         if max_norm > 0:
             self.grad_norm = acc.clip_grad_norm_(self.params, max_norm)  # the synced gradients
         else:
-            self.grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None]))
+            norms = [torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None]
+            self.grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         return acc.scaler is not None or bool(torch.isfinite(self.grad_norm))
 
     def epochs_completed(self) -> int:
@@ -484,7 +491,7 @@ class Recipe:
             encoders = tuple(acc.unwrap_model(e) for e in self.models.text_encoders)
         with averaged_weights(self.ema, self.params):
             return save_trained_weights(path, self.bare_unet(), encoders, self.cfg, self.state, self.manifest,
-                                        self.models.name, unet_state=unet_state)
+                                        self.models.name, unet_state=unet_state, words=self.words)
 
     def save_checkpoint(self, unet_state: dict | None = None) -> Path:
         cfg, acc = self.cfg, self.accelerator
@@ -506,7 +513,7 @@ class Recipe:
         if not acc.is_main_process:
             return []
         paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device,
-                                        progress=self.progress)
+                                        progress=self.progress, words=self.words)
         self.rendered_step = self.state.step
         if cfg.logging.report_to != "none":
             log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)

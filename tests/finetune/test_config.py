@@ -180,10 +180,11 @@ def test_cli_config_error_is_one_line_without_traceback(project):
 
 
 def config_keys() -> set[str]:
-    """Every dotted key of the config, `[[dataset.subsets]]` keys as `dataset.subsets.<key>`."""
+    """Every dotted key of the config, `[[dataset.subsets]]` keys as `dataset.subsets.<key>` (and
+    `[[embeddings]]` keys as `embeddings.<key>`)."""
     from pydantic import BaseModel
 
-    from finetune.config import SubsetConfig, TrainConfig
+    from finetune.config import EmbeddingConfig, SubsetConfig, TrainConfig
 
     def walk(model, prefix):
         for name, field in model.model_fields.items():
@@ -193,7 +194,8 @@ def config_keys() -> set[str]:
             else:
                 yield prefix + name
 
-    return set(walk(TrainConfig, "")) | set(walk(SubsetConfig, "dataset.subsets."))
+    return (set(walk(TrainConfig, "")) | set(walk(SubsetConfig, "dataset.subsets."))
+            | set(walk(EmbeddingConfig, "embeddings.")))
 
 
 def test_the_kohya_guide_names_only_real_keys_and_commands():

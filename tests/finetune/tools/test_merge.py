@@ -317,3 +317,27 @@ def test_a_safetensors_out_path_writes_one_single_file_whatever_the_bases_layout
     merge_loras(out, [(lora, 0.0)], back)
     assert (back / "model_index.json").is_file() and (back / "unet" / "config.json").is_file()
     assert not list(tmp_path.glob(".merged*"))  # the work folders are gone
+
+
+@pytest.mark.slow  # builds or loads two pipelines
+def test_bundled_words_join_a_folders_tokenizers_and_sit_beside_a_single_file(tiny_model_dir, tiny_single_file, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    words = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)}
+    state = load_file(str(write_kohya_lora(tmp_path / "pivotal.safetensors", TINY_MODULES)))
+    state.update({f"bundle_emb.<myDog>.{k}": v for k, v in words.items()})
+    save_file(state, str(tmp_path / "pivotal.safetensors"))
+
+    report = merge_loras(tiny_model_dir, [(tmp_path / "pivotal.safetensors", 0.5)], tmp_path / "folder")
+    assert "<myDog>: 2 vector(s) added" in str(report)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "folder", local_files_only=True)
+    for tokenizer, encoder, key in ((pipe.tokenizer, pipe.text_encoder, "clip_l"),
+                                    (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):
+        assert tokenizer("<myDog> <myDog>_1").input_ids == [49406, 49408, 49409, 49407]
+        assert torch.equal(encoder.get_input_embeddings().weight[49408:], words[key])  # scale applies to the LoRA only
+        assert encoder.config.eos_token_id == 49407  # pooling at <|endoftext|>, not at the largest id
+
+    report = merge_loras(tiny_single_file, [(tmp_path / "pivotal.safetensors", 1.0)], tmp_path / "one.safetensors")
+    assert "cannot hold a tokenizer" in str(report)
+    beside = load_file(str(tmp_path / "embeddings" / "myDog.safetensors"))
+    assert all(torch.equal(beside[k], words[k]) for k in words)

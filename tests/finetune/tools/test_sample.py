@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from finetune.tools.sample import grid, render
 
@@ -49,3 +50,21 @@ def test_render_reports_its_progress_on_the_console(pipe, capsys):
     render(pipe, ["a", "b"], [0], steps=2, guidance_scale=1.0, height=64, width=64, progress=True)
     err = capsys.readouterr().err
     assert "sample 1/2" in err and "sample 2/2" in err and "/4 " in err  # 2 images x 2 steps
+
+
+@pytest.mark.slow  # builds or loads two pipelines
+def test_a_pivotal_loras_bundled_word_joins_the_pipeline(tmp_path):
+    from safetensors.torch import save_file
+
+    from finetune.models.tiny import build_tiny_pipeline
+    from finetune.tools.sample import apply_loras
+
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 64), f"{name}.lora_up.weight": torch.randn(64, 4),
+               f"{name}.alpha": torch.tensor(4.0), "bundle_emb.<myDog>.clip_l": torch.randn(2, 32),
+               "bundle_emb.<myDog>.clip_g": torch.randn(2, 64)}, str(tmp_path / "pivotal.safetensors"))
+    pipe = build_tiny_pipeline(seed=0)
+    [word] = apply_loras(pipe, [(tmp_path / "pivotal.safetensors", 1.0)])
+    assert (word.token, word.vectors) == ("<myDog>", 2)
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        assert tokenizer("<myDog> <myDog>_1").input_ids == [49406, 49408, 49409, 49407]
