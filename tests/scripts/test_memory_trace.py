@@ -56,8 +56,9 @@ def _args(**overrides):
     return SimpleNamespace(**{**vars(args), **overrides})
 
 
-@pytest.mark.parametrize(("profile", "checkpointing"), [("fast", None), ("low_vram", None),
-                                                         ("low_vram", "transformer"), ("full", None)])
+# The profiles whose steps differ most (no recompute; per-block recompute; the fused full fine-tune).
+# low_vram's full recompute is the transformer row's code path with every block; each row costs ~15 s.
+@pytest.mark.parametrize(("profile", "checkpointing"), [("fast", None), ("low_vram", "transformer"), ("full", None)])
 @pytest.mark.slow
 def test_fake_trace_counts_what_real_tensors_hold(profile, checkpointing):
     """The same step on the tiny model, traced on fake tensors and run on real ones: the same peak and FLOPs."""
@@ -88,11 +89,11 @@ def test_bnb_state_bytes_are_8_bit_for_large_tensors_only():
 
 @pytest.mark.slow
 def test_preflight_estimate_follows_the_sdxl_trace():
-    """The printed estimate for SDXL at 1024² stays within 15 % of the traced peak: the LoRA row whose
-    activations weigh most (no checkpointing) and the full fine-tune. (`low_vram` is weights nearly
-    all; its row is in docs/benchmarks.md, and each trace costs ~35 s of the suite.)"""
+    """The printed estimate for SDXL at 1024² stays within 15 % of the traced peak for the LoRA row whose
+    activations weigh most (no checkpointing). (The full fine-tune's and low_vram's rows are in
+    docs/benchmarks.md; each SDXL trace costs ~50 s of the suite, which has a 15-minute budget.)"""
     args = _args(tiny=False, rank=16, resolution=1024, batch_size=1, no_compile=False)
-    for profile in ("fast", "full"):
+    for profile in ("fast",):
         row = memory_trace.trace_row(profile, args)
         assert row["estimate_gib"] == pytest.approx(row["traced_peak_gib"], rel=0.15), row
 

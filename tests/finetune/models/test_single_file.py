@@ -229,7 +229,7 @@ def test_a_single_file_model_trains_merges_and_samples_end_to_end(tmp_path):
         '[training]\nmax_steps = 2\nmixed_precision = "no"\n[lora]\nrank = 2\n[output]\nname = "lora"\n',
         encoding="utf-8")
     run("train", "c.toml")
-    run("merge", "--base", "tiny.safetensors", "--lora", "output/lora.safetensors:0.5", "--out", "merged.safetensors")
-    done = run("sample", "merged.safetensors", "--prompt", "a shape", "--steps", "2", "--height", "64", "--width", "64",
-               "--lora", "output/lora.safetensors:0.5", "--out", "s.png")
-    assert (tmp_path / "s.png").is_file() and "Traceback" not in done.stderr
+    done = run("merge", "--base", "tiny.safetensors", "--lora", "output/lora.safetensors:0.5",
+               "--out", "merged.safetensors")
+    assert (tmp_path / "merged.safetensors").is_file() and "Traceback" not in done.stderr
+    # (sampling a single file with --lora is tests/finetune/tools' and the refiner's two-stage test's job)

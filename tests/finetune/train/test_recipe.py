@@ -388,7 +388,7 @@ def test_samples_and_tensorboard_logs_are_written(tmp_path, tiny_model_dir, shap
     from PIL import Image
 
     grid = Image.open(cfg.output.dir / "samples" / "step-000001.png")
-    assert grid.size == (128, 64)  # one row: the prompt, one column per seed
+    assert grid.size == (128, 64 + 14)  # one row: the prompt, one column per seed, a label strip under it
     assert (cfg.output.dir / "samples" / "step-000002.png").is_file()
     events = list((cfg.output.dir / "logs").rglob("events.out.tfevents*"))
     assert events
