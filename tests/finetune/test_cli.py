@@ -104,3 +104,27 @@ def test_a_full_disk_anywhere_is_one_line_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_tiny_model", other)
     with pytest.raises(PermissionError):  # not ours to reword: the traceback says what failed
         cli.main(["tiny-model", "x"])
+
+
+def test_every_subcommand_and_option_says_what_it_does():
+    import argparse
+
+    from finetune.cli import build_parser
+
+    def parsers(parser, name="finetune"):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    missing = []
+    for name, parser in parsers(build_parser()):
+        if not parser.description:
+            missing.append(f"{name}: no description")
+        for action in parser._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}: no help")
+    assert not missing, missing
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
+    assert "(default: 1024)" in sample and "(default: 20)" in sample  # defaults are shown

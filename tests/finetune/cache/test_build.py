@@ -70,3 +70,16 @@ def test_latent_cache_under_two_processes(tmp_path, images, make_vae, make_manif
     cache = LatentCache(tmp_path)
     assert all(key in cache for key in latent_keys_for_manifest(manifest, vae))
     assert build_latent_cache(manifest, vae, tmp_path, progress=False).reused == 4
+
+
+def test_nothing_to_encode_draws_no_progress_bar(tmp_path, capsys):
+    from finetune.cache.build import run_build
+
+    def encode(keys):
+        yield from ((key, {"x": torch.zeros(1)}) for key in keys)
+
+    run_build("latents", tmp_path, ["a", "b"], encode, progress=True)
+    capsys.readouterr()
+    stats = run_build("latents", tmp_path, ["a", "b"], encode, progress=True)  # all cached now
+    assert stats.encoded == 0 and stats.reused == 2
+    assert "caching" not in capsys.readouterr().err
