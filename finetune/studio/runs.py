@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.studio.paths import PathRefused, Workspace, STUDIO_DIR
+from finetune.train.logs import STATUS_FILE, read_metrics  # the files the trainer writes, read its way
 
-STATUS_FILE = "status.json"
 RESOLVED_CONFIG = "config.resolved.toml"
 CONSOLE_LOG = Path("logs") / "console.log"
-METRICS_FILE = Path("logs") / "metrics.jsonl"
 TAIL_BYTES = 64 * 1024
 # Processes this studio started, by output folder: polled so a finished child is reaped (a zombie
 # still answers kill(pid, 0)) and its exit code is known even without status.json.
@@ -85,22 +84,6 @@ def pid_alive(pid: int | None) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (OSError, IndexError):
         return True
-
-
-def read_metrics(folder: Path) -> list[dict]:
-    """Every complete line of `logs/metrics.jsonl` (the last may still be being written)."""
-    path = Path(folder) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
 
 
 def eta_seconds(metrics: list[dict], max_steps: int | None, window: int = 20) -> float | None:

@@ -115,17 +115,20 @@ def flat_config(data: dict, prefix: str = "") -> dict:
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    """The logged steps of a run, oldest first (a line cut short by a kill is skipped)."""
+    """The logged steps of a run, oldest first: every complete line (the last may still be being written,
+    or cut short by a kill)."""
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except ValueError:
             continue
-    return rows
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
 
 
 def _step_of(line: str) -> int:
