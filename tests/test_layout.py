@@ -61,15 +61,14 @@ def test_no_import_cycles_anywhere_in_the_packages():
 
 
 def test_modules_stay_small():
-    # STYLE.md: modules of up to ~400 lines; the recipe reads top to bottom as the whole run.
-    # The schema is one pydantic model per TOML table, read as the reference of every key; the refiner's
-    # keys took it past 440: split it by table before it grows further.
-    limits = {"finetune/train/recipe.py": 560, "finetune/config/schema.py": 445}
+    # STYLE.md: modules of up to ~400 lines. The recipe is the longest, as the whole run read top to
+    # bottom; the parts it builds live in builders.py, checkpoint.py and outputs.py.
+    limit = 420
     too_long = {}
     for path in _modules().values():
         rel = path.relative_to(ROOT).as_posix()
         lines = len(path.read_text(encoding="utf-8").splitlines())
-        if lines > limits.get(rel, 440):
+        if lines > limit:
             too_long[rel] = lines
     assert not too_long, too_long
 

@@ -60,11 +60,15 @@ class _RowLookup:
         return _RowLookup(self.cache, [self.keys[i] for i in indices])
 
 
-def release(*modules) -> None:
-    """Move models off the GPU once their work is cached: training needs only the UNet there."""
-    for module in modules:
-        if module is not None:
-            module.to("cpu")
+def place_models(models, device, *, vae: bool, text_encoders: bool) -> None:
+    """Keep on `device` only the models training still runs (`vae`, `text_encoders`: True for those
+    whose work is not cached); the others move to the CPU, and their GPU memory is freed."""
+    if vae:
+        models.vae.to(device, dtype=torch.float32)
+    else:
+        models.vae.to("cpu")
+    for encoder in models.text_encoders:
+        encoder.to(device if text_encoders else "cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from accelerate.utils import DistributedType
 
 from finetune.dtypes import DTYPES
 from finetune.errors import ConfigError
+from finetune.memory.activations import saved_activations
+from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset, build_dataloader
+from finetune.train.optim import build_lr_scheduler
 from finetune.train.validation import split_rows
 
 log = logging.getLogger("finetune")
+
+
+def memory_config(cfg, resume: str | None = None):
+    """The config with its memory profile applied, and the line that says what the profile chose.
+
+    A resume of an "auto" run keeps the profile its checkpoint was trained with: free memory moves,
+    the run's precision and memory settings must not. The process count is the launcher's
+    (WORLD_SIZE), read before the accelerator exists.
+    """
+    from finetune.memory.profiles import apply_memory_profile
+
+    if resume and cfg.memory.profile == "auto":
+        cfg = ckpt.profile_of_checkpoint(cfg, resume)
+    return apply_memory_profile(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def length_in_steps(cfg, batches_per_epoch: int, say=print):
+    """training.max_epochs, when set, becomes max_steps (the loop and the LR schedule count steps);
+    `say` tells the user. Otherwise `cfg` unchanged."""
+    training = cfg.training
+    if training.max_epochs is None:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.training.max_steps = training.steps_for_epochs(batches_per_epoch)
+    say(f"training.max_epochs = {training.max_epochs}: {cfg.training.max_steps} optimizer steps ({batches_per_epoch} "
+        f"batches per epoch per process, accumulation {training.gradient_accumulation_steps}); it replaces "
+        "training.max_steps")
+    return cfg
 
 
 def make_accelerator(training, logging_cfg, output_dir: Path):
@@ -292,3 +326,65 @@ def lora_layers_of(models) -> list:
     from finetune.adapters.save import lora_layers
 
     return [layer for model in models for _, layer in lora_layers(model)]
+
+
+@dataclass
+class TrainedParts:
+    """What the optimizer steps, as Accelerate prepared it: `build_trained_parts` makes it, the recipe runs it."""
+
+    unet: torch.nn.Module  # the UNet as Accelerate prepared it (DDP/FSDP/compile wrappers)
+    optimizer: object  # Accelerate's wrapper of the torch (or bitsandbytes) optimizer
+    lr_scheduler: object  # stepped once per optimizer step by the recipe, saved with the Accelerate state
+    params: list  # exactly what the optimizer steps (FSDP: the shards); clipping and EMA read these
+    trained_models: list  # `accelerator.accumulate` skips gradient sync on each of them
+    activations: object = field(default_factory=contextlib.nullcontext)  # saved-activation hooks per forward
+    fused: object = None  # the optimizer, when it steps inside backward (memory.fused_backward)
+    fsdp: bool = False
+    ema: object = None  # diffusers EMAModel of `params` (training.ema_decay)
+    norm_bounded: list = field(default_factory=list)  # lora.max_norm: the LoRA layers it bounds
+
+
+def build_trained_parts(cfg, acc, models, words=None) -> TrainedParts:
+    """Adapters (or full weights), optimizer, LR schedule, EMA; Accelerate wraps them and registers
+    what a checkpoint must hold besides the models and the optimizer."""
+    training, memory = cfg.training, cfg.memory
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    check_parallelism(training, memory, fsdp_version=acc.state.fsdp_plugin.fsdp_version if fsdp else None,
+                      num_processes=acc.num_processes, renders=bool(cfg.sample.prompts) or cfg.validation.split > 0,
+                      embeddings=bool(cfg.embeddings))
+    groups, te_params = prepare_trained_models(models, cfg, device=None if fsdp else acc.device, words=words)
+    if not fsdp:
+        # On the device before the optimizer: AdamW picks its fused CUDA kernel there, and the fused
+        # backward's fp32 stand-ins sit beside their weights. (FSDP places the shards itself.)
+        models.unet.to(acc.device)
+    optimizer = build_training_optimizer(groups, training, memory, cfg.optimizer)
+    # The recipe steps the LR scheduler once per optimizer step; `prepare` would step it once per
+    # process. Registered, it is still saved and restored with the Accelerate state.
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, training.max_steps)
+    unet = models.unet
+    if memory.compile and acc.device.type == "cuda":
+        unet = compile_unet(unet, cfg.cache_dir / "compile", memory.compile_mode)
+    elif memory.compile:
+        acc.print("memory.compile is CUDA-only: running eagerly on the CPU")
+    unet, prepared = acc.prepare(unet, optimizer)
+    # FSDP swaps each UNet parameter for its shard: clipping and EMA must see what the optimizer steps.
+    params = [p for p in unet.parameters() if p.requires_grad] + te_params
+    parts = TrainedParts(unet, prepared, lr_scheduler, params, [unet], fsdp=fsdp,
+                         activations=saved_activations(memory.gradient_checkpointing, memory.checkpointing_mode,
+                                                       acc.device, unet),
+                         fused=optimizer if memory.fused_backward else None)
+    if training.train_text_encoder:
+        models.text_encoder, models.text_encoder_2 = acc.prepare(models.text_encoder, models.text_encoder_2)
+        parts.trained_models += [models.text_encoder, models.text_encoder_2]
+    acc.register_for_checkpointing(lr_scheduler)
+    if words is not None:  # the words' rows (their optimizer state is the optimizer's)
+        acc.register_for_checkpointing(words)
+    if training.ema_decay:  # the EMA copy lives beside the trained weights, saved and restored with them
+        parts.ema = build_ema(params, training.ema_decay)
+        acc.register_for_checkpointing(parts.ema)
+    if not fsdp:  # FSDP saves its shards itself; a full fine-tune trains every weight anyway
+        ckpt.register_trainable_only_hooks(acc)
+    if cfg.lora.max_norm and training.method == "lora":
+        bare = acc.unwrap_model(unet, keep_torch_compile=False)
+        parts.norm_bounded = lora_layers_of([bare, *(models.text_encoders if training.train_text_encoder else ())])
+    return parts

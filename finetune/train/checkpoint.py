@@ -241,6 +241,27 @@ def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState, allow_cha
     return changes
 
 
+def restore(accelerator, cfg: TrainConfig, resume: str, state: TrainState, allow_changes: bool = False) -> Path:
+    """Load the checkpoint `resume` names into the prepared run: the Accelerate state (models,
+    optimizer, LR schedule, RNGs, sampler position), and its progress into `state`.
+
+    `state` holds this run's seed, process count and dataset hash, checked against the checkpoint
+    first (`check_resumable`). Returns the checkpoint folder.
+    """
+    folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
+    changes = check_resumable(folder, cfg, state, allow_changes)
+    accelerator.load_state(str(folder))
+    saved = TrainState.from_file(folder / STATE_FILE)
+    state.step, state.epoch, state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
+    state.images_seen, state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
+    state.changed_on_resume = saved.changed_on_resume + [f"step {saved.step}: {c}" for c in changes]
+    if changes:
+        accelerator.print("--allow-changes: resuming with these changes (the run is now marked not "
+                          "reproducible):\n  " + "\n  ".join(changes))
+    accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
+    return folder
+
+
 def finished_run(cfg: TrainConfig, resume: str) -> TrainState | None:
     """The checkpoint's state when `--resume` has nothing left to train (the run already reached max_steps).
 

@@ -6,6 +6,7 @@ and a run started from the studio is an ordinary run folder. Only the main proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -81,13 +82,21 @@ class RunLog:
             "updated": round(time.time(), 3)}, indent=2) + "\n")
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    """The step bar on the console (main process only), or None."""
-    if not enabled:
-        return None
+def progress_bar(total: int, initial: int, enabled: bool, **tqdm_args):
+    """The step bar on the console (main process only); when not `enabled`, a bar that draws nothing."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=not enabled,
+                **tqdm_args)
+
+
+@contextlib.contextmanager
+def paused(bar):
+    """Time spent inside the block (rendering samples) does not count toward the bar's rate and ETA."""
+    try:
+        yield
+    finally:
+        bar.unpause()
 
 
 def step_metrics(loss: torch.Tensor, lr: float, images_per_s: float, grad_norm: torch.Tensor | None = None,

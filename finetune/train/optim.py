@@ -132,3 +132,21 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, m
     name = "constant_with_warmup" if cfg.scheduler == "constant" and cfg.warmup_steps else cfg.scheduler
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=max_steps, num_cycles=cfg.num_cycles, power=cfg.power)
+
+
+def clip_gradients(accelerator, params: list, max_norm: float, fused=None) -> tuple[torch.Tensor, bool]:
+    """Clip the synced gradients of `params` to `max_norm` (0: measure only).
+
+    Returns:
+        (the gradient norm before clipping, whether the gradients are finite). fp16's loss scaler
+        skips overflowing steps itself, so they count as finite; the fused backward (`fused`, the
+        optimizer of memory.fused_backward) clipped per tensor inside backward and reports both.
+    """
+    if fused is not None:
+        return fused.pop_grad_norm(), not fused.pop_nonfinite()
+    if max_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_norm)
+    else:
+        norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return norm, accelerator.scaler is not None or bool(torch.isfinite(norm))

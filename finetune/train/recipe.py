@@ -9,8 +9,6 @@ math lives in small pure functions (`step.py`, `loss.py`); everything a resume n
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -18,34 +16,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from bucketing.manifest import load_manifest
-from finetune.cache.prepare import prepare_caches, release
+from finetune.adapters.norms import clamp_lora_norms
+from finetune.cache.prepare import place_models, prepare_caches
 from finetune.config import TrainConfig, dump_config
 from finetune.dataset import build_dataset, dataset_hash
 from finetune.errors import FinetuneError
 from finetune.io import write_text_atomic
-from finetune.memory.activations import saved_activations
-from finetune.memory.profiles import apply_memory_profile, out_of_memory_message
+from finetune.memory.profiles import out_of_memory_message
 from finetune.models.load import load_models
+from finetune.rng import shared_step_generator
 from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
 from finetune.train.command import record_command
 from finetune.train.distributed import topology_lines
-from finetune.train.logs import RunLog, progress_bar, step_metrics
+from finetune.train.logs import RunLog, paused, progress_bar, step_metrics
 from finetune.train.loss import make_noise_scheduler, resolve_prediction_type, timestep_range
-from finetune.train.optim import build_lr_scheduler
+from finetune.train.optim import clip_gradients
 from finetune.train.outputs import averaged_weights, save_trained_weights
 from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
 from finetune.train.validation import validation_loss
 from finetune.train.words import cached_text, freeze_after, setup_words, text_encoder_fn
-from finetune.rng import shared_step_generator
-
-log = logging.getLogger("finetune")
 
 
 @dataclass
@@ -54,8 +50,6 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)  # one per optimizer step of this session, this process
     checkpoint: Path | None = None
-    manifest_dir: Path | None = None
-    log_dir: Path | None = None
     interrupted: bool = False
     finished_before: bool = False  # --resume on a run that had already finished: nothing was done
 
@@ -137,15 +131,7 @@ class Recipe:
         self.dataset: TrainDataset | None = None
         self.val_dataset: TrainDataset | None = None
         self.loader = self.sampler = None
-        self.unet = None  # the UNet as Accelerate prepared it (DDP/FSDP/compile wrappers)
-        self.optimizer = self.lr_scheduler = None
-        self.params: list[torch.nn.Parameter] = []  # exactly what the optimizer steps (FSDP: the shards)
-        self.trained_models: list = []  # `accumulate` must skip gradient sync on each of them
-        self.activations = contextlib.nullcontext()  # saved-activation hooks, re-entered by each forward
-        self.fused = None  # the optimizer, when it steps inside backward (memory.fused_backward)
-        self.fsdp = False
-        self.ema = None  # diffusers EMAModel of self.params (training.ema_decay)
-        self.norm_bounded: list = []  # lora.max_norm: the LoRA layers it bounds, found once
+        self.parts: builders.TrainedParts | None = None  # the prepared UNet, optimizer, LR schedule, params, EMA
         self.log: RunLog | None = None
         # Progress. TrainState is what a checkpoint saves; the rest is this session's.
         self.state = ckpt.TrainState()
@@ -164,13 +150,9 @@ class Recipe:
 
     def setup(self, resume: str | None = None) -> Recipe:
         """Build the run; each step needs what the step before it made."""
+        # The profile decides the mixed precision the accelerator is built with.
+        self.cfg, profile_message = builders.memory_config(self.cfg, resume)
         cfg = self.cfg
-        if resume and cfg.memory.profile == "auto":
-            cfg = ckpt.profile_of_checkpoint(cfg, resume)  # free memory moves; the run's profile must not
-        # The launcher's process count before the accelerator exists: the profile decides the mixed
-        # precision the accelerator is built with.
-        cfg, profile_message = apply_memory_profile(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
-        self.cfg = cfg
         self.accelerator = acc = builders.make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
         set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
         run_line, process_line = topology_lines(acc, cfg.training.mixed_precision)
@@ -184,12 +166,15 @@ class Recipe:
         self._setup_manifest()
         latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
         self._setup_data(latents, text)  # needs the cache lookups
-        self._set_length()  # max_epochs needs the batch count; the LR schedule needs the length
-        self._setup_optimization()  # needs the models; the LR schedule needs the optimizer
-        if resume:
-            self._resume(resume)
-        self.log = RunLog.open(self.cfg, self.accelerator, self.state.step)
-        print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.params, self.models.unet,
+        # training.max_epochs needs the batch count; the LR schedule needs the length.
+        self.cfg = builders.length_in_steps(self.cfg, len(self.loader), acc.print)
+        # Adapters (or full weights), optimizer, LR schedule, EMA, as Accelerate prepared them.
+        self.parts = builders.build_trained_parts(self.cfg, acc, self.models, self.words)
+        if resume:  # the checkpoint's Accelerate state and TrainState, the config checked against it
+            self.last_checkpoint = ckpt.restore(acc, self.cfg, resume, self.state, self.allow_changes)
+            self.epochs_done = self.epochs_completed()
+        self.log = RunLog.open(self.cfg, acc, self.state.step)
+        print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.parts.params, self.models.unet,
                    self.sampler, self.manifest)
         return self
 
@@ -209,32 +194,23 @@ class Recipe:
         """Load SDXL, build the caches, and keep on the GPU only what training still needs."""
         cfg, acc = self.cfg, self.accelerator
         self.models = models = load_models(cfg.model, dtype=torch.float32)
-        self.cfg = cfg = self._for_model_kind(models.kind)
+        self.cfg, line = refiner_run_config(self.cfg, models.kind)  # a refiner: its timesteps, no text encoder
+        if line:
+            acc.print(line)
+        cfg = self.cfg
         # Before the caches are built (minutes), not at the first step.
         timestep_range(models.noise_scheduler.config.num_train_timesteps, cfg.loss.min_timestep, cfg.loss.max_timestep)
         self.phase = "caching"
         latents, text, _ = prepare_caches(cfg, self.manifest, models, acc, progress=self.progress)
         self.phase = "setup"
-        # With both caches, the VAE and text encoders leave the GPU: only the UNet trains there
-        # (new words keep the encoders: their captions are encoded every step).
-        release(models.vae if latents else None, *(models.text_encoders if text and not cfg.embeddings else ()))
-        if latents is None:
-            models.vae.to(acc.device, dtype=torch.float32)
-        if text is None or cfg.embeddings:
-            for encoder in models.text_encoders:
-                encoder.to(acc.device)
+        # With both caches, only the UNet trains on the GPU (new words keep the text encoders there:
+        # their captions are encoded every step).
+        place_models(models, acc.device, vae=latents is None, text_encoders=text is None or bool(cfg.embeddings))
         self.words = setup_words(models, cfg, acc, self.manifest["caption"])  # after the text cache
         self.text_encode = text_encoder_fn(models, cfg.dataset.long_captions, self.words, cfg.dataset.weighted_captions)
         self.noise_scheduler = make_noise_scheduler(dict(models.noise_scheduler.config), cfg.loss.zero_terminal_snr)
         self.prediction_type = resolve_prediction_type(cfg.loss.prediction_type, self.noise_scheduler)
         return latents, cached_text(text, cfg.embeddings)
-
-    def _for_model_kind(self, kind: str) -> TrainConfig:
-        """The config as the loaded model's kind needs it (a refiner: its timestep range, no text encoder)."""
-        cfg, line = refiner_run_config(self.cfg, kind)
-        if line:
-            self.accelerator.print(line)
-        return cfg
 
     def _setup_data(self, latents, text) -> None:
         """Train/validation split, datasets, the bucket loader, and the resume state."""
@@ -245,78 +221,6 @@ class Recipe:
         self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
                                      dataset_hash=dataset_hash(self.manifest))
 
-    def _set_length(self) -> None:
-        """training.max_epochs, when set, becomes max_steps: the loop and the LR schedule count steps."""
-        training = self.cfg.training
-        if training.max_epochs is not None:
-            self.cfg = self.cfg.model_copy(deep=True)
-            self.cfg.training.max_steps = training.steps_for_epochs(len(self.loader))
-            self.accelerator.print(f"training.max_epochs = {training.max_epochs}: {self.cfg.training.max_steps} "
-                                   f"optimizer steps ({len(self.loader)} batches per epoch per process, accumulation "
-                                   f"{training.gradient_accumulation_steps}); it replaces training.max_steps")
-
-    def _setup_optimization(self) -> None:
-        """Adapters (or full weights), optimizer, LR schedule, EMA; then Accelerate wraps them."""
-        cfg, acc, models = self.cfg, self.accelerator, self.models
-        training, memory = cfg.training, cfg.memory
-        self.fsdp = acc.distributed_type == DistributedType.FSDP
-        builders.check_parallelism(training, memory, fsdp_version=acc.state.fsdp_plugin.fsdp_version if self.fsdp else None,
-                                   num_processes=acc.num_processes,
-                                   renders=bool(cfg.sample.prompts) or cfg.validation.split > 0,
-                                   embeddings=bool(cfg.embeddings))
-        groups, te_params = builders.prepare_trained_models(models, cfg, device=None if self.fsdp else acc.device,
-                                                            words=self.words)
-        if not self.fsdp:
-            # On the device before the optimizer: AdamW picks its fused CUDA kernel there, and the fused
-            # backward's fp32 stand-ins sit beside their weights. (FSDP places the shards itself.)
-            models.unet.to(acc.device)
-        optimizer = builders.build_training_optimizer(groups, training, memory, cfg.optimizer)
-        self.fused = optimizer if memory.fused_backward else None
-        # We step the LR scheduler once per optimizer step ourselves; `prepare` would step it once
-        # per process. Registered, it is still saved and restored with the Accelerate state.
-        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, training.max_steps)
-        unet = models.unet
-        if memory.compile and acc.device.type == "cuda":
-            unet = builders.compile_unet(unet, cfg.cache_dir / "compile", memory.compile_mode)
-        elif memory.compile:
-            acc.print("memory.compile is CUDA-only: running eagerly on the CPU")
-        self.unet, self.optimizer = acc.prepare(unet, optimizer)
-        # FSDP swaps each UNet parameter for its shard: clipping and EMA must see what the optimizer steps.
-        self.params = [p for p in self.unet.parameters() if p.requires_grad] + te_params
-        self.activations = saved_activations(memory.gradient_checkpointing, memory.checkpointing_mode,
-                                             acc.device, self.unet)
-        self.trained_models = [self.unet]
-        if training.train_text_encoder:
-            models.text_encoder, models.text_encoder_2 = acc.prepare(models.text_encoder, models.text_encoder_2)
-            self.trained_models += [models.text_encoder, models.text_encoder_2]
-        acc.register_for_checkpointing(self.lr_scheduler)
-        if self.words is not None:  # the words' rows (their optimizer state is the optimizer's)
-            acc.register_for_checkpointing(self.words)
-        if training.ema_decay:  # the EMA copy lives beside the trained weights, saved and restored with them
-            self.ema = builders.build_ema(self.params, training.ema_decay)
-            acc.register_for_checkpointing(self.ema)
-        if not self.fsdp:  # FSDP saves its shards itself; a full fine-tune trains every weight anyway
-            ckpt.register_trainable_only_hooks(acc)
-        if cfg.lora.max_norm and training.method == "lora":
-            self.norm_bounded = builders.lora_layers_of(
-                [self.bare_unet(), *(models.text_encoders if training.train_text_encoder else ())])
-
-    def _resume(self, resume: str) -> None:
-        """Load the checkpoint's Accelerate state and TrainState (the config was checked against it)."""
-        folder = ckpt.find_resume_folder(self.cfg.output.checkpoints_dir, resume)
-        changes = ckpt.check_resumable(folder, self.cfg, self.state, self.allow_changes)
-        self.accelerator.load_state(str(folder))
-        saved = ckpt.TrainState.from_file(folder / ckpt.STATE_FILE)
-        self.state.step, self.state.epoch, self.state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
-        self.state.images_seen, self.state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
-        self.state.changed_on_resume = saved.changed_on_resume + [f"step {saved.step}: {c}" for c in changes]
-        if changes:
-            self.accelerator.print("--allow-changes: resuming with these changes (the run is now marked not "
-                                   "reproducible):\n  " + "\n  ".join(changes))
-        self.last_checkpoint = folder
-        self.epochs_done = self.epochs_completed()
-        self.accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
-
     # --- the loop --------------------------------------------------------------------------------
 
     def train_loop(self, stop: StopFlag) -> bool:
@@ -325,10 +229,12 @@ class Recipe:
         self.phase = "training"
         bar = progress_bar(self.cfg.training.max_steps, self.state.step, self.progress and acc.is_main_process)
         while state.step < cfg.training.max_steps:
-            self.start_epoch()
+            self.dataset.set_epoch(state.epoch)  # the caption shuffles and the bucket order of this epoch
+            self.sampler.set_epoch(state.epoch)
+            self.sampler.load_state_dict({"epoch": state.epoch, "batch_index": state.batch_in_epoch})
             for batch in self.loader:
                 state.batch_in_epoch += 1
-                with acc.accumulate(*self.trained_models):
+                with acc.accumulate(*self.parts.trained_models):
                     self.micro_step(batch)
                     stepped = self.optimizer_step() if acc.sync_gradients else None
                 if stepped is None:  # inside an accumulation window
@@ -346,11 +252,6 @@ class Recipe:
                 return True
         return False
 
-    def start_epoch(self) -> None:
-        self.dataset.set_epoch(self.state.epoch)
-        self.sampler.set_epoch(self.state.epoch)
-        self.sampler.load_state_dict({"epoch": self.state.epoch, "batch_index": self.state.batch_in_epoch})
-
     def micro_step(self, batch: dict) -> None:
         """Forward and backward of one micro-batch; its loss joins the window's. No host sync here."""
         acc = self.accelerator
@@ -362,14 +263,14 @@ class Recipe:
         freeze_after(self.words, self.state.step, self.cfg.training.embedding_stop)
         latents = batch_latents(batch, self.models.vae, generator)  # (B, 4, H/8, W/8)
         prompt_embeds, pooled = batch_text(batch, self.text_encode)
-        with acc.autocast(), self.activations:
+        with acc.autocast(), self.parts.activations:
             loss = self.step_loss(
                 # Cached embeddings are stored fp16; compute starts in fp32 and autocast takes it from there.
-                self.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device, torch.float32),
+                self.parts.unet, self.noise_scheduler, latents, prompt_embeds.to(acc.device, torch.float32),
                 pooled.to(acc.device, torch.float32), batch["add_time_ids"], batch["loss_weight"], self.cfg.loss,
                 self.prediction_type, generator, mask=batch.get("mask"))
         self.window_losses.append(loss.detach())
-        if self.fused is not None and not self._losses_finite():
+        if self.parts.fused is not None and not self._losses_finite():
             return  # the fused backward would apply NaN updates as it goes: skip it (one micro-step per step)
         if loss.requires_grad:  # embeddings only: a batch without a new word has nothing to train
             acc.backward(loss)  # with memory.fused_backward this also steps the optimizer, tensor by tensor
@@ -382,18 +283,19 @@ class Recipe:
         gradients, skip the whole step (the gradients are dropped, the weights untouched) and count
         toward training.max_nan_steps. Every process reaches the same decision.
         """
-        finite = self._losses_finite() and self._gradients_finite()
+        parts = self.parts
+        finite = self._losses_finite()
         if finite:
-            self.optimizer.step()
-            if self.norm_bounded:
-                from finetune.adapters.norms import clamp_lora_norms
-
-                # The same on every process: the weights it reads are the synced, stepped ones.
-                self.norms_scaled, self.largest_norm = clamp_lora_norms(self.norm_bounded, self.cfg.lora.max_norm)
-            self.lr_scheduler.step()
-            if self.ema is not None:
-                self.ema.step(self.params)
-        self.optimizer.zero_grad(set_to_none=True)
+            self.grad_norm, finite = clip_gradients(self.accelerator, parts.params, self.cfg.training.max_grad_norm,
+                                                    parts.fused)
+        if finite:
+            parts.optimizer.step()
+            if parts.norm_bounded:  # the same on every process: it reads the synced, stepped weights
+                self.norms_scaled, self.largest_norm = clamp_lora_norms(parts.norm_bounded, self.cfg.lora.max_norm)
+            parts.lr_scheduler.step()
+            if parts.ema is not None:
+                parts.ema.step(parts.params)
+        parts.optimizer.zero_grad(set_to_none=True)
         window, self.window_losses = self.window_losses, []
         if finite:
             self.nan_in_a_row = 0
@@ -413,90 +315,58 @@ class Recipe:
         finite = torch.isfinite(torch.stack(self.window_losses)).all().float().reshape(1)
         return bool(self.accelerator.gather(finite).min() > 0)
 
-    def _gradients_finite(self) -> bool:
-        """Clip and say whether the gradients are finite (fp16's loss scaler skips overflows itself)."""
-        acc, max_norm = self.accelerator, self.cfg.training.max_grad_norm
-        if self.fused is not None:
-            self.grad_norm = self.fused.pop_grad_norm()  # clipped per tensor inside backward
-            return not self.fused.pop_nonfinite()
-        if max_norm > 0:
-            self.grad_norm = acc.clip_grad_norm_(self.params, max_norm)  # the synced gradients
-        else:
-            norms = [torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None]
-            self.grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-        return acc.scaler is not None or bool(torch.isfinite(self.grad_norm))
-
     def epochs_completed(self) -> int:
         """Whole passes over the data: an epoch's last batch completes it before the loop moves on."""
         return self.state.epoch + (self.state.batch_in_epoch >= len(self.loader))
 
     def after_step(self, bar) -> None:
         """Log, sample, validate and checkpoint on their cadences (every N steps, and every N epochs)."""
-        cfg, state = self.cfg, self.state
+        cfg, state, acc = self.cfg, self.state, self.accelerator
         before, self.epochs_done = self.epochs_done, self.epochs_completed()
 
         def epoch_due(every: int | None) -> bool:  # this step completed the Nth epoch since the last output
             return bool(every) and self.epochs_done // every > before // every
 
-        logging_step = state.step == 1 or state.step % cfg.logging.every_n_steps == 0
-        if bar is not None:
-            bar.update(1)
-        if logging_step:
-            metrics = self._metrics()  # the host sync of `.item()`, only on logging steps
+        bar.update(1)
+        if state.step == 1 or state.step % cfg.logging.every_n_steps == 0:  # the host sync: only when logging
+            metrics = step_metrics(self.losses[-1], self.parts.lr_scheduler.get_last_lr()[0],
+                                   state.images_seen / max(time.time() - self.started, 1e-6),
+                                   self.grad_norm, self.norms_scaled, self.largest_norm)
             self.log.log(state.step, state.epoch, metrics)
-            if bar is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
         every = cfg.sample.every_n_steps
         if cfg.sample.prompts and (every and state.step % every == 0 or epoch_due(cfg.sample.every_n_epochs)):
-            self.render_samples()
-            if bar is not None:
-                bar.unpause()  # the ETA counts training steps, not the minutes spent rendering
-        if self.val_dataset is not None and state.step % cfg.validation.every_n_steps == 0:
-            self.log_validation_loss()
+            with paused(bar):  # the ETA counts training steps, not the minutes spent rendering
+                self.render_samples()
+        if self.val_dataset is not None and state.step % cfg.validation.every_n_steps == 0 and acc.is_main_process:
+            value = validation_loss(self.bare_unet(), self.val_dataset, cfg.validation.timesteps, self.noise_scheduler,
+                                    self.prediction_type, vae=self.models.vae, text_encode=self.text_encode,
+                                    device=acc.device, seed=cfg.training.seed)
+            acc.print(f"step {state.step}: validation loss {value:.5f}")
+            self.log.log(state.step, state.epoch, {"val_loss": value})
         on_cadence = state.step % cfg.checkpoint.every_n_steps == 0 or epoch_due(cfg.checkpoint.every_n_epochs)
         if on_cadence and state.step < cfg.training.max_steps:  # the last step's checkpoint is finish()'s
             self.save_checkpoint()
-
-    def _metrics(self) -> dict[str, float]:
-        return step_metrics(self.losses[-1], self.lr_scheduler.get_last_lr()[0],
-                            self.state.images_seen / max(time.time() - self.started, 1e-6),
-                            self.grad_norm, self.norms_scaled, self.largest_norm)
-
-    def log_validation_loss(self) -> float | None:
-        acc = self.accelerator
-        if not acc.is_main_process:
-            return None
-        value = validation_loss(self.bare_unet(), self.val_dataset, self.cfg.validation.timesteps,
-                                self.noise_scheduler, self.prediction_type, vae=self.models.vae,
-                                text_encode=self.text_encode, device=acc.device, seed=self.cfg.training.seed)
-        acc.print(f"step {self.state.step}: validation loss {value:.5f}")
-        self.log.log(self.state.step, self.state.epoch, {"val_loss": value})
-        return value
 
     # --- outputs ---------------------------------------------------------------------------------
 
     def bare_unet(self):
         """The UNet without DDP's or torch.compile's wrapper: its own names and config, eager forward."""
-        return self.accelerator.unwrap_model(self.unet, keep_torch_compile=False)
+        return self.accelerator.unwrap_model(self.parts.unet, keep_torch_compile=False)
 
     def write_weights(self, path: Path, unet_state: dict | None = None) -> Path:
-        """The usable file: the LoRA in the configured format, or the full UNet (SGM keys).
-
-        With EMA it holds the averaged weights; training continues on its own. `unet_state`: the
-        whole UNet gathered from FSDP shards.
-        """
-        acc = self.accelerator
-        encoders = None
-        if self.cfg.training.train_text_encoder:
-            encoders = tuple(acc.unwrap_model(e) for e in self.models.text_encoders)
-        with averaged_weights(self.ema, self.params):
+        """The usable file: the LoRA in its format, or the full UNet (SGM keys); with EMA, the averaged
+        weights (training goes on with its own). `unet_state`: the UNet gathered from FSDP shards."""
+        trained_encoders = self.cfg.training.train_text_encoder
+        encoders = tuple(map(self.accelerator.unwrap_model, self.models.text_encoders)) if trained_encoders else None
+        with averaged_weights(self.parts.ema, self.parts.params):
             return save_trained_weights(path, self.bare_unet(), encoders, self.cfg, self.state, self.manifest,
                                         self.models.name, unet_state=unet_state, words=self.words)
 
     def save_checkpoint(self, unet_state: dict | None = None) -> Path:
         cfg, acc = self.cfg, self.accelerator
-        if unet_state is None and self.fsdp:
-            unet_state = acc.get_state_dict(self.unet)  # every process must join the gather
+        if unet_state is None and self.parts.fsdp:
+            unet_state = acc.get_state_dict(self.parts.unet)  # every process must join the gather
         folder = ckpt.save_checkpoint(
             acc, cfg.output.checkpoints_dir, self.state, dump_config(cfg),
             lambda tmp: self.write_weights(tmp / f"{cfg.output.name}.safetensors", unet_state))
@@ -506,23 +376,22 @@ class Recipe:
         self.last_checkpoint = folder
         return folder
 
-    def render_samples(self) -> list[Path]:
+    def render_samples(self) -> None:
+        """The sample grid at this step (the main process renders it), sent to the tracker if any."""
         from finetune.tools.sample import log_sample_grids, render_training_samples  # pipelines: only when sampling
 
         acc, cfg = self.accelerator, self.cfg
-        if not acc.is_main_process:
-            return []
-        paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device,
-                                        progress=self.progress, words=self.words)
+        if acc.is_main_process:
+            paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device,
+                                            progress=self.progress, words=self.words)
+            if cfg.logging.report_to != "none":
+                log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
         self.rendered_step = self.state.step
-        if cfg.logging.report_to != "none":
-            log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
-        return paths
 
     def finish(self, interrupted: bool) -> TrainResult:
         cfg, acc = self.cfg, self.accelerator
         if not interrupted:
-            unet_state = acc.get_state_dict(self.unet) if self.fsdp else None  # one gather for both files
+            unet_state = acc.get_state_dict(self.parts.unet) if self.parts.fsdp else None  # one gather for both files
             self.save_checkpoint(unet_state)
             if acc.is_main_process:
                 self.write_weights(cfg.output.adapter_path, unet_state)
@@ -533,8 +402,7 @@ class Recipe:
         self.log.status("stopped" if interrupted else "finished", self.state.step)
         losses = torch.stack(self.losses).tolist() if self.losses else []
         return TrainResult(output_path=cfg.output.adapter_path, step=self.state.step, losses=losses,
-                           checkpoint=self.last_checkpoint, manifest_dir=cfg.output.manifest_dir,
-                           log_dir=cfg.output.dir / "logs", interrupted=interrupted)
+                           checkpoint=self.last_checkpoint, interrupted=interrupted)
 
     def fail(self, error: str) -> None:
         """Record a failure in status.json, when the run got far enough to have one."""

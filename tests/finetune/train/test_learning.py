@@ -51,7 +51,7 @@ def trained(tmp_path_factory, tiny_model_dir):
     run = Recipe(load_config(path), progress=False).setup()
 
     def fixed_loss():
-        return validation_loss(run.accelerator.unwrap_model(run.unet), run.dataset, [200, 500, 800],
+        return validation_loss(run.bare_unet(), run.dataset, [200, 500, 800],
                                run.noise_scheduler, run.prediction_type, vae=run.models.vae,
                                text_encode=run.text_encode, device=run.accelerator.device, seed=0)
 

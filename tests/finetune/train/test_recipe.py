@@ -113,8 +113,8 @@ def test_lora_plus_reaches_the_optimizer_and_its_schedule(tmp_path, tiny_model_d
 
     run = Recipe(load_config(write_config(tmp_path, tiny_model_dir, shapes_folder), ["lora.plus_ratio=16"]),
                  progress=False).setup()
-    assert sorted({group["lr"] for group in run.optimizer.param_groups}) == [2e-3, 32e-3]
-    assert sorted(set(run.lr_scheduler.get_last_lr())) == [2e-3, 32e-3]
+    assert sorted({group["lr"] for group in run.parts.optimizer.param_groups}) == [2e-3, 32e-3]
+    assert sorted(set(run.parts.lr_scheduler.get_last_lr())) == [2e-3, 32e-3]
     run.accelerator.end_training()
 
 
@@ -198,7 +198,7 @@ def test_nan_gradients_behind_a_finite_loss_never_reach_the_weights(tmp_path, ti
     with pytest.raises(FinetuneError) as info:
         train(cfg, progress=False, step_loss=lambda *a, **k: _NaNGradient.apply(diffusion_step_loss(*a, **k)))
     assert "NaN/inf 2 steps in a row at step 0" in str(info.value)
-    assert all(torch.isfinite(p).all() for p in runs[0].params)
+    assert all(torch.isfinite(p).all() for p in runs[0].parts.params)
 
 
 def _start(config: Path, *extra: str) -> subprocess.Popen:
