@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.config import LossConfig
 from finetune.rng import shared_step_generator, step_generator
 from finetune.train.loss import sample_noise, sample_timesteps
 from finetune.train.step import batch_latents

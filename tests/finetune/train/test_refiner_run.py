@@ -153,7 +153,6 @@ def test_lora_resume_is_bitwise(lora_run, tmp_path, tiny_refiner_dir, scored_fol
 
 
 def test_full_fine_tune_trains_and_resumes_bitwise(tmp_path, tiny_refiner_dir, scored_folder):
-    extra = '[memory]\nprofile = "custom"\n'
     for name, steps in (("whole", [None]), ("parts", ["training.max_steps=1", None])):
         (tmp_path / name).mkdir()
         path = refiner_config(tmp_path / name, tiny_refiner_dir, scored_folder, steps=2)

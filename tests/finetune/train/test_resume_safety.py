@@ -6,7 +6,6 @@ import errno
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
