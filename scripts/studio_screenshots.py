@@ -10,7 +10,6 @@ Playwright and Chromium (/usr/bin/chromium):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -21,31 +20,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = """# demo run for the studio's screenshots
-[model]
-pretrained = "tiny-sdxl"
-
-[dataset]
-resolution = 256
-min_side = 128
-max_side = 512
-
-[[dataset.subsets]]
-folder = "images"
-
-[training]
-max_steps = 40
-batch_size = 2
-learning_rate = 1e-3
-mixed_precision = "no"
-
-[lora]
-rank = 8
-alpha = 8
-
-[checkpoint]
-every_n_steps = 20
-
+# The quickstart's config, longer, with samples and every step logged, so each page has something to show.
+SAMPLES = """
 [sample]
 prompts = ["a red circle, flat colors, simple drawing"]
 seeds = [0, 1]
@@ -56,10 +32,6 @@ every_n_steps = 10
 
 [logging]
 every_n_steps = 1
-
-[output]
-dir = "runs/demo"
-name = "demo_lora"
 """
 
 
@@ -69,7 +41,7 @@ def make_workspace(root: Path) -> None:
 
     from finetune.config import load_config
     from finetune.models.tiny import save_tiny_model
-    from finetune.tools.quickstart import draw_images
+    from finetune.tools.quickstart import draw_images, quickstart_config
     from finetune.train.recipe import train
 
     images = root / "images"
@@ -79,17 +51,9 @@ def make_workspace(root: Path) -> None:
     Image.new("RGB", (16, 16), (0, 0, 0)).save(images / "tiny_icon.png")
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     save_tiny_model(root / "tiny-sdxl")
-    (root / "train.toml").write_text(CONFIG, encoding="utf-8")
-    cfg = load_config(root / "train.toml")
-    started = time.time()
-    result = train(cfg, progress=False)
-    metrics = cfg.output.dir / "logs" / "metrics.jsonl"
-    if not metrics.exists():  # a trainer from before the run-folder contract: its real losses, timed evenly
-        pace = (time.time() - started) / max(1, len(result.losses))
-        lines = [json.dumps({"step": i, "loss": loss, "lr": cfg.training.learning_rate, "images_per_s": 2 / pace,
-                             "epoch": 0, "time": started + i * pace}) for i, loss in enumerate(result.losses, 1)]
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "train.toml").write_text(quickstart_config(40, name="demo_lora", output_dir="runs/demo", extra=SAMPLES),
+                                     encoding="utf-8")
+    train(load_config(root / "train.toml"), progress=False)
 
 
 def _port() -> int:

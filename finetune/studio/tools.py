@@ -34,7 +34,7 @@ def parse_loras(workspace: Workspace, text: str, required: bool = True) -> list[
     return loras
 
 
-def run_merge(workspace: Workspace, base: str, loras: str, out: str, dtype: str) -> str:
+def run_merge(workspace: Workspace, base: str, loras: str, dtype: str, out: str) -> str:
     from finetune.dtypes import DTYPES
     from finetune.tools.merge import merge_loras
 
@@ -88,75 +88,64 @@ def run_caption(workspace: Workspace, folder: str, model: str, caption_ext: str)
     return format_stats(stats)
 
 
-def _guarded(fn):
-    """Run a tool; a toolkit error becomes the message shown, as the CLI prints it."""
+def _guarded(fn, outputs: int = 1):
+    """Run a tool; a toolkit error becomes the message shown (as the CLI prints it), other outputs empty."""
     def call(*args, progress=gr.Progress(track_tqdm=True)):
         try:
             return fn(*args)
         except FinetuneError as err:
-            return f"**error**: {err}"
+            return f"**error**: {err}" if outputs == 1 else (f"**error**: {err}", *[None] * (outputs - 1))
     return call
 
 
+def _tab(workspace: Workspace, title: str, run, fields, *, button: str | None = None,
+         out: str | None = "output (must not exist)", image: bool = False) -> None:
+    """One tool's tab: `fields()` builds its inputs, then the output path (`out`, its label), the button
+    and the result (and the rendered `image`); the button calls `run(workspace, *inputs, out)`."""
+    key = title.lower()
+    with gr.Tab(title, id=f"tool-{key}"):
+        inputs = fields()
+        if out is not None:
+            inputs.append(gr.Textbox(label=out, elem_id=f"{key}-out"))
+        outputs = [gr.Markdown(elem_id=f"{key}-result")]
+        if image:
+            outputs.append(gr.Image(label="sample", elem_id=f"{key}-image", type="filepath"))
+        gr.Button(button or title, variant="primary", elem_id=f"{key}-run").click(
+            _guarded(lambda *a: run(workspace, *a), len(outputs)), inputs, outputs)
+
+
+def _sample_fields() -> list:
+    fields = [gr.Textbox(label="model (diffusers folder or single .safetensors)", elem_id="sample-model"),
+              gr.Textbox(label="LoRAs applied unmerged, one per line: path or path:weight (optional)", lines=2,
+                         elem_id="sample-loras"),
+              gr.Textbox(label="prompt", elem_id="sample-prompt"),
+              gr.Textbox(label="negative prompt", elem_id="sample-negative")]
+    with gr.Row():
+        fields += [gr.Number(0, label="seed", precision=0), gr.Number(20, label="steps", precision=0, minimum=1),
+                   gr.Number(1024, label="height", precision=0, minimum=64, step=64),
+                   gr.Number(1024, label="width", precision=0, minimum=64, step=64)]
+    return fields
+
+
 def build(workspace: Workspace) -> None:
-    with gr.Tab("Merge", id="tool-merge"):
-        base = gr.Textbox(label="base model (diffusers folder or single .safetensors)", elem_id="merge-base")
-        loras = gr.Textbox(label="LoRAs, one per line: path or path:weight", lines=3, elem_id="merge-loras")
-        dtype = gr.Dropdown(["keep", "fp16", "bf16", "fp32"], value="keep", label="dtype", elem_id="merge-dtype")
-        out = gr.Textbox(label="output (must not exist)", elem_id="merge-out")
-        result = gr.Markdown(elem_id="merge-result")
-        gr.Button("Merge", variant="primary", elem_id="merge-run").click(
-            _guarded(lambda *a: run_merge(workspace, *a)), [base, loras, out, dtype], result)
-    with gr.Tab("Convert", id="tool-convert"):
-        lora = gr.Textbox(label="LoRA", elem_id="convert-lora")
-        to = gr.Radio(["kohya", "diffusers"], value="diffusers", label="to", elem_id="convert-to")
-        out = gr.Textbox(label="output (must not exist)", elem_id="convert-out")
-        result = gr.Markdown(elem_id="convert-result")
-        gr.Button("Convert", variant="primary", elem_id="convert-run").click(
-            _guarded(lambda *a: run_convert(workspace, *a)), [lora, to, out], result)
-    with gr.Tab("Resize", id="tool-resize"):
-        lora = gr.Textbox(label="LoRA", elem_id="resize-lora")
-        rank = gr.Number(8, label="new rank (at most, per module)", precision=0, minimum=1, elem_id="resize-rank")
-        energy = gr.Number(0, label="energy (e.g. 0.95; 0 = off)", minimum=0, maximum=1, elem_id="resize-energy")
-        out = gr.Textbox(label="output (must not exist)", elem_id="resize-out")
-        result = gr.Markdown(elem_id="resize-result")
-        gr.Button("Resize", variant="primary", elem_id="resize-run").click(
-            _guarded(lambda *a: run_resize(workspace, *a)), [lora, rank, energy, out], result)
-    with gr.Tab("Extract", id="tool-extract"):
-        base = gr.Textbox(label="base model", elem_id="extract-base")
-        tuned = gr.Textbox(label="fine-tuned model", elem_id="extract-tuned")
-        rank = gr.Number(16, label="rank", precision=0, minimum=1, elem_id="extract-rank")
-        out = gr.Textbox(label="output (must not exist)", elem_id="extract-out")
-        result = gr.Markdown(elem_id="extract-result")
-        gr.Button("Extract", variant="primary", elem_id="extract-run").click(
-            _guarded(lambda *a: run_extract(workspace, *a)), [base, tuned, rank, out], result)
-    with gr.Tab("Sample", id="tool-sample"):
-        model = gr.Textbox(label="model (diffusers folder or single .safetensors)", elem_id="sample-model")
-        sample_loras = gr.Textbox(label="LoRAs applied unmerged, one per line: path or path:weight (optional)",
-                                  lines=2, elem_id="sample-loras")
-        prompt = gr.Textbox(label="prompt", elem_id="sample-prompt")
-        negative = gr.Textbox(label="negative prompt", elem_id="sample-negative")
-        with gr.Row():
-            seed = gr.Number(0, label="seed", precision=0)
-            steps = gr.Number(20, label="steps", precision=0, minimum=1)
-            height = gr.Number(1024, label="height", precision=0, minimum=64, step=64)
-            width = gr.Number(1024, label="width", precision=0, minimum=64, step=64)
-        out = gr.Textbox(label="output PNG (must not exist)", elem_id="sample-out")
-        result = gr.Markdown(elem_id="sample-result")
-        image = gr.Image(label="sample", elem_id="sample-image", type="filepath")
-
-        def sample(*args):
-            try:
-                return run_sample(workspace, *args)
-            except FinetuneError as err:
-                return f"**error**: {err}", None
-
-        gr.Button("Render", variant="primary", elem_id="sample-run").click(
-            sample, [model, sample_loras, prompt, negative, seed, steps, height, width, out], [result, image])
-    with gr.Tab("Caption", id="tool-caption"):
-        folder = gr.Textbox(label="image folder (images without a caption file get one)", elem_id="caption-folder")
-        model = gr.Textbox(label="local image-to-text model folder", elem_id="caption-model")
-        ext = gr.Radio([".txt", ".caption"], value=".txt", label="caption extension", elem_id="caption-ext")
-        result = gr.Markdown(elem_id="caption-result")
-        gr.Button("Caption", variant="primary", elem_id="caption-run").click(
-            _guarded(lambda *a: run_caption(workspace, *a)), [folder, model, ext], result)
+    _tab(workspace, "Merge", run_merge, lambda: [
+        gr.Textbox(label="base model (diffusers folder or single .safetensors)", elem_id="merge-base"),
+        gr.Textbox(label="LoRAs, one per line: path or path:weight", lines=3, elem_id="merge-loras"),
+        gr.Dropdown(["keep", "fp16", "bf16", "fp32"], value="keep", label="dtype", elem_id="merge-dtype")])
+    _tab(workspace, "Convert", run_convert, lambda: [
+        gr.Textbox(label="LoRA", elem_id="convert-lora"),
+        gr.Radio(["kohya", "diffusers"], value="diffusers", label="to", elem_id="convert-to")])
+    _tab(workspace, "Resize", run_resize, lambda: [
+        gr.Textbox(label="LoRA", elem_id="resize-lora"),
+        gr.Number(8, label="new rank (at most, per module)", precision=0, minimum=1, elem_id="resize-rank"),
+        gr.Number(0, label="energy (e.g. 0.95; 0 = off)", minimum=0, maximum=1, elem_id="resize-energy")])
+    _tab(workspace, "Extract", run_extract, lambda: [
+        gr.Textbox(label="base model", elem_id="extract-base"),
+        gr.Textbox(label="fine-tuned model", elem_id="extract-tuned"),
+        gr.Number(16, label="rank", precision=0, minimum=1, elem_id="extract-rank")])
+    _tab(workspace, "Sample", run_sample, _sample_fields, button="Render", out="output PNG (must not exist)",
+         image=True)
+    _tab(workspace, "Caption", run_caption, lambda: [
+        gr.Textbox(label="image folder (images without a caption file get one)", elem_id="caption-folder"),
+        gr.Textbox(label="local image-to-text model folder", elem_id="caption-model"),
+        gr.Radio([".txt", ".caption"], value=".txt", label="caption extension", elem_id="caption-ext")], out=None)

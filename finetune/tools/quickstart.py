@@ -22,7 +22,7 @@ QUICKSTART_TOML = """\
 # Written by `finetune quickstart`: the tiny model and the drawn images. Copy train_config.toml
 # from the project for a real run.
 [model]
-pretrained = "tiny-sdxl"
+pretrained = "{model}"
 
 [dataset]
 resolution = 256
@@ -49,9 +49,15 @@ every_n_steps = 50
 keep_last = 2
 
 [output]
-dir = "output"
-name = "quickstart_lora"
-"""
+dir = "{output_dir}"
+name = "{name}"
+{extra}"""
+
+
+def quickstart_config(steps: int, *, model: str = "tiny-sdxl", name: str = "quickstart_lora",
+                      output_dir: str = "output", extra: str = "") -> str:
+    """The quickstart's TOML for `steps` steps on the model folder `model`; `extra`: tables appended."""
+    return QUICKSTART_TOML.format(steps=steps, model=model, name=name, output_dir=output_dir, extra=extra)
 
 
 def draw_images(folder: Path, count: int = 12, seed: int = 0) -> list[Path]:
@@ -99,23 +105,42 @@ def claim_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
-    """Run the quickstart into `out`; returns the output files by role."""
-    from finetune.config import load_config
-    from finetune.tools.merge import merge_loras
-    from finetune.models.tiny import save_tiny_model
-    from finetune.tools.sample import render_from_model
-    from finetune.train.recipe import train
+def prepare_workspace(out: Path, steps: int, models: dict, **config) -> tuple[Path, Path]:
+    """Steps 1 and 2 of each quickstart: claim `out`, draw the images, build the tiny models (folder
+    name -> function that writes it), and write the config (`quickstart_config(steps, **config)`).
 
-    start = time.time()
+    Returns:
+        (the resolved `out`, the config file)
+    """
     out = Path(out).resolve()
     claim_folder(out)
     print(f"[1/5] drawing images into {out / 'images'}")
     draw_images(out / "images")
-    print(f"[2/5] building the tiny SDXL-architecture model in {out / 'tiny-sdxl'}")
-    save_tiny_model(out / "tiny-sdxl")
+    print(f"[2/5] building the tiny SDXL-architecture model{'s' * (len(models) > 1)} in "
+          f"{', '.join(str(out / folder) for folder in models)}")
+    for folder, save in models.items():
+        save(out / folder)
     config_path = out / "train_config.toml"
-    config_path.write_text(QUICKSTART_TOML.format(steps=steps), encoding="utf-8")
+    config_path.write_text(quickstart_config(steps, **config), encoding="utf-8")
+    return out, config_path
+
+
+def print_files(files: dict[str, Path]) -> None:
+    width = max(len(k) for k in files)
+    for role, path in files.items():
+        print(f"  {role:<{width}}  {path}")
+
+
+def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
+    """Run the quickstart into `out`; returns the output files by role."""
+    from finetune.config import load_config
+    from finetune.models.tiny import save_tiny_model
+    from finetune.tools.merge import merge_loras
+    from finetune.tools.sample import render_from_model
+    from finetune.train.recipe import train
+
+    start = time.time()
+    out, config_path = prepare_workspace(out, steps, {"tiny-sdxl": save_tiny_model})
     cfg = load_config(config_path)
     print(f"[3/5] training a LoRA ({steps} steps, CPU)")
     result = train(cfg)
@@ -125,6 +150,10 @@ def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
     print("[5/5] rendering a sample with the merged model")
     sample = render_from_model(merged, "a red circle, flat colors, simple drawing", out / "sample.png",
                                seed=0, steps=20, height=256, width=256)
+    losses = result.losses
+    print(f"\nquickstart finished in {time.time() - start:.0f} s; loss {losses[0]:.4f} (first step) -> "
+          f"{sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)")
+    print("(the tiny model has random weights: the sample is noise; the point is that every stage ran offline)")
     files = {
         "config": config_path,
         "adapter (kohya keys: A1111/Forge/ComfyUI/diffusers)": result.output_path,
@@ -134,11 +163,5 @@ def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
         "checkpoints": cfg.output.checkpoints_dir,
         "resolved config": cfg.output.dir / "config.resolved.toml",
     }
-    losses = result.losses
-    print(f"\nquickstart finished in {time.time() - start:.0f} s; loss {losses[0]:.4f} (first step) -> "
-          f"{sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)")
-    print("(the tiny model has random weights: the sample is noise; the point is that every stage ran offline)")
-    width = max(len(k) for k in files)
-    for role, path in files.items():
-        print(f"  {role:<{width}}  {path}")
+    print_files(files)
     return files

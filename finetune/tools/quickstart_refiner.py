@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from finetune.tools.quickstart import QUICKSTART_TOML, claim_folder, draw_images
+from finetune.tools.quickstart import prepare_workspace, print_files
 
 SWITCH = 0.8
 PROMPT = "a red circle, flat colors, simple drawing"
@@ -19,22 +19,14 @@ PROMPT = "a red circle, flat colors, simple drawing"
 def run_refiner_quickstart(out: Path, steps: int = 60) -> dict[str, Path]:
     """Run the refiner quickstart into `out`; returns the output files by role."""
     from finetune.config import load_config
-    from finetune.models.tiny_refiner import save_tiny_refiner
     from finetune.models.tiny import save_tiny_model
+    from finetune.models.tiny_refiner import save_tiny_refiner
     from finetune.tools.refine import render_two_stage
     from finetune.train.recipe import train
 
     start = time.time()
-    out = Path(out).resolve()
-    claim_folder(out)
-    print(f"[1/5] drawing images into {out / 'images'}")
-    draw_images(out / "images")
-    print(f"[2/5] building the tiny SDXL base and refiner in {out}")
-    save_tiny_model(out / "tiny-sdxl")
-    save_tiny_refiner(out / "tiny-refiner")
-    config_path = out / "train_config.toml"
-    toml = QUICKSTART_TOML.format(steps=steps).replace('pretrained = "tiny-sdxl"', 'pretrained = "tiny-refiner"')
-    config_path.write_text(toml.replace('name = "quickstart_lora"', 'name = "refiner_lora"'), encoding="utf-8")
+    out, config_path = prepare_workspace(out, steps, {"tiny-sdxl": save_tiny_model, "tiny-refiner": save_tiny_refiner},
+                                         model="tiny-refiner", name="refiner_lora")
     cfg = load_config(config_path)
     print(f"[3/5] training a refiner LoRA ({steps} steps, CPU)")
     result = train(cfg)
@@ -47,7 +39,5 @@ def run_refiner_quickstart(out: Path, steps: int = 60) -> dict[str, Path]:
     print(f"\nrefiner quickstart finished in {time.time() - start:.0f} s")
     files = {"config": config_path, "refiner LoRA": result.output_path, "two-stage sample": plain,
              "two-stage sample with the LoRA": tuned}
-    width = max(len(k) for k in files)
-    for role, path in files.items():
-        print(f"  {role:<{width}}  {path}")
+    print_files(files)
     return files

@@ -68,8 +68,6 @@ def test_quickstart_runs_offline_and_keeps_library_noise_off_the_console(tmp_pat
     assert "quickstart finished" in done.stdout
     for noise in ("FutureWarning", "should be kept in float32", "requires torchvision", "Traceback"):
         assert noise not in done.stdout + done.stderr, noise
-    again = run("quickstart", "--out", tmp_path / "qs", "--steps", 2)  # its own folder: the run is replaced
-    assert again.returncode == 0 and "quickstart finished" in again.stdout, again.stderr[-3000:]
 
 
 def test_quickstart_never_writes_into_a_folder_it_did_not_make(tmp_path):
@@ -83,6 +81,31 @@ def test_quickstart_never_writes_into_a_folder_it_did_not_make(tmp_path):
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["holiday.jpg"]
     claim_folder(tmp_path / "new" / "folder")  # new folders are made
     assert (tmp_path / "new" / "folder").is_dir()
+
+
+def test_quickstart_replaces_the_run_of_an_earlier_quickstart_in_its_folder(tmp_path):
+    from finetune.tools.quickstart import claim_folder, quickstart_config
+
+    (tmp_path / "qs" / "output" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "qs" / "merged-sdxl").mkdir()
+    (tmp_path / "qs" / "train_config.toml").write_text(quickstart_config(3), encoding="utf-8")
+    claim_folder(tmp_path / "qs")
+    assert sorted(p.name for p in (tmp_path / "qs").iterdir()) == ["train_config.toml"]
+
+
+@pytest.mark.slow
+def test_refiner_quickstart_trains_a_refiner_lora_and_samples_in_two_stages(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from finetune.tools.quickstart_refiner import run_refiner_quickstart
+
+    files = run_refiner_quickstart(tmp_path / "qs", steps=1)
+    with safe_open(str(files["refiner LoRA"]), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-refiner/lora"
+    plain, tuned = files["two-stage sample"], files["two-stage sample with the LoRA"]
+    assert plain.stat().st_size > 0 and tuned.stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "[5/5] the same with the refiner LoRA" in out and str(tuned) in out
 
 
 def test_a_full_disk_anywhere_is_one_line_not_a_traceback(monkeypatch, capsys):

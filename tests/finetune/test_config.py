@@ -160,12 +160,12 @@ def test_every_shipped_toml_is_valid(tmp_path):
 
 
 def test_quickstart_toml_is_valid(tmp_path):
-    from finetune.tools.quickstart import QUICKSTART_TOML
+    from finetune.tools.quickstart import quickstart_config
 
     (tmp_path / "tiny-sdxl").mkdir()
     (tmp_path / "images").mkdir()
     path = tmp_path / "train_config.toml"
-    path.write_text(QUICKSTART_TOML.format(steps=5), encoding="utf-8")
+    path.write_text(quickstart_config(5), encoding="utf-8")
     assert load_config(path).training.max_steps == 5
 
 
