@@ -16,6 +16,7 @@ from accelerate.utils import DistributedType
 from finetune.dtypes import DTYPES
 from finetune.errors import ConfigError
 from finetune.memory.activations import saved_activations
+from finetune.memory.profiles import apply_memory_profile
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset, build_dataloader
 from finetune.train.optim import build_lr_scheduler
@@ -31,8 +32,6 @@ def memory_config(cfg, resume: str | None = None):
     the run's precision and memory settings must not. The process count is the launcher's
     (WORLD_SIZE), read before the accelerator exists.
     """
-    from finetune.memory.profiles import apply_memory_profile
-
     if resume and cfg.memory.profile == "auto":
         cfg = ckpt.profile_of_checkpoint(cfg, resume)
     return apply_memory_profile(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
