@@ -12,6 +12,8 @@ from PIL import Image, ImageOps
 from bucketing.errors import DatasetError
 from bucketing.image import pixel_limit
 
+# datasets is imported where a manifest is read or written: importing it takes a second.
+
 # Modes PNG stores as they are; anything else (CMYK, YCbCr, float) is converted to RGB on export.
 PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 

@@ -21,6 +21,8 @@ from bucketing.scan import ImageRecord, ValidationCache, scan_folder
 from captions.scores import read_aesthetic_scores
 from captions.sources import folder_repeats, read_metadata_jsonl, resolve_caption
 
+# datasets is imported where a manifest is read or written: importing it takes a second.
+
 __all__ = ["BuildOptions", "BuildResult", "DatasetError", "SubsetSpec", "build_manifest", "load_manifest",
            "save_manifest"]
 

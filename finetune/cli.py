@@ -1,4 +1,8 @@
-"""The `finetune` command: each subcommand parses, loads the config, calls one library function, prints."""
+"""The `finetune` command: each subcommand parses, loads the config, calls one library function, prints.
+
+Each subcommand imports its machinery inside its function, so `finetune --help` and the light
+commands never load torch, diffusers or Gradio.
+"""
 
 from __future__ import annotations
 
@@ -97,8 +101,8 @@ def cmd_cache(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from finetune.tools.merge import merge_loras
     from finetune.dtypes import DTYPES
+    from finetune.tools.merge import merge_loras
 
     loras = [_lora_arg(item) for item in args.lora]
     report = merge_loras(Path(args.base), loras, Path(args.out), dtype=DTYPES[args.dtype] if args.dtype else None)

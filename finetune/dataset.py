@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bucketing.manifest import BuildOptions, SubsetSpec, build_manifest, load_manifest, save_manifest
-from bucketing.report import format_report
-
+from bucketing.report import bucket_counts, format_report
+from captions.length import check_caption_lengths
 from finetune.errors import DatasetError
+from finetune.models.tokenizers import load_clip_tokenizer
+
+# finetune.models.text (torch, transformers) is imported only to count caption tokens: building
+# or inspecting a dataset stays light.
 
 
 @dataclass
@@ -63,8 +67,6 @@ def build_dataset(cfg, seed: int, manifest_dir: Path) -> ManifestInfo:
 
 
 def _report_text(result) -> str:
-    from bucketing.report import bucket_counts
-
     # Images, not rows: a flipped twin is the same image. One table per budget when subsets mix them.
     if len(result.plans) > 1:
         text = format_report(result.report, result.plans,
@@ -77,8 +79,6 @@ def _report_text(result) -> str:
 
 def long_caption_warning(captions: list[str]) -> str | None:
     """One warning for captions over CLIP's 75 tokens (SDXL's tokenizers share CLIP's vocabulary)."""
-    from captions.length import check_caption_lengths
-    from finetune.models.tokenizers import load_clip_tokenizer
     from finetune.models.text import count_tokens
 
     tokenizer = load_clip_tokenizer()

@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from finetune.adapters.keys import COMPONENT_PREFIX, te_path
 from finetune.adapters.modules import AdapterModule, LoraModule
@@ -21,6 +22,8 @@ from finetune.adapters.read import read_lora
 from finetune.adapters.save import te_magnitude_key
 from finetune.errors import ConfigError, ModelError
 from finetune.io import atomic_file
+from finetune.models.configs import sdxl_unet_config
+from finetune.models.sgm_keys import unet_module_map
 
 PEFT_PREFIX = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 FORMATS = ("kohya", "diffusers")
@@ -41,8 +44,6 @@ def module_kohya_tensors(module: AdapterModule) -> dict[str, torch.Tensor]:
 
 def kohya_tensors(modules: dict[tuple[str, str], AdapterModule], unet_config: dict) -> dict[str, torch.Tensor]:
     """kohya-named tensors for read modules (UNet paths mapped to SGM names)."""
-    from finetune.models.sgm_keys import unet_module_map
-
     unet_paths = [p for c, p in modules if c == "unet"]
     sgm = unet_module_map(unet_config, unet_paths) if unet_paths else {}
     out = {}
@@ -110,10 +111,6 @@ def convert_lora(src: Path, dst: Path, to: str, unet_config: dict | None = None)
         ConfigError: `to` is not kohya/diffusers, or `dst` is `src`.
         ModelError: `src` is unreadable, has unknown keys, or holds modules the target format cannot.
     """
-    from safetensors.torch import save_file
-
-    from finetune.models.configs import sdxl_unet_config
-
     if to not in FORMATS:
         raise ConfigError(f"--to {to}: choose kohya or diffusers")
     if Path(dst).resolve() == Path(src).resolve():

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from finetune.adapters.embeddings import ENCODERS, file_stem
 from finetune.errors import ModelError
@@ -92,8 +93,6 @@ def read_embedding(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     Raises:
         ModelError: the file is missing or lacks one of the two keys.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: embedding file not found")
@@ -107,8 +106,6 @@ def read_embedding(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 
 def read_bundled(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The words bundled in a LoRA file, by token (empty when it bundles none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as fh:
         keys = [k for k in fh.keys() if k.startswith(BUNDLE_PREFIX)]
         return split_bundled({k: fh.get_tensor(k) for k in keys})[1]

@@ -8,6 +8,8 @@ import torch
 
 from finetune.errors import ConfigError
 
+# peft is imported where adapters are added: importing it (and transformers) takes a second.
+
 # Linear layers inside SDXL's transformer blocks. "attn" is what diffusers' example trains;
 # "attn_ff" is kohya's default set (every Linear of Transformer2DModel); "locon" adds ResNet and
 # sampler convs. Never conv_in, time_embedding, add_embedding or conv_out: kohya's loader refuses them.

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import safe_open
+
 from finetune.errors import ModelError
+from finetune.models.refiner import BASE_ARCHITECTURE, REFINER_ARCHITECTURE
 
 
 def lora_kind(path: Path) -> str | None:
     """"base" or "refiner" from `modelspec.architecture`; None when the file does not say."""
-    from safetensors import safe_open
-
-    from finetune.models.refiner import BASE_ARCHITECTURE, REFINER_ARCHITECTURE
-
     try:
         with safe_open(str(path), framework="pt") as fh:
             architecture = (fh.metadata() or {}).get("modelspec.architecture", "")

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from finetune.adapters.keys import te_path, text_name_table, unet_name_table
 from finetune.adapters.modules import AdapterModule, LohaModule, LokrModule, LoraModule
 from finetune.errors import ModelError
+from finetune.models.configs import sdxl_unet_config
+from finetune.models.refiner import REFINER_ARCHITECTURE, sdxl_refiner_unet_config
 
 __all__ = ["LoraFile", "LoraModule", "LohaModule", "LokrModule", "read_lora", "modules_from_tensors"]
 
@@ -55,8 +58,6 @@ def read_lora(path: Path, unet_config: dict | None = None, te_layers: tuple[int,
         te_layers: layer counts of the two text encoders (SDXL: 12 and 32).
         text_configs: the two text encoders' configs; when given, their `num_hidden_layers` win over te_layers.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ModelError(f"{path}: LoRA files are read as .safetensors only (convert pickled files yourself)")
@@ -87,9 +88,6 @@ def default_unet_configs(metadata: dict[str, str]) -> list[dict]:
     A base LoRA's SGM names decode with the base's config; a refiner LoRA's (four levels, attention in
     the middle two) only with the refiner's, so a file without metadata is tried with both.
     """
-    from finetune.models.configs import sdxl_unet_config
-    from finetune.models.refiner import REFINER_ARCHITECTURE, sdxl_refiner_unet_config
-
     configs = [sdxl_unet_config(), sdxl_refiner_unet_config()]
     refiner = metadata.get("modelspec.architecture", "").startswith(REFINER_ARCHITECTURE)
     return configs[::-1] if refiner else configs
@@ -99,8 +97,6 @@ def modules_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
                          unet_config: dict | None = None, te_layers: tuple[int, int] = (12, 32),
                          where: str = "LoRA") -> dict[tuple[str, str], AdapterModule]:
     """The modules of a LoRA state dict in any supported naming (see read_lora)."""
-    from finetune.models.configs import sdxl_unet_config
-
     unet_config = unet_config or sdxl_unet_config()
     known = _known_modules(unet_config, te_layers)
     # Words bundled with the LoRA (`bundle_emb.<token>.clip_l`) are embeddings, not modules.

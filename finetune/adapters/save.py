@@ -7,10 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from finetune.adapters.keys import kohya_name
 from finetune.errors import ConfigError
 from finetune.io import atomic_file
+
+# peft and diffusers are imported where they are used: importing them takes seconds.
 
 TE_COMPONENTS = ("te1", "te2")
 LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -96,8 +100,6 @@ def save_diffusers_file(path: Path, unet, text_encoders=None, metadata: dict[str
     """The file `StableDiffusionXLPipeline.save_lora_weights` writes (keys, adapter-config header) + `metadata`."""
     from diffusers import StableDiffusionXLPipeline
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     parts = {"unet": unet, **dict(zip(("text_encoder", "text_encoder_2"), text_encoders or ()))}
     kwargs = {}
@@ -143,8 +145,6 @@ def save_adapter(path: Path, unet, text_encoders=None, *, fmt: str = "kohya",
         dtype: dtype of the stored weights (alpha is always fp32).
         extra_tensors: kohya format: more tensors for the file, e.g. `bundle_emb.<token>.clip_l`.
     """
-    from safetensors.torch import save_file
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
     if fmt == "diffusers":

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.cache.store import CacheStats, ShardWriter, scan_shards, write_index
+from finetune.errors import ConfigError
 
 # encode(keys) yields (key, {field: tensor}) for every key it is given, in any order.
 Encoder = Callable[[list[str]], Iterator[tuple[str, dict[str, torch.Tensor]]]]
@@ -18,8 +19,6 @@ STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 
 
 def store_dtype(name: str) -> torch.dtype:
-    from finetune.errors import ConfigError
-
     if name not in STORE_DTYPES:
         raise ConfigError(f"cache.dtype = {name!r}: must be one of {', '.join(STORE_DTYPES)}")
     return STORE_DTYPES[name]

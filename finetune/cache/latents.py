@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bucketing.image import load_bucket_image
 from finetune.cache.build import run_build, store_dtype
 from finetune.cache.keys import latent_key, vae_encode_dtype, vae_identity
 from finetune.cache.store import CacheStats, ShardReader
@@ -88,8 +89,6 @@ def to_pixels(image) -> torch.Tensor:
 
 
 def load_row_pixels(row: dict, alpha_color: RGB) -> torch.Tensor:
-    from bucketing.image import load_bucket_image
-
     image = load_bucket_image(Path(row["root"]) / row["path"], tuple(row["bucket"]), tuple(row["crop_top_left"]),
                               row["flip"], tuple(alpha_color))
     return to_pixels(image)

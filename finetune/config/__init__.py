@@ -11,11 +11,12 @@ from finetune.config.load import (
     validate_config,
 )
 from finetune.config.schema import (
+    FROZEN,
+    QUANTIZED_BASE_VARIANTS,
     CacheConfig,
     CheckpointConfig,
     DatasetConfig,
     EmbeddingConfig,
-    FROZEN,
     LoggingConfig,
     LoraConfig,
     LossConfig,
@@ -23,7 +24,6 @@ from finetune.config.schema import (
     ModelConfig,
     OptimizerConfig,
     OutputConfig,
-    QUANTIZED_BASE_VARIANTS,
     SampleConfig,
     Section,
     SubsetConfig,

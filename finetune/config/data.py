@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from bucketing.buckets import derived_sides
 from finetune.config.base import Section, _resolve
 
 
@@ -110,8 +111,6 @@ class DatasetConfig(Section):
     def _derived_sides(cls, data: Any) -> Any:
         # Unset sides follow the budget (half and twice it), so the resolved config records real values.
         if isinstance(data, dict) and (data.get("min_side") is None or data.get("max_side") is None):
-            from bucketing.buckets import derived_sides
-
             resolution, step = data.get("resolution", 1024), data.get("bucket_step", 64)
             if isinstance(resolution, int) and isinstance(step, int) and resolution > 0 and step > 0:
                 low, high = derived_sides(resolution, step)

@@ -5,10 +5,11 @@ file's folder, and one `ConfigError` listing every problem as `file: dotted.key 
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+import tomllib
 from pydantic import BaseModel, ValidationError
 
 from finetune.config.schema import TrainConfig
@@ -159,7 +160,5 @@ def migrate_moved_keys(raw: dict[str, Any]) -> dict[str, Any]:
 
 def dump_config(cfg: TrainConfig) -> str:
     """The resolved config as TOML (paths absolute), saved next to outputs and in every checkpoint."""
-    import tomli_w
-
     data = cfg.model_dump(mode="json", exclude_none=True)
     return tomli_w.dumps(data)

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 # Section, _resolve and FROZEN live in base.py and the [dataset] tables in data.py; they are
 # re-exported here, so `finetune.config.schema` still names every table.
 from finetune.config.base import FROZEN, Section, _resolve
-from finetune.config.data import DatasetConfig, SubsetConfig
+from finetune.config.data import DatasetConfig, SubsetConfig  # noqa: F401 (re-exported)
 from finetune.config.embeddings import EmbeddingConfig, EmbeddingTrainingKeys, embedding_problems
 
 # The lora.variant values peft can train on each quantized base (peft 0.21): DoRA reads the fp8

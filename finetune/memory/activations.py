@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+# diffusers is imported where its transformer blocks are looked up: importing it takes seconds.
+
 CheckpointingMode = Literal["full", "transformer", "resnet", "offload"]
 
 

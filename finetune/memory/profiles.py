@@ -11,6 +11,7 @@ import torch
 
 from finetune.config import QUANTIZED_BASE_VARIANTS
 from finetune.errors import ConfigError
+from finetune.memory.quant import base_weight_nbytes, logical_numel
 
 Settings = dict[tuple[str, str], object]  # (table, key) -> value
 
@@ -194,8 +195,6 @@ def estimate_run_gib(unet, trained_params, training, memory, optimizer: str, pix
     What `finetune train` prints before its first step, and what scripts/memory_trace.py compares
     with the traced peak.
     """
-    from finetune.memory.quant import base_weight_nbytes, logical_numel
-
     trained = sum(p.numel() for p in trained_params)
     total = sum(logical_numel(p) for p in unet.parameters())
     lora = training.method != "full"  # LoRA, or embeddings only: a frozen base

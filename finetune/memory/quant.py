@@ -97,7 +97,7 @@ def _bitsandbytes() -> ModuleType:
     # Its "Failed to load CPU gemm_4bit_forward" notice (CPUs with AVX512-BF16) is not for users.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        import bitsandbytes
+        import bitsandbytes  # optional: only an nf4 base needs it
     except ImportError:
         raise ConfigError('memory.base_dtype = "nf4" needs bitsandbytes: pip install bitsandbytes') from None
     return bitsandbytes

@@ -9,6 +9,10 @@ from typing import Any
 import torch
 
 from finetune.errors import ModelError
+from finetune.models.refiner import check_kind, kind_of_folder
+from finetune.models.single_file import load_single_file_pipeline, load_vae, single_file_kind
+
+# diffusers is imported inside the functions that use it: importing it takes seconds.
 
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 REFINER_PARTS = ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
@@ -57,11 +61,8 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
     path = Path(cfg.pretrained)
     if not path.exists():
         raise ModelError(f"{path}: model not found (model.pretrained must be a local diffusers folder or .safetensors)")
-    from finetune.models.refiner import check_kind
 
     if path.is_file():
-        from finetune.models.single_file import load_single_file_pipeline, single_file_kind
-
         kind = check_kind(single_file_kind(path, allow_pickle=cfg.allow_pickle), cfg.kind, str(path))
         pipe = load_single_file_pipeline(path, allow_pickle=cfg.allow_pickle, dtype=dtype, config_dir=cfg.config,
                                          kind=kind)
@@ -71,8 +72,6 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
         pipe = _load_diffusers_folder(path, dtype, kind)
     vae = pipe.vae
     if cfg.vae is not None:  # e.g. the fp16-safe SDXL VAE in place of the checkpoint's own
-        from finetune.models.single_file import load_vae
-
         vae = load_vae(Path(cfg.vae), dtype=dtype, allow_pickle=cfg.allow_pickle)
     from diffusers import DDPMScheduler
 
@@ -92,8 +91,6 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
 
 def folder_kind(path: Path) -> str:
     """"base" or "refiner" for a diffusers folder (ModelError naming it when it is no SDXL folder)."""
-    from finetune.models.refiner import kind_of_folder
-
     if not (path / "model_index.json").is_file():
         check_diffusers_folder(path)  # raises, naming what is missing
     return kind_of_folder(path)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
 from finetune.errors import ModelError
+from finetune.io import atomic_dir
+from finetune.models.tokenizers import save_clip_tokenizer
 
 KINDS = ("base", "refiner")
 REFINER_TIME_IDS = 5  # orig_h, orig_w, crop_top, crop_left, aesthetic_score
@@ -92,11 +95,6 @@ def sdxl_refiner_unet_config() -> dict:
 
 def refiner_config_dir() -> Path:
     """The refiner's configs + bigG tokenizer, materialized once into the user cache (for from_single_file)."""
-    import shutil
-
-    from finetune.io import atomic_dir
-    from finetune.models.tokenizers import save_clip_tokenizer
-
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     target = cache / "sdxl-finetune" / "sdxl_refiner"
     if not ((target / "model_index.json").is_file() and (target / "tokenizer_2").is_dir()):

@@ -9,6 +9,10 @@ and the tiny model alike.
 
 from __future__ import annotations
 
+import torch
+
+# diffusers is imported inside the function that uses it: the key tables need no model library.
+
 # Inside a ResNet block the two layouts name the layers differently; everything inside a
 # transformer block (attn1/attn2/ff/norm/proj_in/proj_out) has the same name in both.
 RESNET_RENAMES = {
@@ -109,7 +113,6 @@ def unet_module_map(unet_config: dict, module_paths: list[str] | None = None) ->
 
 def weighted_module_paths(unet_config: dict) -> list[str]:
     """Names of the UNet's modules that own parameters, from a weightless (meta) build."""
-    import torch
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in unet_config.items() if not k.startswith("_")}

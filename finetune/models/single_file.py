@@ -13,9 +13,17 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from finetune.errors import ModelError
 from finetune.io import atomic_dir, atomic_file
+from finetune.models.configs import materialize_config_folder
+from finetune.models.refiner import kind_of_keys, refiner_config_dir
+from finetune.models.sgm_keys import unet_state_dict_to_sgm
+from finetune.models.tiny import build_tiny_pipeline, materialize_tiny_config_folder, tiny_unet_config
+
+# diffusers is imported inside the functions that use it: importing it takes seconds.
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +45,6 @@ REFINER_TE_MARKER = REFINER_TE_PREFIX + "positional_embedding"
 def default_config_dir(kind: str = "sdxl_base") -> Path:
     """The configs and tokenizers of `kind` (SDXL base, or the tiny test model), materialized once into the
     user cache (XDG_CACHE_HOME respected)."""
-    from finetune.models.configs import materialize_config_folder
-    from finetune.models.tiny import materialize_tiny_config_folder
-
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     target = cache / "sdxl-finetune" / kind
     if not ((target / "model_index.json").is_file() and (target / "tokenizer_2").is_dir()):
@@ -51,8 +56,6 @@ def default_config_dir(kind: str = "sdxl_base") -> Path:
 
 def architecture_of(shapes: dict[str, tuple[int, ...]]) -> str:
     """Which known SDXL architecture a single file holds, from its tensor shapes: "sdxl_base" or "tiny_sdxl"."""
-    from finetune.models.tiny import tiny_unet_config
-
     first_conv = shapes.get(f"{UNET_PREFIX}input_blocks.0.0.weight", (0,))
     return "tiny_sdxl" if first_conv[0] == tiny_unet_config()["block_out_channels"][0] else "sdxl_base"
 
@@ -68,7 +71,6 @@ def read_shapes(path: Path, *, allow_pickle: bool = False) -> dict[str, tuple[in
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return {k: tuple(v.shape) for k, v in _load_pickle(path, allow_pickle).items()}
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -129,8 +131,6 @@ def describe_keys(shapes: dict[str, tuple[int, ...]]) -> str:
 
 def single_file_kind(path: Path, *, allow_pickle: bool = False) -> str:
     """"base" or "refiner" for an SGM checkpoint, from its keys (ModelError naming the file for anything else)."""
-    from finetune.models.refiner import kind_of_keys
-
     shapes = read_shapes(Path(path), allow_pickle=allow_pickle)
     check_sdxl_keys(Path(path), shapes)
     return kind_of_keys(shapes) or "base"
@@ -150,8 +150,6 @@ def load_single_file_pipeline(path: Path, *, allow_pickle: bool = False, dtype: 
         ModelError: a refused pickle, a file that is not SDXL, or a load that fails (naming the file).
     """
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
-    from finetune.models.refiner import kind_of_keys, refiner_config_dir
 
     path = Path(path)
     if not path.is_file():
@@ -204,7 +202,6 @@ def load_vae(path: Path, *, dtype: torch.dtype = torch.float32, allow_pickle: bo
 
 def _load_diffusers_vae_file(path: Path, config_dir: Path, dtype, allow_pickle: bool):
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
 
     state = _load_pickle(path, allow_pickle) if path.suffix.lower() in PICKLE_SUFFIXES else load_file(str(path))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
@@ -285,8 +282,6 @@ def te2_state_dict_to_openclip(state_dict: dict) -> dict:
 
 def sgm_state_dict(parts) -> dict[str, torch.Tensor]:
     """One SGM-keyed state dict from anything with .unet, .vae, .text_encoder (None: a refiner), .text_encoder_2."""
-    from finetune.models.sgm_keys import unet_state_dict_to_sgm
-
     state = {}
     unet = unet_state_dict_to_sgm(parts.unet.state_dict(), dict(parts.unet.config))
     state.update({UNET_PREFIX + k: v for k, v in unet.items()})
@@ -309,8 +304,6 @@ def save_single_file(pipe_or_parts, path: Path, *, dtype: torch.dtype | None = N
         pipe_or_parts: a StableDiffusionXLPipeline, `SDXLModels`, or anything with its four models.
         dtype: cast floating weights to this dtype (default: as they are).
     """
-    from safetensors.torch import save_file
-
     state = {}
     for key, tensor in sgm_state_dict(pipe_or_parts).items():
         tensor = tensor.detach().cpu()
@@ -325,6 +318,4 @@ def save_single_file(pipe_or_parts, path: Path, *, dtype: torch.dtype | None = N
 
 def save_tiny_single_file(out: Path, seed: int = 0) -> Path:
     """The tiny model as one SGM single file (as A1111/ComfyUI checkpoints are), for testing that path offline."""
-    from finetune.models.tiny import build_tiny_pipeline
-
     return save_single_file(build_tiny_pipeline(seed), out)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from finetune.errors import ConfigError
+from finetune.models.weighted import apply_emphasis, weighted_ids, weighted_token_count
 
 LONG_CAPTION_MODES = ("truncate", "chunk")
 # CLIP's context is 77 tokens: BOS + 75 caption tokens + EOS.
@@ -24,8 +25,6 @@ def count_tokens(tokenizer, caption: str) -> int:
 def num_chunks(tokenizer, caption: str, weighted: bool = False) -> int:
     """How many 75-token windows `caption` takes in "chunk" mode (at least one: "" is one empty chunk)."""
     if weighted:
-        from finetune.models.weighted import weighted_token_count
-
         return max(1, math.ceil(weighted_token_count(tokenizer, caption) / WINDOW))
     return max(1, math.ceil(count_tokens(tokenizer, caption) / WINDOW))
 
@@ -70,8 +69,6 @@ def encode_prompts(
         ids = [_chunked_ids(tok, captions, chunks) for tok in tokenizers] if not weighted else None
     multipliers = [None] * len(tokenizers)  # one per encoder (the refiner has bigG alone)
     if weighted:
-        from finetune.models.weighted import weighted_ids
-
         ids, multipliers = zip(*(weighted_ids(tok, captions, None if long_captions == "truncate" else chunks)
                                  for tok in tokenizers))
 
@@ -81,8 +78,6 @@ def encode_prompts(
         out = encoder(input_ids.to(_device(encoder)), output_hidden_states=True)
         states = out.hidden_states[-2]  # (B * k, 77, C): penultimate layer, as SDXL was trained
         if scale is not None:
-            from finetune.models.weighted import apply_emphasis
-
             states = apply_emphasis(states, scale)
         hidden.append(states.reshape(len(captions), chunks * CONTEXT_LENGTH, states.shape[-1]))
         if out[0].ndim == 2:

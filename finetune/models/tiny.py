@@ -11,7 +11,11 @@ from pathlib import Path
 
 import torch
 
-from finetune.models.tokenizers import save_clip_tokenizer
+from finetune.io import atomic_dir
+from finetune.models.configs import sdxl_scheduler_config
+from finetune.models.tokenizers import load_clip_tokenizer, save_clip_tokenizer
+
+# diffusers and transformers are imported where the model is built: importing them takes seconds.
 
 # Widths are free; the structure is SDXL's. The encoders need different hidden sizes (diffusers
 # tells them apart by width) and at least 3 layers (ComfyUI reads the penultimate layer by index).
@@ -79,9 +83,6 @@ def build_tiny_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from finetune.models.tokenizers import load_clip_tokenizer
-    from finetune.models.configs import sdxl_scheduler_config
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config())
     vae = AutoencoderKL(**tiny_vae_config())
@@ -117,8 +118,6 @@ def materialize_tiny_config_folder(out: Path) -> Path:
 def save_tiny_model(out: Path, seed: int = 0) -> Path:
     """Write the tiny model as a diffusers folder that `StableDiffusionXLPipeline.from_pretrained` opens
     (`single_file.save_tiny_single_file` writes it as one SGM file)."""
-    from finetune.io import atomic_dir
-
     out = Path(out)
     pipe = build_tiny_pipeline(seed)
     with atomic_dir(out) as tmp:

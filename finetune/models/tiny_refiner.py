@@ -10,12 +10,16 @@ from pathlib import Path
 
 import torch
 
+from finetune.io import atomic_dir
 from finetune.models.refiner import REFINER_TIME_IDS
+from finetune.models.tiny import TE2_HIDDEN, TE2_PROJECTION, TIME_EMBED_DIM, build_tiny_pipeline
+from finetune.models.tokenizers import save_clip_tokenizer
+
+# diffusers is imported where the refiner is built: importing it takes seconds.
+
 
 def tiny_refiner_unet_config() -> dict:
     """The refiner's block types and conditioning at toy widths (context and pooled = the tiny bigG's)."""
-    from finetune.models.tiny import TE2_HIDDEN, TE2_PROJECTION, TIME_EMBED_DIM
-
     return {
         "sample_size": 32,
         "in_channels": 4,
@@ -45,8 +49,6 @@ def build_tiny_refiner(seed: int = 0):
     """
     from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
-    from finetune.models.tiny import build_tiny_pipeline
-
     base = build_tiny_pipeline(seed)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**tiny_refiner_unet_config())
@@ -59,9 +61,6 @@ def build_tiny_refiner(seed: int = 0):
 
 def save_tiny_refiner(out: Path, seed: int = 0) -> Path:
     """Write the tiny refiner as a diffusers folder that `StableDiffusionXLImg2ImgPipeline.from_pretrained` opens."""
-    from finetune.io import atomic_dir
-    from finetune.models.tokenizers import save_clip_tokenizer
-
     out = Path(out)
     pipe = build_tiny_refiner(seed)
     with atomic_dir(out) as tmp:

@@ -6,6 +6,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+# transformers is imported where a tokenizer is loaded: importing it takes a second.
+
 MAX_LENGTH = 77
 
 

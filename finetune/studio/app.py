@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hmac
+import threading
 import time
 
 import gradio as gr
+import httpx
+from gradio import networking
 
 from finetune.studio import page_config, page_dataset, page_runs, tools
 from finetune.studio.paths import Workspace
@@ -59,8 +62,6 @@ def password_check(password: str):
 def _patient_url_ok(url: str) -> bool:
     """Gradio's start-up self-check, with time to answer: its own gives up after one 3 s request, and on a
     busy 2-core machine (a training run beside it) the first page of this large UI can take longer."""
-    import httpx
-
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -73,10 +74,6 @@ def _patient_url_ok(url: str) -> bool:
 
 
 def launch(workspace: Workspace, host: str, port: int, password: str | None) -> None:
-    import threading
-
-    from gradio import networking
-
     networking.url_ok = _patient_url_ok
     demo = build_app(workspace)
     demo.queue(default_concurrency_limit=4)

@@ -9,14 +9,19 @@ touches are written, so memory profiles still see which keys were set. Validatio
 
 from __future__ import annotations
 
-import tomllib
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import tomlkit
+import tomllib
 from pydantic import BaseModel
+
+from finetune.config import TrainConfig, validate_config
+from finetune.errors import ConfigError
+from finetune.io import write_text_atomic
 
 LIST_ITEM = "0"  # a list of tables ([[dataset.subsets]]) is edited through its first table
 
@@ -71,8 +76,6 @@ def _table_of(annotation) -> type[BaseModel] | None:
 
 def form_fields(model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()) -> list[FieldSpec]:
     """Every key of the config, table by table, in the schema's order."""
-    from finetune.config import TrainConfig
-
     model = model or TrainConfig
     specs = []
     for name, field in model.model_fields.items():
@@ -100,8 +103,6 @@ def sections(specs: list[FieldSpec]) -> dict[str, list[FieldSpec]]:
 
 
 def parse_document(text: str):
-    import tomlkit
-
     return tomlkit.parse(text)
 
 
@@ -124,8 +125,6 @@ def get_value(doc, path: tuple[str, ...]) -> Any:
 
 def set_value(doc, path: tuple[str, ...], value: Any) -> None:
     """Write (or with None, remove) the key at `path`, creating its tables; comments elsewhere stay."""
-    import tomlkit
-
     node = doc
     for i, part in enumerate(path[:-1]):
         if part == LIST_ITEM:
@@ -170,8 +169,6 @@ def shown_value(spec: FieldSpec, value: Any) -> Any:
     if value is None:
         return spec.default if spec.kind in ("bool", "choice") else ""
     if spec.kind == "toml":
-        import tomlkit
-
         return tomlkit.item(value).as_string()
     return value if spec.kind in ("bool", "choice") else str(value)
 
@@ -185,9 +182,6 @@ def validate(doc, config_path: Path, workspace=None) -> tuple[Any, dict[str, str
     With a workspace, path keys that resolve outside it are refused too (the studio would have to
     read them).
     """
-    from finetune.config import validate_config
-    from finetune.errors import ConfigError
-
     config_path = Path(config_path)
     keys = {spec.dotted for spec in form_fields()}
     errors: dict[str, str] = {}
@@ -233,9 +227,5 @@ def message_key(line: str, source: str, keys: set[str]) -> str | None:
 
 def save_document(doc, path: Path) -> Path:
     """Write the document as TOML, atomically; comments and order are the user's."""
-    import tomlkit
-
-    from finetune.io import write_text_atomic
-
     write_text_atomic(Path(path), tomlkit.dumps(doc))
     return Path(path)

@@ -11,9 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bucketing.manifest import build_manifest
+from captions.sources import read_sidecar
+from finetune.config import DatasetConfig, load_config
+from finetune.dataset import build_options, subset_specs
+from finetune.errors import DatasetError
+from finetune.io import atomic_file
 from finetune.studio.paths import PathRefused, Workspace
 from finetune.studio.thumbs import cropped_percent, thumbnail
 
@@ -63,8 +70,6 @@ def open_dataset(workspace: Workspace, text: str) -> DatasetView:
         PathRefused: the config, a subset folder or the output folder lies outside the workspace.
         ConfigError / DatasetError: as `finetune dataset inspect` would raise them.
     """
-    from finetune.config import DatasetConfig, load_config
-
     source = workspace.existing(text, "dataset")
     if source.is_dir():
         # A folder alone: SDXL's defaults; the validation cache and thumbnails go to the studio's folder.
@@ -79,10 +84,6 @@ def open_dataset(workspace: Workspace, text: str) -> DatasetView:
 
 
 def _scan(source: Path, cfg, seed: int, work_dir: Path, thumbs_dir: Path, workspace: Workspace) -> DatasetView:
-    from bucketing.manifest import build_manifest
-    from finetune.dataset import build_options, subset_specs
-    from finetune.errors import DatasetError
-
     for subset in cfg.subsets:
         workspace.resolve(subset.folder or subset.hf_dataset, "dataset.subsets.folder")
     workspace.resolve(thumbs_dir, "thumbnail cache")
@@ -132,8 +133,6 @@ def page_count(total: int, size: int = PAGE_SIZE) -> int:
 
 def page_items(view: DatasetView, indices: list[int], page: int, size: int = PAGE_SIZE) -> list[tuple[str, str]]:
     """(thumbnail path, label) for page `page` (1-based) of `indices`; thumbnails are made as needed."""
-    from concurrent.futures import ThreadPoolExecutor
-
     start = (max(1, page) - 1) * size
     shown = indices[start:start + size]
     # Pillow decodes without the GIL: a few threads make a page of new thumbnails about twice as fast.
@@ -156,8 +155,6 @@ def sidecar_path(view: DatasetView, row: dict) -> Path:
 
 def caption_for_editing(view: DatasetView, row: dict) -> tuple[str, str]:
     """(text to edit, where it comes from): the sidecar file as written, else the manifest caption."""
-    from captions.sources import read_sidecar
-
     path = sidecar_path(view, row)
     if not view.editable.get(row["subset"], False):
         return row["caption"], "from a `datasets` dataset: edit its caption column instead (read-only here)"
@@ -176,8 +173,6 @@ def save_caption(workspace: Workspace, view: DatasetView, index: int, text: str)
     Raises:
         PathRefused: the sidecar lies outside the workspace, or the subset is not a folder.
     """
-    from finetune.io import atomic_file
-
     row = view.rows[index]
     if not view.editable.get(row["subset"], False):
         raise PathRefused(f"{row['path']}: comes from a `datasets` dataset; its captions are not sidecar files")

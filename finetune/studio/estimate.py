@@ -10,6 +10,12 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from finetune.config import LoraConfig, MemoryConfig, TrainingConfig
+from finetune.errors import ConfigError
+from finetune.models.configs import sdxl_unet_config
+
+# The training side (torch, diffusers) is imported when an estimate runs: the studio starts without it.
+
 CARD_SIZES_GIB = (8, 12, 16, 24)
 
 
@@ -25,8 +31,6 @@ def _prepared_unet(source: str, training_json: str, memory_json: str, lora_json:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from finetune.config import LoraConfig, MemoryConfig, TrainingConfig
-    from finetune.models.configs import sdxl_unet_config
     from finetune.train.builders import prepare_unet
 
     config = sdxl_unet_config() if source == "sdxl" else json.loads(Path(source).read_text(encoding="utf-8"))
@@ -41,7 +45,6 @@ def _prepared_unet(source: str, training_json: str, memory_json: str, lora_json:
 
 def preflight(cfg, card_gib: float) -> str:
     """Which memory profile applies on a card with `card_gib` free, and the estimated peak, as Markdown."""
-    from finetune.errors import ConfigError
     from finetune.memory.profiles import apply_memory_profile, estimate_run_gib
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import gradio as gr
+import pandas as pd
 
 from finetune.errors import FinetuneError
 from finetune.studio import dataset as ds
@@ -12,8 +13,6 @@ from finetune.studio.paths import Workspace
 
 
 def _chart_frame(view: ds.DatasetView | None):
-    import pandas as pd
-
     # Labels that sort as the plan does, portrait to landscape: the aspect ratio first ("0.25 256x64").
     # Before a dataset is open, one placeholder row: the chart sizes its label column from its first
     # data, and an empty first frame leaves every later label cut to a few characters.

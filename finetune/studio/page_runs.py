@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from functools import lru_cache
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
+from finetune.config import load_config
 from finetune.errors import FinetuneError
 from finetune.studio import runs
+from finetune.studio.estimate import preflight
 from finetune.studio.paths import Workspace
 
 REFRESH_S = 2.0
@@ -17,8 +21,6 @@ CHARTS = (("loss", "loss"), ("lr", "learning rate"), ("grad_norm", "grad norm"),
 
 
 def _frame(metrics: list[dict], key: str):
-    import pandas as pd
-
     points = [(m["step"], float(m[key])) for m in metrics if isinstance(m.get(key), (int, float))]
     return pd.DataFrame(points, columns=["step", key])
 
@@ -42,9 +44,6 @@ def estimate_line(folder: Path) -> str:
 @lru_cache(maxsize=32)
 def _config_estimate(config: str, mtime_ns: int) -> str:
     """Keyed by the resolved config's mtime: a refresh every few seconds must not rebuild the estimate."""
-    from finetune.config import load_config
-    from finetune.studio.estimate import preflight
-
     if not mtime_ns:
         return ""
     try:
@@ -80,8 +79,6 @@ def run_details(workspace: Workspace, folder_text: str | None) -> list:
 
 def _digest(value) -> str:
     """A short fingerprint of an output's value (DataFrames by their JSON)."""
-    import hashlib
-
     text = value.to_json() if hasattr(value, "to_json") else repr(value)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -14,11 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.studio.paths import PathRefused, Workspace, STUDIO_DIR
+import tomllib
+
+from finetune.config import load_config
+from finetune.studio.paths import STUDIO_DIR, PathRefused, Workspace
+from finetune.train.checkpoint import check_fresh_start, list_checkpoints
 from finetune.train.logs import STATUS_FILE, read_metrics  # the files the trainer writes, read its way
 
 RESOLVED_CONFIG = "config.resolved.toml"
@@ -135,8 +138,6 @@ def resolved_config(folder: Path) -> dict:
 
 def run_state(folder: Path) -> RunState:
     """What the run in `folder` is doing, from `status.json`, else from its files and our own children."""
-    from finetune.train.checkpoint import list_checkpoints
-
     folder = Path(folder)
     reap()
     status = read_json(folder / STATUS_FILE)
@@ -221,8 +222,6 @@ def start_run(workspace: Workspace, config_text: str, *, resume: bool = False,
         ConfigError: the config does not validate (the CLI's own message).
         PathRefused: a path of the config lies outside the workspace, or the run is already running.
     """
-    from finetune.config import load_config
-
     config = workspace.existing(config_text, "config")
     overrides = [o for o in (overrides or []) if o.strip()]
     cfg = load_config(config, overrides)
@@ -234,8 +233,6 @@ def start_run(workspace: Workspace, config_text: str, *, resume: bool = False,
     if current.state == "running":
         raise PathRefused(f"{out}: a run is already training there (pid {current.pid}); stop it first")
     if not resume:
-        from finetune.train.checkpoint import check_fresh_start
-
         check_fresh_start(cfg.output.checkpoints_dir)  # the trainer's own refusal, before a process starts
     log_path = out / CONSOLE_LOG
     log_path.parent.mkdir(parents=True, exist_ok=True)

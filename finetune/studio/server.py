@@ -10,6 +10,9 @@ import ipaddress
 import os
 
 from finetune.errors import FinetuneError
+from finetune.studio.paths import Workspace
+
+# Gradio and the app are imported when the server starts: `finetune studio --help` stays instant.
 
 PASSWORD_ENV = "FINETUNE_STUDIO_PASSWORD"
 
@@ -44,7 +47,6 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, password: s
     """Check the bind, then build and run the studio until interrupted (training runs keep going)."""
     password = password or os.environ.get(PASSWORD_ENV) or None
     check_bind(host, password)
-    from finetune.studio.paths import Workspace
 
     root = Workspace(workspace)
     try:

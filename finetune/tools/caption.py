@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from bucketing.image import open_image
 from bucketing.scan import split_masks, walk_images
 from captions.sources import clean_caption, join_prefix
 from finetune.errors import ConfigError, DatasetError, ModelError
 from finetune.io import write_text_atomic
+
+# transformers is imported where the caption model loads: importing it takes a second.
 
 # Models that caption only when told the task; the processor turns the tag into its instruction.
 TASK_PROMPTS = {"florence2": "<DETAILED_CAPTION>"}
@@ -124,8 +130,6 @@ def _caption_batch(captioner: Captioner, batch: list[tuple[Path, Path]], prefix:
 
 def _progress(batches: list, total: int):
     """Yield `batches` with a progress bar counted in images (hidden when stderr is not a terminal)."""
-    from tqdm import tqdm
-
     with tqdm(total=total, unit="image", desc="captioning", disable=None) as bar:
         for batch in batches:
             yield batch
@@ -144,7 +148,6 @@ class Captioner:
     def load(cls, model_path: Path, *, device: str | None = None, prompt: str | None = None,
              max_new_tokens: int = 40) -> Captioner:
         """Load model and processor from `model_path` only (local_files_only; no remote code)."""
-        import torch
         from transformers import AutoConfig, AutoModelForImageTextToText
 
         check_model_path(model_path)
@@ -168,8 +171,6 @@ class Captioner:
         return cls(model, processor, image_processor, tokenizer, prompt, max_new_tokens)
 
     def __call__(self, images: Sequence) -> list[str]:
-        import torch
-
         if self.processor is not None:
             text = [self.prompt] * len(images) if self.prompt else None
             inputs = self.processor(images=list(images), text=text, return_tensors="pt")
@@ -209,8 +210,6 @@ def _strip_prompt(output, input_ids, is_encoder_decoder: bool):
 
 
 def _model_type(model_path: Path) -> str:
-    import json
-
     try:
         return str(json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("model_type", "unknown"))
     except (OSError, ValueError, AttributeError):

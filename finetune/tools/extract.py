@@ -8,9 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from finetune.adapters.keys import kohya_name, te_path
 from finetune.errors import ModelError
 from finetune.io import atomic_file
+from finetune.models.sgm_keys import unet_module_map
 from finetune.tools.merge import FOLDER_COMPONENTS, base_kind, base_unet_config, read_header
 
 UNET_PREFIX = "model.diffusion_model."
@@ -64,8 +68,6 @@ def extract_lora(base: Path, tuned: Path, rank: int, out: Path, *, targets: str 
     Raises:
         ModelError: a missing path, an unknown `targets`, or weights whose shapes differ.
     """
-    from finetune.adapters.keys import kohya_name
-
     if targets not in TARGETS:
         raise ModelError(f"targets = {targets!r}: choose one of {', '.join(TARGETS)}")
     if rank < 1:
@@ -130,8 +132,6 @@ def lora_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, shape: tupl
 
 
 def _load(loc: _Loc) -> torch.Tensor:
-    from safetensors import safe_open
-
     with safe_open(str(loc.file), framework="pt") as fh:
         tensor = fh.get_tensor(loc.key).float()
     if loc.rows is not None:
@@ -146,8 +146,6 @@ def module_index(model: Path, unet_config: dict) -> dict[tuple[str, str], _Loc]:
     Module paths are those `finetune.adapters.read.read_lora` uses: diffusers UNet paths, and text
     encoder paths with one `text_model.` level.
     """
-    from finetune.adapters.keys import te_path
-
     index: dict[tuple[str, str], _Loc] = {}
     if model.is_dir():
         for component, folder in FOLDER_COMPONENTS.items():
@@ -163,8 +161,6 @@ def module_index(model: Path, unet_config: dict) -> dict[tuple[str, str], _Loc]:
 
 
 def _single_file_index(model: Path, unet_config: dict) -> dict[tuple[str, str], _Loc]:
-    from finetune.models.sgm_keys import unet_module_map
-
     from_sgm = {sgm: path for path, sgm in unet_module_map(unet_config).items()}
     index: dict[tuple[str, str], _Loc] = {}
     for key, entry in read_header(model)[0].items():
@@ -186,8 +182,6 @@ def _single_file_index(model: Path, unet_config: dict) -> dict[tuple[str, str], 
 
 
 def _write(out: Path, state: dict, rank: int, base_name: str, kind: str = "base") -> None:
-    from safetensors.torch import save_file
-
     metadata = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",

@@ -14,9 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from finetune.adapters.metadata_read import lora_kind
+from finetune.adapters.read import read_lora
 from finetune.errors import ModelError
 from finetune.io import atomic_dir, atomic_file
+from finetune.models.configs import sdxl_unet_config
+from finetune.models.refiner import kind_of_folder, kind_of_keys, sdxl_refiner_unet_config
+from finetune.models.sgm_keys import unet_module_map
+from finetune.models.single_file import load_single_file_pipeline, save_single_file
+from finetune.tools.merge_words import add_words_to_folder, bundled_words, write_words_beside
+
+# diffusers is imported only to convert a merged folder to one file: importing it takes seconds.
 
 OPENCLIP_QKV = {"self_attn.q_proj": 0, "self_attn.k_proj": 1, "self_attn.v_proj": 2}
 OPENCLIP_RENAMES = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -68,9 +78,6 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
         ModelError: base unreadable, a LoRA module matches no weight, a shape does not fit, or a
             merged tensor is not finite (nothing is written at `out` in any of these cases).
     """
-    from finetune.adapters.read import read_lora
-    from finetune.tools.merge_words import bundled_words, write_words_beside
-
     base, out = Path(base), Path(out)
     if not base.exists():
         raise ModelError(f"{base}: base model not found")
@@ -103,16 +110,12 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
          else _merge_single_file(base, merged, wanted, unet_config, dtype))
         _convert_layout(merged, out, dtype or _unet_dtype(merged))
     if words:
-        from finetune.tools.merge_words import add_words_to_folder
-
         report.words = write_words_beside(out, words) if want_file else add_words_to_folder(out, words)
     return report
 
 
 def _unet_dtype(model: Path) -> torch.dtype:
     """The precision the model's UNet is stored in (an fp16 checkpoint stays fp16 when converted)."""
-    from safetensors import safe_open
-
     file = model if model.is_file() else sorted((model / "unet").glob("*.safetensors"))[0]
     with safe_open(str(file), framework="pt") as fh:
         key = next(k for k in fh.keys() if model.is_dir() or k.startswith("model.diffusion_model."))
@@ -121,8 +124,6 @@ def _unet_dtype(model: Path) -> torch.dtype:
 
 def _convert_layout(merged: Path, out: Path, dtype: torch.dtype) -> None:
     """A merged diffusers folder as one SGM single file, or a merged single file as a diffusers folder."""
-    from finetune.models.single_file import load_single_file_pipeline, save_single_file
-
     if merged.is_dir():
         from diffusers import StableDiffusionXLPipeline
 
@@ -137,9 +138,6 @@ def _convert_layout(merged: Path, out: Path, dtype: torch.dtype) -> None:
 
 def base_unet_config(base: Path) -> dict:
     """The UNet config of a diffusers folder; SDXL base's or refiner's for a single file (its names decode the same)."""
-    from finetune.models.configs import sdxl_unet_config
-    from finetune.models.refiner import sdxl_refiner_unet_config
-
     config = base / "unet" / "config.json"
     if base.is_dir() and config.is_file():
         return json.loads(config.read_text())
@@ -148,8 +146,6 @@ def base_unet_config(base: Path) -> dict:
 
 def base_kind(base: Path) -> str:
     """"base" or "refiner": from a folder's configs, or a single file's text-encoder keys."""
-    from finetune.models.refiner import kind_of_folder, kind_of_keys
-
     if base.is_dir():
         return kind_of_folder(base) if (base / "unet" / "config.json").is_file() else "base"
     return kind_of_keys(read_header(base)[0]) or "base"
@@ -157,8 +153,6 @@ def base_kind(base: Path) -> str:
 
 def check_lora_kind(lora: Path, base: Path, kind: str) -> None:
     """One line when a LoRA's metadata says it was trained for the other SDXL model (base vs refiner)."""
-    from finetune.adapters.metadata_read import lora_kind
-
     found = lora_kind(lora)
     if found is not None and found != kind:
         raise ModelError(f"{lora}: an SDXL {found} LoRA cannot merge into {base}, an SDXL {kind}; "
@@ -225,8 +219,6 @@ def stream_rewrite(src: Path, dst: Path, edits: dict[str, _Edit], dtype: torch.d
 
     Untouched tensors are copied as raw bytes unless `dtype` asks for a cast.
     """
-    from safetensors import safe_open
-
     header, src_metadata, data_start = read_header(src)
     metadata = src_metadata if metadata is None else metadata
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
@@ -330,7 +322,6 @@ def _merge_folder(base: Path, out: Path, wanted: dict, dtype, words: dict | None
             stream_rewrite(base / rel, tmp / rel, edits, dtype)
         if not words:
             return []
-        from finetune.tools.merge_words import add_words_to_folder
 
         return add_words_to_folder(tmp, words)
 
@@ -339,8 +330,6 @@ def _merge_folder(base: Path, out: Path, wanted: dict, dtype, words: dict | None
 
 def single_file_key(component: str, path: str, unet_config: dict) -> tuple[str, int | None]:
     """The SGM checkpoint key of one module's weight, and which third of OpenCLIP's fused qkv (or None)."""
-    from finetune.models.sgm_keys import unet_module_map
-
     if component == "unet":
         sgm = unet_module_map(unet_config, [path]).get(path)
         return f"model.diffusion_model.{sgm or path}.weight", None

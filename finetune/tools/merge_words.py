@@ -11,9 +11,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from finetune.adapters.embedding_files import ARCHITECTURE, read_bundled, save_embedding
 from finetune.adapters.embeddings import ENCODERS, REAL_EOS_ID, file_stem, token_names
 from finetune.errors import ModelError
+
+# transformers is imported where a tokenizer is edited: importing it takes a second.
 
 FOLDERS = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", "text_encoder_2")}
 TABLE_SUFFIX = "embeddings.token_embedding.weight"
@@ -25,8 +30,6 @@ def bundled_words(loras: list[Path]) -> dict[str, dict[str, torch.Tensor]]:
     Raises:
         ModelError: two files bundle the same token, or a word lacks clip_l or clip_g.
     """
-    from finetune.adapters.embedding_files import read_bundled
-
     words: dict[str, dict[str, torch.Tensor]] = {}
     for path in loras:
         for token, tensors in read_bundled(Path(path)).items():
@@ -67,9 +70,6 @@ def add_words_to_folder(folder: Path, words: dict[str, dict[str, torch.Tensor]])
 def _extend_table(te_dir: Path, rows: torch.Tensor, vocab_size: int) -> int:
     """Append `rows` to the encoder's token-embedding table (its weight file rewritten) and update
     its config; the id of the first new row."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     for file in sorted(te_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as fh:
             key = next((k for k in fh.keys() if k.endswith(TABLE_SUFFIX)), None)
@@ -94,8 +94,6 @@ def _extend_table(te_dir: Path, rows: torch.Tensor, vocab_size: int) -> int:
 
 def write_words_beside(out: Path, words: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """A single file cannot hold a tokenizer: write `<out's folder>/embeddings/<word>.safetensors` instead."""
-    from finetune.adapters.embedding_files import ARCHITECTURE, save_embedding
-
     lines = []
     for token, tensors in words.items():
         path = Path(out).parent / "embeddings" / f"{file_stem(token)}.safetensors"

@@ -12,7 +12,15 @@ import shutil
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
+from finetune.config import load_config
 from finetune.errors import ConfigError
+from finetune.models.tiny import save_tiny_model
+from finetune.tools.merge import merge_loras
+from finetune.tools.sample import render_from_model
+
+# The trainer (accelerate, diffusers) is imported when the quickstart runs: importing it takes seconds.
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 180, 60), "yellow": (230, 200, 40)}
@@ -62,8 +70,6 @@ def quickstart_config(steps: int, *, model: str = "tiny-sdxl", name: str = "quic
 
 def draw_images(folder: Path, count: int = 12, seed: int = 0) -> list[Path]:
     """Draw `count` images of coloured shapes with a caption file beside each."""
-    from PIL import Image, ImageDraw
-
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -133,10 +139,6 @@ def print_files(files: dict[str, Path]) -> None:
 
 def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
     """Run the quickstart into `out`; returns the output files by role."""
-    from finetune.config import load_config
-    from finetune.models.tiny import save_tiny_model
-    from finetune.tools.merge import merge_loras
-    from finetune.tools.sample import render_from_model
     from finetune.train.recipe import train
 
     start = time.time()

@@ -10,7 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from finetune.config import load_config
+from finetune.models.tiny import save_tiny_model
+from finetune.models.tiny_refiner import save_tiny_refiner
 from finetune.tools.quickstart import prepare_workspace, print_files
+from finetune.tools.refine import render_two_stage
+
+# The trainer (accelerate, diffusers) is imported when the quickstart runs: importing it takes seconds.
 
 SWITCH = 0.8
 PROMPT = "a red circle, flat colors, simple drawing"
@@ -18,10 +24,6 @@ PROMPT = "a red circle, flat colors, simple drawing"
 
 def run_refiner_quickstart(out: Path, steps: int = 60) -> dict[str, Path]:
     """Run the refiner quickstart into `out`; returns the output files by role."""
-    from finetune.config import load_config
-    from finetune.models.tiny import save_tiny_model
-    from finetune.models.tiny_refiner import save_tiny_refiner
-    from finetune.tools.refine import render_two_stage
     from finetune.train.recipe import train
 
     start = time.time()

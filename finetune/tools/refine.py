@@ -12,7 +12,15 @@ from pathlib import Path
 
 import torch
 
+from bucketing.image import load_bucket_image
+from bucketing.manifest import load_manifest
+from finetune.adapters.metadata_read import lora_kind
+from finetune.config import ModelConfig
 from finetune.errors import ModelError
+from finetune.io import atomic_file
+from finetune.models.load import load_models
+
+# diffusers is imported where a pipeline is built: importing it takes seconds.
 
 NEGATIVE_AESTHETIC_SCORE = 2.5  # diffusers' default for the negative prompt (and ComfyUI's)
 
@@ -80,8 +88,6 @@ def refine_image(refiner_pipe, prompt: str, image, *, seed: int, steps: int, str
 
 def load_pair(base: Path, refiner: Path, loras=(), refiner_loras=(), device=None, progress: bool = True):
     """(base pipeline, refiner pipeline) from saved models, with their (file, scale) LoRAs applied unmerged."""
-    from finetune.config import ModelConfig
-    from finetune.models.load import load_models
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base_models = load_models(ModelConfig(pretrained=base, kind="base"))
     refiner_models = load_models(ModelConfig(pretrained=refiner, kind="refiner"))
@@ -97,8 +103,6 @@ def load_pair(base: Path, refiner: Path, loras=(), refiner_loras=(), device=None
 
 
 def check_lora_for(path: Path, kind: str) -> None:
-    from finetune.adapters.metadata_read import lora_kind
-
     if not Path(path).is_file():
         raise ModelError(f"{path}: LoRA file not found")
     found = lora_kind(path)
@@ -111,8 +115,6 @@ def render_two_stage(base: Path, refiner: Path, prompt: str, out: Path, *, loras
                      switch: float = 0.8, seed: int = 0, steps: int = 40, guidance_scale: float = 5.0,
                      height: int = 1024, width: int = 1024, negative_prompt: str = "") -> Path:
     """`finetune sample BASE --refiner REFINER`: one PNG rendered in two stages."""
-    from finetune.io import atomic_file
-
     base_pipe, refiner_pipe = load_pair(base, refiner, loras, refiner_loras)
     image = two_stage(base_pipe, refiner_pipe, prompt, seed=seed, steps=steps, switch=switch,
                       guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt)
@@ -123,17 +125,11 @@ def render_two_stage(base: Path, refiner: Path, prompt: str, out: Path, *, loras
 
 def render_refiner_samples(unet, models, cfg, device, progress: bool = False) -> list:
     """A refiner run's training samples: after `sample.base`'s first stage, or refining the dataset's first image."""
-    from bucketing.image import load_bucket_image
-    from bucketing.manifest import load_manifest
-
     pipe = refiner_pipeline(models, unet, device, progress)
     size = cfg.dataset.resolution
     height, width = cfg.sample.height or size, cfg.sample.width or size
     sample = cfg.sample
     if sample.base is not None:
-        from finetune.config import ModelConfig
-        from finetune.models.load import load_models
-
         base_models = load_models(ModelConfig(pretrained=sample.base, kind="base"))
         base_pipe = base_pipeline(base_models, base_models.unet, device, progress)
         return [two_stage(base_pipe, pipe, prompt, seed=seed, steps=sample.steps, switch=sample.switch,

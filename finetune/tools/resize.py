@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from finetune.adapters.convert import kohya_tensors, module_kohya_tensors
 from finetune.adapters.modules import AdapterModule, LoraModule
+from finetune.adapters.read import read_lora
 from finetune.errors import ConfigError, ModelError
-from finetune.tools.extract import lora_factors
 from finetune.io import atomic_file
+from finetune.models.configs import sdxl_unet_config
+from finetune.tools.extract import lora_factors
 
 
 @dataclass
@@ -43,12 +47,6 @@ def resize_lora(src: Path, dst: Path, rank: int, *, energy: float | None = None,
         ConfigError: rank < 1, energy outside (0, 1], or `dst` is `src`.
         ModelError: `src` is unreadable or has keys no module matches.
     """
-    from safetensors.torch import save_file
-
-    from finetune.adapters.convert import kohya_tensors, module_kohya_tensors
-    from finetune.adapters.read import read_lora
-    from finetune.models.configs import sdxl_unet_config
-
     if rank < 1:
         raise ConfigError(f"--rank {rank}: must be at least 1")
     if energy is not None and not 0 < energy <= 1:

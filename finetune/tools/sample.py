@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
-from finetune.adapters.embeddings import expand_prompt
+from finetune.adapters.embedding_files import split_bundled
+from finetune.adapters.embeddings import expand_prompt, use_real_eos
+from finetune.config import ModelConfig
+from finetune.errors import ModelError
+from finetune.io import atomic_file
+from finetune.models.load import load_models
+from finetune.tools.refine import render_refiner_samples
+
+# diffusers is imported where a pipeline is built: importing it takes seconds.
 
 
 def sdxl_pipeline(models, unet, device):
@@ -28,8 +41,6 @@ def render(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance_s
 
     With `progress`, a console bar counts denoising steps over all images ("sample 2/4").
     """
-    from tqdm.auto import tqdm
-
     images, total = [], len(prompts) * len(seeds)
     with tqdm(total=total * steps, desc="sampling", unit="step", disable=not progress, leave=False,
               dynamic_ncols=True) as bar:
@@ -51,8 +62,6 @@ def render(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance_s
 
 def grid(images: list, columns: int, labels: list[str] | None = None):
     """Paste images (same size) into a grid, row-major; with `labels`, a caption strip under each tile."""
-    from PIL import Image, ImageDraw, ImageFont
-
     width, height = images[0].size
     strip = 14 if labels else 0  # one line of the default bitmap font
     rows = (len(images) + columns - 1) // columns
@@ -79,8 +88,6 @@ def render_training_samples(unet, models, cfg, step: int, device, progress: bool
     `words` (NewWords): multi-vector words are written out here, as in training (diffusers' own
     expansion misses tokens with capitals, which its tokenizer lower-cases).
     """
-    from finetune.io import atomic_file
-
     was_training = unet.training
     unet.eval()
     parts = [models.vae, *models.text_encoders]
@@ -89,8 +96,6 @@ def render_training_samples(unet, models, cfg, step: int, device, progress: bool
     print(f"step {step}: rendering {len(cfg.sample.prompts) * len(cfg.sample.seeds)} samples "
           f"({cfg.sample.steps} steps each) into {cfg.output.dir / 'samples'}", flush=True)
     if models.kind == "refiner":
-        from finetune.tools.refine import render_refiner_samples
-
         images = render_refiner_samples(unet, models, cfg, device, progress=progress)
     else:
         pipe = sdxl_pipeline(models, unet, device)
@@ -111,9 +116,6 @@ def render_training_samples(unet, models, cfg, step: int, device, progress: bool
 
 def log_sample_grids(tracker, paths: list[Path], step: int) -> None:
     """Send the sample grids to TensorBoard or wandb (Accelerate's tracker), beside the loss curves."""
-    import numpy as np
-    from PIL import Image
-
     images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]  # (H, W, 3) uint8 each
     if tracker.name == "tensorboard":
         tracker.log_images({"samples": np.stack(images)}, step=step, dataformats="NHWC")
@@ -126,10 +128,6 @@ def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0
                       negative_prompt: str = "", loras: list[tuple[Path, float]] = (), progress: bool = True) -> Path:
     """Load a saved SDXL (diffusers folder or single file), apply `loras` (file, scale) without merging,
     and render one PNG."""
-    from finetune.config import ModelConfig
-    from finetune.io import atomic_file
-    from finetune.models.load import load_models
-
     if progress:
         print(f"loading {model_path}", flush=True)
     models = load_models(ModelConfig(pretrained=model_path))
@@ -146,14 +144,6 @@ def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0
 def apply_loras(pipe, loras) -> list:
     """Load each LoRA file (kohya or diffusers keys) into the pipeline at its scale, unmerged; the
     words a pivotal LoRA bundles join both tokenizers and text encoders. Returns those words."""
-    from types import SimpleNamespace
-
-    from safetensors.torch import load_file
-
-    from finetune.adapters.embedding_files import split_bundled
-    from finetune.adapters.embeddings import use_real_eos
-    from finetune.errors import ModelError
-
     names, scales, words = [], [], []
     for i, (path, scale) in enumerate(loras):
         if not Path(path).is_file():

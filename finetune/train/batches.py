@@ -101,7 +101,6 @@ class TrainDataset(Dataset):
             sample["caption"] = caption
         return sample
 
-
     def time_ids(self, row: dict, crop: tuple[int, int]) -> list:
         """The row's micro-conditioning; manifests older than the `aesthetic_score` column take the default."""
         if self.kind == "refiner":

@@ -11,15 +11,23 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
+from finetune.adapters.inject import add_text_encoder_adapters, add_unet_adapter, block_pattern
+from finetune.adapters.load import load_adapter_weights
+from finetune.adapters.save import lora_layers
 from finetune.dtypes import DTYPES
 from finetune.errors import ConfigError
-from finetune.memory.activations import saved_activations
+from finetune.memory.activations import enable_checkpointing, saved_activations
+from finetune.memory.fused import FusedBackwardOptimizer
 from finetune.memory.profiles import apply_memory_profile
+from finetune.memory.quant import quantize_base_linears
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset, build_dataloader
-from finetune.train.optim import build_lr_scheduler
+from finetune.train.distributed import PROCESS_GROUP_TIMEOUT, fsdp_on_cpu
+from finetune.train.optim import build_lr_scheduler, build_optimizer
 from finetune.train.validation import split_rows
 
 log = logging.getLogger("finetune")
@@ -53,12 +61,6 @@ def length_in_steps(cfg, batches_per_epoch: int, say=print):
 
 def make_accelerator(training, logging_cfg, output_dir: Path):
     """The run's `Accelerator`: devices, mixed precision, accumulation, trackers, the process group."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
-    from finetune.train.distributed import PROCESS_GROUP_TIMEOUT, fsdp_on_cpu
-
     # Accelerate keeps one state per process; a second run in the same process (a notebook, the
     # tests) may ask for another mixed precision. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -152,23 +154,17 @@ def prepare_unet(unet, training, memory, lora_cfg, device: torch.device | None =
     """
     unet.requires_grad_(False)
     if training.method in ("lora", "embedding"):  # embedding: the UNet stays frozen, without adapters
-        from finetune.adapters.inject import add_unet_adapter
-
         quantized = memory.base_dtype in ("fp8", "nf4")
         # Under a quantized base the layers it leaves (convs, embeddings, norms) are in the compute dtype.
         compute_dtype = DTYPES["fp16" if training.mixed_precision == "fp16" else "bf16"]
         unet.to(dtype=compute_dtype if quantized else DTYPES[memory.base_dtype])
         if quantized:
-            from finetune.memory.quant import quantize_base_linears
-
             # Before the adapters, so peft wraps the quantized layers; layer by layer onto the device,
             # so the full-precision base never sits on the GPU whole.
             quantize_base_linears(unet, memory.base_dtype, compute_dtype, device=device)
         if training.method == "lora":
             add_unet_adapter(unet, lora_cfg)
         if training.method == "lora" and lora_cfg.init_from is not None:
-            from finetune.adapters.load import load_adapter_weights
-
             load_adapter_weights(unet, None, lora_cfg.init_from)
     else:
         # fp32 master weights, or bf16 weights that the fused optimizer rounds stochastically.
@@ -181,8 +177,6 @@ def prepare_unet(unet, training, memory, lora_cfg, device: torch.device | None =
     if memory.channels_last:
         unet.to(memory_format=torch.channels_last)  # 4-D conv weights only; Linear layers are unaffected
     if memory.gradient_checkpointing:
-        from finetune.memory.activations import enable_checkpointing
-
         enable_checkpointing(unet, memory.checkpointing_mode)
     unet.train()
     return params
@@ -194,8 +188,6 @@ def unet_param_groups(unet, learning_rate: float, block_lr_scale: dict[str, floa
     Raises:
         ConfigError: a prefix matches no trained parameter.
     """
-    from finetune.adapters.inject import block_pattern
-
     patterns = {prefix: re.compile(block_pattern(prefix) + "$") for prefix in block_lr_scale}
     groups: dict[str | None, list] = {None: [], **{prefix: [] for prefix in block_lr_scale}}
     for name, param in unet.named_parameters():
@@ -230,11 +222,8 @@ def build_training_optimizer(groups: list[dict], training, memory, optimizer_cfg
 
     Build it once the trained weights are on their device (fused AdamW, the fused backward's stand-ins).
     """
-    from finetune.train.optim import build_optimizer
-
     if not memory.fused_backward:
         return build_optimizer(groups, optimizer_cfg, training.learning_rate)
-    from finetune.memory.fused import FusedBackwardOptimizer
 
     # Each gradient is clipped (per tensor), applied and freed as soon as backward completes it.
     return FusedBackwardOptimizer(
@@ -248,8 +237,6 @@ def prepare_text_encoders(text_encoders, training, memory, lora_cfg) -> list:
     for encoder in text_encoders:
         encoder.requires_grad_(False)
     if training.method == "lora":
-        from finetune.adapters.inject import add_text_encoder_adapters
-
         add_text_encoder_adapters(text_encoders, lora_cfg)
     else:
         for encoder in text_encoders:
@@ -322,8 +309,6 @@ def build_ema(params: list, decay: float):
 
 def lora_layers_of(models) -> list:
     """Every peft LoRA layer of `models`, found once (lora.max_norm bounds them after each step)."""
-    from finetune.adapters.save import lora_layers
-
     return [layer for model in models for _, layer in lora_layers(model)]
 
 

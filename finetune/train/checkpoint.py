@@ -14,14 +14,15 @@ import json
 import os
 import re
 import shutil
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import tomllib
 import torch
+from safetensors.torch import load_file, save_file
 
 from finetune.config import TrainConfig, dump_config, frozen_keys, migrate_moved_keys, table_model
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, ConfigError
 from finetune.io import fsync_tree, write_text_atomic
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -269,8 +270,6 @@ def finished_run(cfg: TrainConfig, resume: str) -> TrainState | None:
         CheckpointError: no checkpoint to resume.
         ConfigError: training.max_steps is below the checkpoint's step.
     """
-    from finetune.errors import ConfigError
-
     folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
     saved = TrainState.from_file(folder / STATE_FILE)
     if cfg.training.max_epochs is not None or saved.step < cfg.training.max_steps:
@@ -315,8 +314,6 @@ def register_trainable_only_hooks(acc) -> None:
 
     Names are the bare model's, so a checkpoint reads the same with or without DDP or torch.compile.
     """
-    from safetensors.torch import load_file, save_file
-
     def trained_parameters(model) -> dict:
         bare = acc.unwrap_model(model, keep_torch_compile=False)
         return {n: p for n, p in bare.named_parameters() if p.requires_grad}

@@ -4,9 +4,13 @@ that confirm the topology (ranks, machines, DDP or FSDP). docs/multi-gpu.md says
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 # How long a process waits at a barrier for the others. Rank 0 alone scans the dataset (and writes the
 # cache index) while the rest wait; torch's default (30 min gloo, 10 min NCCL) would kill a run on a
@@ -23,9 +27,6 @@ def fsdp_on_cpu(accelerator) -> None:
     the whole model. torch's `fully_shard` runs on a CPU mesh over gloo, so we finish what Accelerate's
     state would have done on a GPU: the FSDP type and the plugin read from the launcher's variables.
     """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     state = accelerator.state
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or state.distributed_type != DistributedType.MULTI_CPU:
         return
@@ -44,8 +45,6 @@ def topology_lines(accelerator, mixed_precision: str) -> tuple[str, str | None]:
     timeout. This process's line (every process, only with several): its rank, machine and device,
     so a wrong host file or a missing --machine_rank shows at once.
     """
-    import socket
-
     world, rank = accelerator.num_processes, accelerator.process_index
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world)) or world
     machines = max(1, world // per_machine)
@@ -70,8 +69,6 @@ def topology_lines(accelerator, mixed_precision: str) -> tuple[str, str | None]:
 
 def barrier_timeout() -> timedelta | None:
     """The process group's timeout as torch holds it (None without a group, or if torch hides it)."""
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized():
         return None
     try:

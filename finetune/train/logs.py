@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from finetune.io import write_text_atomic
 
@@ -84,8 +85,6 @@ class RunLog:
 
 def progress_bar(total: int, initial: int, enabled: bool, **tqdm_args):
     """The step bar on the console (main process only); when not `enabled`, a bar that draws nothing."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=not enabled,
                 **tqdm_args)
 

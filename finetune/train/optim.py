@@ -13,6 +13,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from finetune.config import OptimizerConfig
 from finetune.errors import ConfigError
 
+# diffusers is imported where the LR schedule is built: importing it takes seconds.
+
 # Lion's own default; Adam's (0.9, 0.999) makes Lion's sign update too sluggish.
 LION_BETAS = (0.9, 0.99)
 

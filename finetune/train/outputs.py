@@ -9,9 +9,18 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from captions.tags import tag_frequencies
+from finetune.adapters.embedding_files import bundle_tensors
+from finetune.adapters.metadata import adapter_metadata
+from finetune.adapters.save import save_adapter
 from finetune.config import dump_config
+from finetune.dtypes import DTYPES
+from finetune.io import atomic_file
 from finetune.models.refiner import kind_of_unet
+from finetune.models.sgm_keys import unet_state_dict_to_sgm
+from finetune.train.words import save_word_files
 
 
 def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, base_name: str,
@@ -23,19 +32,12 @@ def save_trained_weights(path: Path, unet, text_encoders, cfg, state, manifest, 
     given, holds the full UNet's weights gathered from FSDP shards. `words` (NewWords): each word
     also goes to `embeddings/<word>.safetensors` beside `path`, and is bundled in a kohya LoRA.
     """
-    from finetune.dtypes import DTYPES
-
     dtype = DTYPES[cfg.output.save_dtype]
     if words is not None:
-        from finetune.train.words import save_word_files
-
         save_word_files(path, words, cfg, dtype)
         if cfg.training.method == "embedding":
             return path
     if cfg.training.method == "lora":
-        from finetune.adapters.embedding_files import bundle_tensors
-        from finetune.adapters.save import save_adapter
-
         metadata = training_metadata(cfg, state, manifest, base_name, kind_of_unet(unet))
         bundled = bundle_tensors(words, dtype) if words is not None and cfg.lora.format == "kohya" else None
         return save_adapter(path, unet, text_encoders, fmt=cfg.lora.format, dtype=dtype, metadata=metadata,
@@ -60,11 +62,6 @@ def averaged_weights(ema, params):
 
 def save_full_unet(path: Path, unet, state_dict: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
     """The UNet alone, SGM keys (`model.diffusion_model.…`), as ComfyUI's UNet loader and merges read it."""
-    from safetensors.torch import save_file
-
-    from finetune.io import atomic_file
-    from finetune.models.sgm_keys import unet_state_dict_to_sgm
-
     sgm = unet_state_dict_to_sgm(unet.state_dict() if state_dict is None else state_dict, dict(unet.config))
     tensors = {f"model.diffusion_model.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in sgm.items()}
     with atomic_file(path) as tmp:
@@ -87,9 +84,6 @@ def base_model_hash(path: Path) -> str | None:
 
 
 def training_metadata(cfg, state, manifest, base_name: str, kind: str = "base") -> dict[str, str]:
-    from captions.tags import tag_frequencies
-    from finetune.adapters.metadata import adapter_metadata
-
     buckets = sorted(Counter(tuple(b) for b in manifest["bucket"]))
     metadata = adapter_metadata(
         base_model=base_name,

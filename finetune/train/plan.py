@@ -6,13 +6,12 @@ import math
 from collections import Counter
 
 from finetune.config import TrainConfig
+from finetune.memory.profiles import estimate_run_gib, free_gpu_gib
 
 
 def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet, sampler=None, manifest=None) -> None:
     """Samples, batches, steps per epoch, effective batch, trained parameters, and the memory estimate;
     with `sampler` and `manifest`, one line per subset when subsets mix budgets, batch sizes or shares."""
-    from finetune.memory.profiles import estimate_run_gib, free_gpu_gib
-
     per_epoch = math.ceil(batches / cfg.training.gradient_accumulation_steps)
     trained = sum(p.numel() for p in params)
     largest = max([cfg.dataset.resolution] + [r for s in cfg.dataset.subsets for r in s.resolutions or []])

@@ -28,6 +28,7 @@ from finetune.io import write_text_atomic
 from finetune.memory.profiles import out_of_memory_message
 from finetune.models.load import load_models
 from finetune.rng import shared_step_generator
+from finetune.tools.sample import log_sample_grids, render_training_samples
 from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
@@ -378,8 +379,6 @@ class Recipe:
 
     def render_samples(self) -> None:
         """The sample grid at this step (the main process renders it), sent to the tracker if any."""
-        from finetune.tools.sample import log_sample_grids, render_training_samples  # pipelines: only when sampling
-
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
             paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device,

@@ -6,7 +6,10 @@ import hashlib
 
 import torch
 
+from finetune.rng import step_generator
 from finetune.train.batches import collate
+from finetune.train.loss import diffusion_loss, noisy_latents, training_target
+from finetune.train.step import batch_latents, batch_text
 
 
 def split_rows(fingerprints: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -26,10 +29,6 @@ def split_rows(fingerprints: list[str], fraction: float, seed: int) -> tuple[lis
 def validation_loss(unet, dataset, timesteps: list[int], noise_scheduler, prediction_type: str, *,
                     vae, text_encode, device, seed: int, batch_size: int = 4) -> float:
     """Mean loss over held-out samples x `timesteps`, with noise fixed per (sample, timestep)."""
-    from finetune.train.loss import diffusion_loss, noisy_latents, training_target
-    from finetune.train.step import batch_latents, batch_text
-    from finetune.rng import step_generator
-
     was_training = unet.training
     unet.eval()
     by_bucket: dict[tuple, list[int]] = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.adapters.embedding_files import save_embedding, word_metadata, write_word_files
 from finetune.adapters.embeddings import NewWords, add_new_words, mentions
 from finetune.models.text import encode_prompts
 
@@ -73,8 +74,6 @@ def freeze_after(words: NewWords | None, step: int, stop: int | None) -> None:
 def save_word_files(path: Path, words: NewWords, cfg, dtype: torch.dtype) -> list[Path]:
     """`<dir of path>/embeddings/<word>.safetensors` per word; method = "embedding": `path` itself holds
     the (first) word, as the run's one usable file."""
-    from finetune.adapters.embedding_files import save_embedding, word_metadata, write_word_files
-
     extra = {"ss_base_model": cfg.model.name or Path(cfg.model.pretrained).stem}
     written = write_word_files(Path(path).parent / "embeddings", words, dtype, extra)
     if cfg.training.method == "embedding":
