@@ -12,7 +12,7 @@ import os
 from finetune.errors import FinetuneError
 from finetune.studio.paths import Workspace
 
-# Gradio and the app are imported when the server starts: `finetune studio --help` stays instant.
+# The app (Gradio) is imported only once the bind is checked and Gradio is found (see above).
 
 PASSWORD_ENV = "FINETUNE_STUDIO_PASSWORD"
 
