@@ -43,7 +43,8 @@ def refiner_pipeline(models, unet, device, progress: bool = False):
 
 
 def base_pipeline(models, unet, device, progress: bool = False):
-    """A `StableDiffusionXLPipeline` for the first stage (tools.sample imports this module, not the reverse)."""
+    """A `StableDiffusionXLPipeline` over loaded base parts, with `unet` (possibly adapted) in place: the
+    first stage here, the only one in tools.sample (which imports this module, not the reverse)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     if models.kind != "base":

@@ -17,22 +17,7 @@ from finetune.config import ModelConfig
 from finetune.errors import ModelError
 from finetune.io import atomic_file
 from finetune.models.load import load_models
-from finetune.tools.refine import render_refiner_samples
-
-# diffusers is imported where a pipeline is built: importing it takes seconds.
-
-
-def sdxl_pipeline(models, unet, device):
-    """A `StableDiffusionXLPipeline` over the loaded parts, with `unet` (possibly adapted) in place."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline(
-        vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2,
-        tokenizer=models.tokenizer, tokenizer_2=models.tokenizer_2, unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(models.noise_scheduler.config),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+from finetune.tools.refine import base_pipeline, render_refiner_samples
 
 
 def render(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
@@ -98,7 +83,7 @@ def render_training_samples(unet, models, cfg, step: int, device, progress: bool
     if models.kind == "refiner":
         images = render_refiner_samples(unet, models, cfg, device, progress=progress)
     else:
-        pipe = sdxl_pipeline(models, unet, device)
+        pipe = base_pipeline(models, unet, device)
         expand = words.expand if words is not None else str
         images = render(pipe, [expand(p) for p in cfg.sample.prompts], cfg.sample.seeds, steps=cfg.sample.steps,
                         guidance_scale=cfg.sample.guidance_scale, height=cfg.sample.height or size,
@@ -132,10 +117,10 @@ def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0
         print(f"loading {model_path}", flush=True)
     models = load_models(ModelConfig(pretrained=model_path))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = sdxl_pipeline(models, models.unet, device)
+    pipe = base_pipeline(models, models.unet, device)  # a refiner here: one line naming --refiner
     words = apply_loras(pipe, loras)
-    image = render(pipe, [expand_prompt(prompt, words)], [seed], steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                   negative_prompt=negative_prompt, progress=progress)[0]
+    image = render(pipe, [expand_prompt(prompt, words)], [seed], steps=steps, guidance_scale=guidance_scale,
+                   height=height, width=width, negative_prompt=negative_prompt, progress=progress)[0]
     with atomic_file(out) as tmp:
         image.save(tmp, format="PNG")
     return out

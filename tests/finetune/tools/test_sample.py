@@ -68,3 +68,13 @@ def test_a_pivotal_loras_bundled_word_joins_the_pipeline(tmp_path):
     assert (word.token, word.vectors) == ("<myDog>", 2)
     for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
         assert tokenizer("<myDog> <myDog>_1").input_ids == [49406, 49408, 49409, 49407]
+
+
+def test_a_refiner_given_as_the_model_is_one_line_naming_the_refiner_option(tiny_refiner_dir, tmp_path):
+    from finetune.errors import ModelError
+    from finetune.tools.sample import render_from_model
+
+    with pytest.raises(ModelError, match="with --refiner"):
+        render_from_model(tiny_refiner_dir, "a red circle", tmp_path / "x.png", steps=1, height=64, width=64,
+                          progress=False)
+    assert not (tmp_path / "x.png").exists()
