@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -128,16 +129,22 @@ def test_imports_inside_functions_defer_a_slow_library_and_say_so():
         top[name] = [t for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
                      for t in _targets(node, name, path, modules)]
 
-    def slow(target: str, seen: frozenset = frozenset()) -> set[str]:
-        """The slow libraries importing `target` loads (through the project's module-level imports)."""
-        root = target.split(".")[0]
-        if root not in PACKAGES:
-            return {"torch" if target.startswith("safetensors.torch") else root} & SLOW_TO_IMPORT
-        found = set()
-        for module in {".".join(target.split(".")[:i]) for i in range(1, target.count(".") + 2)} - seen:
-            for t in top.get(module, []):
-                found |= slow(t, seen | {module})
-        return found
+    def packages_of(target: str) -> list[str]:  # importing a.b.c runs a, a.b and a.b.c
+        return [".".join(target.split(".")[:i]) for i in range(1, target.count(".") + 2)]
+
+    @functools.cache
+    def slow(target: str) -> frozenset[str]:
+        """The slow libraries importing `target` loads, through the project's module-level imports."""
+        found, seen, stack = set(), set(), [target]
+        while stack:
+            current = stack.pop()
+            if current.split(".")[0] not in PACKAGES:
+                found.add("torch" if current.startswith("safetensors.torch") else current.split(".")[0])
+                continue
+            for module in set(packages_of(current)) - seen:
+                seen.add(module)
+                stack.extend(top.get(module, []))
+        return frozenset(found & SLOW_TO_IMPORT)
 
     unjustified, unexplained = [], []
     for name, path in modules.items():
