@@ -47,27 +47,38 @@ def cmd_tiny_model(args) -> None:
 
 
 def cmd_train(args) -> int:
-    from finetune.train.command import config_for_resume, resume_hint
+    from finetune.config import load_config
+    from finetune.errors import ConfigError
+    from finetune.train.command import config_for_resume, resolved_overrides, resume_hint, run_config_of
 
+    if args.config is None and not (args.resume and args.resume != "latest"):
+        raise ConfigError("finetune train: name the config (finetune train CONFIG), or the run to continue "
+                          "(finetune train --resume RUN_DIR)")
+    if args.config is None:  # finetune train --resume RUN_DIR: the run's own resolved config
+        config, args.resume = run_config_of(args.resume)
+    else:
+        config = Path(args.config)
     # Config errors first, before the heavy imports. --resume applies the run's own overrides again.
     overrides = list(args.set or [])
     if args.resume:
-        cfg, overrides = config_for_resume(Path(args.config), overrides)
+        cfg, overrides = config_for_resume(config, overrides)
     else:
-        cfg = _config(args)
+        cfg = load_config(config, overrides)
     from finetune.train.recipe import train
 
-    result = train(cfg, resume=args.resume, allow_changes=args.allow_changes, command=(Path(args.config), overrides))
+    result = train(cfg, resume=args.resume, allow_changes=args.allow_changes, command=(config, overrides))
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, the summary prints once
         return 130 if result.interrupted else 0
     if result.finished_before:
-        print(f"finished already: step {result.step} of training.max_steps = {cfg.training.max_steps}; nothing to do."
-              f"\n  weights: {result.output_path}\nto train further, raise training.max_steps "
-              f"(e.g. --set training.max_steps={2 * result.step}) and resume")
+        epochs = cfg.training.max_epochs
+        longer = f"training.max_epochs={2 * epochs}" if epochs else f"training.max_steps={2 * result.step}"
+        kept = [o for o in resolved_overrides(cfg, overrides) if o.partition("=")[0] != longer.partition("=")[0]]
+        print(f"finished already: step {result.step} is the run's last; nothing to do.\n  weights: {result.output_path}"
+              f"\nto train further, resume with a longer run, e.g.: {resume_hint(config, kept + [longer])}")
         return 0
     if result.interrupted:
         print(f"stopped at step {result.step}; checkpoint: {result.checkpoint}\n"
-              f"resume with: {resume_hint(Path(args.config), overrides)}")
+              f"resume with: {resume_hint(config, resolved_overrides(cfg, overrides))}")
         return 130  # stopped early: scripts must not mistake it for a finished run
     samples = cfg.output.dir / "samples"
     print(f"done: step {result.step}\n  weights:    {result.output_path}\n  checkpoint: {result.checkpoint}"
@@ -195,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def config_cmd(name, func, help_text, parent=sub):
+    def config_cmd(name, func, help_text, parent=sub, config_help="the TOML config (copy train_config.toml and edit it)"):
         p = command(name, func, help_text, parent)
-        p.add_argument("config", help="the TOML config (copy train_config.toml and edit it)")
+        p.add_argument("config", nargs="?" if "optional" in config_help else None, help=config_help)
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. training.max_steps=500 or dataset.subsets.0.repeats=2 "
                             "(repeatable)")
@@ -214,10 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--refiner", action="store_true", help="the tiny SDXL refiner (bigG only, five-value conditioning)")
 
-    p = config_cmd("train", cmd_train, "train a LoRA or the full UNet as the config says")
+    p = config_cmd("train", cmd_train, "train a LoRA or the full UNet as the config says",
+                   config_help="the TOML config (copy train_config.toml and edit it); optional with --resume RUN_DIR")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint (or the given step-NNNNNN folder), with the "
-                        "--set overrides the run was started with")
+                        "--set overrides the run was started with; without CONFIG, a run folder (or one of its "
+                        "checkpoints) resumes with its config.resolved.toml. Every form gives the same run")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept changed learning rate, scheduler, data or model settings (listed, "
                         "and the run is marked not reproducible)")

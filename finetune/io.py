@@ -23,18 +23,24 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         yield tmp
         fsync_tree(tmp)
         _honour_umask(tmp)
-        if target.exists():
-            # Two renames: the old folder is only removed once the new one is in place.
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Put the finished folder `source` in the place of `target` (same file system), replacing it if it exists."""
+    source, target = Path(source), Path(target)
+    if target.exists():
+        # Two renames: the old folder is only removed once the new one is in place.
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+    _fsync_dir(target.parent)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from finetune.config import dump_config, load_config
+from finetune.train.checkpoint import latest_checkpoint
+
 from conftest import make_image
 
 CONFIG = """
@@ -47,6 +50,15 @@ def make_shapes_folder(folder: Path) -> Path:
         make_image(folder / f"{i}.png", h, w, color=(200, 30 * i, 40))
         (folder / f"{i}.txt").write_text(f"a red drawing number {i}", encoding="utf-8")
     return folder
+
+
+def assert_resolved_is_the_runs(run: Path) -> None:
+    """`config.resolved.toml` holds the config the run trained with: it is the config saved with the run's
+    last checkpoint, and reloading it gives that config again (no value that only means something before
+    a reload)."""
+    text = (run / "config.resolved.toml").read_text(encoding="utf-8")
+    assert text == (latest_checkpoint(run / "checkpoints") / "config.toml").read_text(encoding="utf-8")
+    assert dump_config(load_config(run / "config.resolved.toml")) == text
 
 
 def adapter_tensors(path: Path) -> dict:

@@ -20,6 +20,9 @@ from finetune.config.embeddings import EmbeddingConfig, EmbeddingTrainingKeys, e
 
 # The lora.variant values peft can train on each quantized base (peft 0.21): DoRA reads the fp8
 # weight without its scale; LoHa/LoKr expect a dense weight, not bitsandbytes' packed one.
+# Optimizer betas when the config sets none: Adam's and Lion's papers' values.
+ADAM_BETAS, LION_BETAS = (0.9, 0.999), (0.9, 0.99)
+
 QUANTIZED_BASE_VARIANTS = {"nf4": ("lora", "dora"), "fp8": ("lora", "loha", "lokr")}
 
 
@@ -145,13 +148,21 @@ class OptimizerConfig(Section):
     name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = Field(
         "adamw", json_schema_extra=FROZEN, description="adamw8bit/lion8bit need bitsandbytes; prodigy needs prodigyopt.")
     weight_decay: float = Field(1e-2, ge=0)
-    betas: tuple[float, float] = Field((0.9, 0.999))
+    betas: tuple[float, float] | None = Field(None, description="Adam/Lion betas; default (0.9, 0.999), Lion's "
+                                              "own (0.9, 0.99) for lion8bit. Resolved at load, so a run's saved config "
+                                              "holds the betas it used.")
     eps: float = Field(1e-8, gt=0)
     relative_step: bool = Field(False, description="Adafactor: its own relative step size instead of learning_rate.")
     scheduler: Literal["constant", "cosine", "cosine_with_restarts", "linear", "polynomial"] = Field("constant", json_schema_extra=FROZEN)
     warmup_steps: int = Field(0, json_schema_extra=FROZEN, ge=0, description="Linear warmup from 0 to the learning rate.")
     num_cycles: int = Field(1, ge=1, json_schema_extra=FROZEN, description="cosine_with_restarts: number of restarts.")
     power: float = Field(1.0, gt=0, json_schema_extra=FROZEN, description="polynomial: decay power.")
+
+    @model_validator(mode="after")
+    def _default_betas(self) -> OptimizerConfig:
+        if self.betas is None:  # an explicit value from here on: a saved config reloads to the same optimizer
+            self.betas = LION_BETAS if self.name.startswith("lion") else ADAM_BETAS
+        return self
 
 
 class LossConfig(Section):
@@ -174,8 +185,9 @@ class LossConfig(Section):
     masked: bool = Field(False, description="Weight the loss by mask images found beside the images.")
     prior_loss_weight: float = Field(1.0, ge=0, description="Loss weight of regularization (prior-preservation) images.")
     min_timestep: int = Field(0, ge=0, description="Train on timesteps from this one (0 = the noise-free end).")
-    max_timestep: int | None = Field(None, ge=1, description="…up to this one, exclusive (default: all the "
-                                     "scheduler's, 1000 for SDXL). Lower it for detail, raise min for composition.")
+    max_timestep: int | None = Field(None, ge=1, description="…up to this one, exclusive (default: the model's "
+                                     "range, all of the scheduler's 1000 for a base, 200 for a refiner; a run's "
+                                     "saved config holds the value). Lower it for detail, raise min for composition.")
 
     @model_validator(mode="after")
     def _timesteps(self) -> LossConfig:

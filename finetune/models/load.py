@@ -58,17 +58,11 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
     Raises:
         ModelError: naming the path when it is not a model we can read.
     """
-    path = Path(cfg.pretrained)
-    if not path.exists():
-        raise ModelError(f"{path}: model not found (model.pretrained must be a local diffusers folder or .safetensors)")
-
+    path, kind = Path(cfg.pretrained), model_kind(cfg)
     if path.is_file():
-        kind = check_kind(single_file_kind(path, allow_pickle=cfg.allow_pickle), cfg.kind, str(path))
         pipe = load_single_file_pipeline(path, allow_pickle=cfg.allow_pickle, dtype=dtype, config_dir=cfg.config,
                                          kind=kind)
     else:
-        kind = check_kind(folder_kind(path), cfg.kind, str(path))
-        check_diffusers_folder(path, kind)
         pipe = _load_diffusers_folder(path, dtype, kind)
     vae = pipe.vae
     if cfg.vae is not None:  # e.g. the fp16-safe SDXL VAE in place of the checkpoint's own
@@ -87,6 +81,23 @@ def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:
         source_path=path,
         kind=kind,
     )
+
+
+def model_kind(cfg) -> str:
+    """"base" or "refiner" for `cfg.pretrained` (a `ModelConfig`), from its configs or its single-file
+    header: no weights are loaded, so a run can check it before minutes of scanning and caching.
+
+    Raises:
+        ModelError: naming the path when it is not a model we can read, or not the `cfg.kind` asked for.
+    """
+    path = Path(cfg.pretrained)
+    if not path.exists():
+        raise ModelError(f"{path}: model not found (model.pretrained must be a local diffusers folder or .safetensors)")
+    if path.is_file():
+        return check_kind(single_file_kind(path, allow_pickle=cfg.allow_pickle), cfg.kind, str(path))
+    kind = check_kind(folder_kind(path), cfg.kind, str(path))
+    check_diffusers_folder(path, kind)
+    return kind
 
 
 def folder_kind(path: Path) -> str:

@@ -154,11 +154,10 @@ def build(workspace: Workspace, demo: gr.Blocks) -> tuple[gr.Timer, gr.State]:
     def on_resume(current):
         try:
             folder = workspace.existing(current or "", "run folder")
-            config_path = runs.resume_config(folder)
-            out, pid = runs.start_run(workspace, str(config_path), resume=True)
+            out, pid = runs.resume_run(workspace, folder)
         except FinetuneError as err:
             return f"**not resumed**: {err}"
-        return f"resumed {workspace.relative(out)} (pid {pid}) with `finetune train {config_path.name} --resume`"
+        return f"resumed {workspace.relative(out)} (pid {pid}) with `finetune train --resume {workspace.relative(out)}`"
 
     resume.click(on_resume, pick, status)
     pick.input(lambda c: run_details(workspace, c), pick, details)

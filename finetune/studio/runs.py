@@ -20,16 +20,24 @@ from pathlib import Path
 import tomllib
 
 from finetune.config import load_config
+from finetune.errors import FinetuneError
 from finetune.studio.paths import STUDIO_DIR, PathRefused, Workspace
 from finetune.train.checkpoint import check_fresh_start, list_checkpoints
+from finetune.train.command import RESOLVED_CONFIG
 from finetune.train.logs import STATUS_FILE, read_metrics  # the files the trainer writes, read its way
 
-RESOLVED_CONFIG = "config.resolved.toml"
 CONSOLE_LOG = Path("logs") / "console.log"
 TAIL_BYTES = 64 * 1024
 # Processes this studio started, by output folder: polled so a finished child is reaped (a zombie
 # still answers kill(pid, 0)) and its exit code is known even without status.json.
 _LAUNCHED: dict[Path, subprocess.Popen] = {}
+# A start or resume that fails its checks (config, checkpoint, data) exits within seconds: the studio
+# waits up to this long, so it can say "failed" with the error line instead of "started".
+SETTLE_S = 10.0
+
+
+class RunFailed(FinetuneError):
+    """The trainer the studio started exited with an error within its first seconds."""
 
 
 @dataclass
@@ -145,6 +153,10 @@ def run_state(folder: Path) -> RunState:
     last_ckpt = checkpoints[-1][0] if checkpoints else 0
     metrics_step = (read_metrics(folder) or [{"step": 0}])[-1]["step"]
     max_steps = resolved_config(folder).get("training", {}).get("max_steps")
+    proc = _LAUNCHED.get(folder.resolve())
+    if proc is not None and proc.poll() not in (None, 0, 130, -signal.SIGINT) and (status or {}).get("pid") != proc.pid:
+        # Our latest start exited with an error before writing its own status: the older status.json is stale.
+        return RunState(folder, "failed", last_ckpt, max_steps, error_line(folder) or f"exit code {proc.returncode}")
     if status is not None:
         # status.json is rewritten when the state changes; while running, the metrics are newer.
         step = max(int(status.get("step") or 0), metrics_step if status.get("state") == "running" else 0)
@@ -157,7 +169,6 @@ def run_state(folder: Path) -> RunState:
         elif state.state == "failed" and not state.error:
             state.error = error_line(folder)
         return state
-    proc = _LAUNCHED.get(folder.resolve())
     step = max(metrics_step, last_ckpt)
     if proc is not None and proc.poll() is None:
         return RunState(folder, "running", step, max_steps, pid=proc.pid)
@@ -204,16 +215,21 @@ def last_change(folder: Path) -> float:
     return max(times, default=0.0)
 
 
-def train_argv(config: Path, resume: bool, overrides: list[str]) -> list[str]:
-    """The command the studio runs: the ordinary CLI, as an argv list (never through a shell)."""
+def train_argv(config: Path, overrides: list[str]) -> list[str]:
+    """The command the studio runs for a new run: the ordinary CLI, as an argv list (never through a shell)."""
     argv = [sys.executable, "-m", "finetune", "train", str(config)]
     for item in overrides:
         argv += ["--set", item]
-    return argv + (["--resume"] if resume else [])
+    return argv
 
 
-def start_run(workspace: Workspace, config_text: str, *, resume: bool = False,
-              overrides: list[str] | None = None) -> tuple[Path, int]:
+def resume_argv(folder: Path) -> list[str]:
+    """The command the studio runs to continue a run: `finetune train --resume RUN_DIR`, as the CLI does it."""
+    return [sys.executable, "-m", "finetune", "train", "--resume", str(folder)]
+
+
+def start_run(workspace: Workspace, config_text: str, *, overrides: list[str] | None = None,
+              settle_s: float = SETTLE_S) -> tuple[Path, int]:
     """Validate the config as the CLI would, then start `finetune train` detached; (output dir, pid).
 
     stdout and stderr go to `<output.dir>/logs/console.log` (appended: a resume keeps the history).
@@ -221,10 +237,29 @@ def start_run(workspace: Workspace, config_text: str, *, resume: bool = False,
     Raises:
         ConfigError: the config does not validate (the CLI's own message).
         PathRefused: a path of the config lies outside the workspace, or the run is already running.
+        RunFailed: the trainer exited with an error within `settle_s` seconds (names its error line).
     """
     config = workspace.existing(config_text, "config")
     overrides = [o for o in (overrides or []) if o.strip()]
-    cfg = load_config(config, overrides)
+    out = _checked_output(workspace, load_config(config, overrides))
+    check_fresh_start(out / "checkpoints")  # the trainer's own refusal, before a process starts
+    return out, _launch(train_argv(config, overrides), out, config.parent, settle_s)
+
+
+def resume_run(workspace: Workspace, folder: Path, *, settle_s: float = SETTLE_S) -> tuple[Path, int]:
+    """Continue the run in `folder` as `finetune train --resume RUN_DIR` does: its resolved config, its
+    checkpoint, the same run as every other way to resume; (output dir, pid).
+
+    Raises:
+        PathRefused: no resolved config, a path outside the workspace, or the run is already running.
+        RunFailed: the trainer refused the resume (or failed) within `settle_s` seconds, with its error line.
+    """
+    folder = Path(folder)
+    out = _checked_output(workspace, load_config(resume_config(folder)))
+    return out, _launch(resume_argv(folder), out, folder, settle_s)
+
+
+def _checked_output(workspace: Workspace, cfg) -> Path:
     out = workspace.resolve(cfg.output.dir, "output.dir")
     workspace.resolve(cfg.model.pretrained, "model.pretrained")
     for subset in cfg.dataset.subsets:
@@ -232,20 +267,40 @@ def start_run(workspace: Workspace, config_text: str, *, resume: bool = False,
     current = run_state(out)
     if current.state == "running":
         raise PathRefused(f"{out}: a run is already training there (pid {current.pid}); stop it first")
-    if not resume:
-        check_fresh_start(cfg.output.checkpoints_dir)  # the trainer's own refusal, before a process starts
+    return out
+
+
+def _launch(argv: list[str], out: Path, cwd: Path, settle_s: float) -> int:
     log_path = out / CONSOLE_LOG
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    argv = train_argv(config, resume, overrides)
     with open(log_path, "ab") as log:
         log.write(f"\n--- studio {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv[1:])}\n".encode())
         log.flush()
         # A new session: closing the studio (or Ctrl-C in its terminal) does not reach the trainer.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=config.parent, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                cwd=cwd, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     _LAUNCHED[out.resolve()] = proc
-    return out, proc.pid
+    _settle(proc, out, settle_s)
+    return proc.pid
+
+
+def _settle(proc: subprocess.Popen, out: Path, settle_s: float) -> None:
+    """Wait until the trainer writes its own status (setup done), exits, or `settle_s` pass.
+
+    Raises:
+        RunFailed: it exited with an error; the message is its last error line.
+    """
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            if code not in (0, 130, -signal.SIGINT):
+                raise RunFailed(f"{out.name}: finetune train exited with code {code}: "
+                                f"{error_line(out) or 'see ' + str(out / CONSOLE_LOG)}")
+            return
+        if (read_json(out / STATUS_FILE) or {}).get("pid") == proc.pid:
+            return
+        time.sleep(0.2)
 
 
 def resume_config(folder: Path) -> Path:

@@ -28,20 +28,21 @@ from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset, build_dataloader
 from finetune.train.distributed import PROCESS_GROUP_TIMEOUT, fsdp_on_cpu
 from finetune.train.optim import build_lr_scheduler, build_optimizer
+from finetune.train.resume import with_checkpoint_profile
 from finetune.train.validation import split_rows
 
 log = logging.getLogger("finetune")
 
 
-def memory_config(cfg, resume: str | None = None):
+def memory_config(cfg, point=None):
     """The config with its memory profile applied, and the line that says what the profile chose.
 
-    A resume of an "auto" run keeps the profile its checkpoint was trained with: free memory moves,
-    the run's precision and memory settings must not. The process count is the launcher's
-    (WORLD_SIZE), read before the accelerator exists.
+    A resume (`point`, the checkpoint it continues) of an "auto" run keeps the profile its checkpoint was
+    trained with: free memory moves, the run's precision and memory settings must not. The process count
+    is the launcher's (WORLD_SIZE), read before the accelerator exists.
     """
-    if resume and cfg.memory.profile == "auto":
-        cfg = ckpt.profile_of_checkpoint(cfg, resume)
+    if point is not None:
+        cfg = with_checkpoint_profile(cfg, point)
     return apply_memory_profile(cfg, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
 
 

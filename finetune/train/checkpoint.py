@@ -1,5 +1,5 @@
-"""Checkpoints and resume: `checkpoints/step-NNNNNN/` written whole or not at all, `latest` last; which
-checkpoint `--resume` means and whether the config still fits it.
+"""Checkpoints and resume: `checkpoints/step-NNNNNN/` written whole or not at all, `latest` last; loading one
+back into a prepared run (`finetune.train.resume` decides which, and whether the config still fits).
 
 A checkpoint holds the Accelerate state (trainable weights, optimizer, LR scheduler, grad scaler,
 RNG of every process), `train_state.json` (the one resume object), the resolved config and a usable
@@ -17,12 +17,10 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tomllib
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune.config import TrainConfig, dump_config, frozen_keys, migrate_moved_keys, table_model
-from finetune.errors import CheckpointError, ConfigError
+from finetune.errors import CheckpointError
 from finetune.io import fsync_tree, write_text_atomic
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -138,67 +136,7 @@ def prune_checkpoints(root: Path, keep_last: int, keep_weights: str | None = Non
     return removed
 
 
-# --- resume --------------------------------------------------------------------------------------
-
-def resume_conflicts(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between the checkpoint's config and the current one."""
-    conflicts = []
-    for key in frozen_keys():
-        old, new = _get(saved, key), _get(current, key)
-        if old != new:
-            conflicts.extend(_diff(key, old, new))
-    return conflicts
-
-
-def _get(data: dict, dotted: str):
-    for part in dotted.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
-
-
-def _diff(prefix: str, old, new) -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                out.extend(_diff(f"{prefix}.{key}", old.get(key), new.get(key)))
-        return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and all(
-            isinstance(item, dict) for item in old + new):  # [[dataset.subsets]]: table by table
-        return [line for i, (a, b) in enumerate(zip(old, new)) for line in _diff(f"{prefix}.{i}", a, b)]
-    if old is None and new == _default_of(prefix):
-        return []  # a key newer than the checkpoint, left at its default: the old run behaved so too
-    return [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
-
-
-def _default_of(dotted: str):
-    """The default of a config key, as the resolved TOML writes it (None when it has none)."""
-    *table, key = dotted.split(".")
-    model = table_model(table)
-    field = model.model_fields.get(key) if model is not None else None
-    if field is None:
-        return None
-    value = field.get_default(call_default_factory=True)
-    return list(value) if isinstance(value, tuple) else value
-
-
-def find_resume_folder(root: Path, resume: str) -> Path:
-    """The checkpoint folder `--resume` names: "latest" or a path.
-
-    Raises:
-        CheckpointError: there is no complete checkpoint to resume (names the folder looked in).
-    """
-    if resume == "latest":
-        folder = latest_checkpoint(root)
-        if folder is None:
-            raise CheckpointError(f"--resume: no complete checkpoint in {root}; start the run without --resume "
-                                  "(or point output.dir at the run to continue)")
-        return folder
-    folder = Path(resume)
-    if not (folder / STATE_FILE).is_file():
-        raise CheckpointError(f"{folder}: not a complete checkpoint (no {STATE_FILE}); use --resume for the latest")
-    return folder
-
+# --- resume (which checkpoint, and whether it may be continued: finetune.train.resume) ---------------
 
 def check_fresh_start(root: Path) -> None:
     """A run started without --resume must not write over (and prune) an earlier run's checkpoints.
@@ -214,45 +152,14 @@ def check_fresh_start(root: Path) -> None:
             "cache.dir may point at this run's cache: entries are keyed by what made them, so they are reused)")
 
 
-def check_resumable(folder: Path, cfg: TrainConfig, state: TrainState, allow_changes: bool = False) -> list[str]:
-    """Refuse a resume that could not continue exactly: the config, dataset or process count changed.
+def restore(accelerator, folder: Path, saved: TrainState, state: TrainState, changes: list[str]) -> Path:
+    """Load the checkpoint in `folder` into the prepared run: the Accelerate state (models, optimizer,
+    LR schedule, RNGs), and its progress `saved` into `state`.
 
-    Settings that cannot change the math already done (max_steps, cadences, prompts, logging) change
-    freely. With `allow_changes` the others are accepted too and returned, so the run can say so.
-
-    Returns:
-        the changes accepted (empty without `allow_changes`).
-
-    Raises:
-        CheckpointError: listing every difference and the ways forward.
+    `changes` are the settings `--allow-changes` accepted (finetune.train.resume checked them);
+    they are recorded in the state, so the outputs say the run is not reproducible.
     """
-    saved_cfg = migrate_moved_keys(tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
-    changes = resume_conflicts(saved_cfg, tomllib.loads(dump_config(cfg)))
-    saved = TrainState.from_file(folder / STATE_FILE)
-    if saved.dataset_hash and saved.dataset_hash != state.dataset_hash:
-        changes.append("dataset: the images, captions or crops changed since the checkpoint")
-    check_process_count(folder, state.num_processes)  # the sampler's shards: never accepted
-    if changes and not allow_changes:
-        raise CheckpointError(
-            f"{folder}: cannot resume, the config changed in ways that would make the result differ from an "
-            "uninterrupted run:\n  " + "\n  ".join(changes)
-            + "\nrestore those settings; or resume with --allow-changes to accept them (the run is then marked "
-            "not reproducible); or start a new run in another output.dir from this checkpoint's weights with "
-            f"lora.init_from = \"{folder / (cfg.output.name + '.safetensors')}\"")
-    return changes
-
-
-def restore(accelerator, cfg: TrainConfig, resume: str, state: TrainState, allow_changes: bool = False) -> Path:
-    """Load the checkpoint `resume` names into the prepared run: the Accelerate state (models,
-    optimizer, LR schedule, RNGs, sampler position), and its progress into `state`.
-
-    `state` holds this run's seed, process count and dataset hash, checked against the checkpoint
-    first (`check_resumable`). Returns the checkpoint folder.
-    """
-    folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
-    changes = check_resumable(folder, cfg, state, allow_changes)
     accelerator.load_state(str(folder))
-    saved = TrainState.from_file(folder / STATE_FILE)
     state.step, state.epoch, state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
     state.images_seen, state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
     state.changed_on_resume = saved.changed_on_resume + [f"step {saved.step}: {c}" for c in changes]
@@ -261,52 +168,6 @@ def restore(accelerator, cfg: TrainConfig, resume: str, state: TrainState, allow
                           "reproducible):\n  " + "\n  ".join(changes))
     accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
     return folder
-
-
-def finished_run(cfg: TrainConfig, resume: str) -> TrainState | None:
-    """The checkpoint's state when `--resume` has nothing left to train (the run already reached max_steps).
-
-    Raises:
-        CheckpointError: no checkpoint to resume.
-        ConfigError: training.max_steps is below the checkpoint's step.
-    """
-    folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
-    saved = TrainState.from_file(folder / STATE_FILE)
-    if cfg.training.max_epochs is not None or saved.step < cfg.training.max_steps:
-        return None
-    if saved.step > cfg.training.max_steps:
-        raise ConfigError(f"training.max_steps = {cfg.training.max_steps} is below the checkpoint's step "
-                          f"{saved.step} ({folder}): set it above {saved.step} to train further")
-    return saved if cfg.output.adapter_path.is_file() else None  # stopped on its last step: finish it
-
-
-def check_process_count(folder: Path, num_processes: int) -> None:
-    """Refuse at once (before loading models and building caches) a resume with another process count.
-
-    Raises:
-        CheckpointError: naming both counts and the launch flag that resumes.
-    """
-    saved = TrainState.from_file(folder / STATE_FILE)
-    if saved.num_processes != num_processes:
-        raise CheckpointError(f"{folder}: cannot resume: {_process_count_problem(saved.num_processes, num_processes)}")
-
-
-def _process_count_problem(saved: int, now: int) -> str:
-    return (f"processes: {saved} in the checkpoint, {now} now (each process holds its own place in the data order, "
-            f"its own RNG state and, with FSDP, its own shard): launch with --num_processes {saved} (machines x GPUs "
-            "per machine), or start a new run from this checkpoint's weights (a LoRA: lora.init_from)")
-
-
-def profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:
-    """`auto` on resume keeps the profile the stopped run chose: free memory moves, the run must not."""
-    folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
-    saved = migrate_moved_keys(tomllib.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
-    chosen = saved.get("memory", {}).get("profile", "auto")
-    if chosen == "auto":  # a checkpoint from before auto recorded its choice
-        return cfg
-    cfg = cfg.model_copy(deep=True)
-    cfg.memory.profile = chosen
-    return cfg
 
 
 def register_trainable_only_hooks(acc) -> None:

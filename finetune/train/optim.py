@@ -15,10 +15,6 @@ from finetune.errors import ConfigError
 
 # diffusers is imported where the LR schedule is built: importing it takes seconds.
 
-# Lion's own default; Adam's (0.9, 0.999) makes Lion's sign update too sluggish.
-LION_BETAS = (0.9, 0.99)
-
-
 def _require(module: str, optimizer_name: str, package: str) -> ModuleType:
     """Import an optional package, or say which one to install for this optimizer."""
     try:
@@ -52,8 +48,7 @@ def _bnb(groups: list[dict], cfg: OptimizerConfig, learning_rate: float) -> torc
     bnb = _bitsandbytes(cfg.name)
     # Parameters under min_8bit_size (4096) elements keep 32-bit state: only large tensors shrink.
     if cfg.name == "lion8bit":
-        betas = cfg.betas if "betas" in cfg.model_fields_set else LION_BETAS
-        return bnb.Lion8bit(groups, lr=learning_rate, betas=betas, weight_decay=cfg.weight_decay)
+        return bnb.Lion8bit(groups, lr=learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
     # On CPU the paged variant warns and keeps ordinary memory.
     cls = bnb.PagedAdamW8bit if cfg.name == "paged_adamw8bit" else bnb.AdamW8bit
     return cls(groups, lr=learning_rate, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)

@@ -18,21 +18,19 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from bucketing.manifest import load_manifest
 from finetune.adapters.norms import clamp_lora_norms
 from finetune.cache.prepare import place_models, prepare_caches
 from finetune.config import TrainConfig, dump_config
-from finetune.dataset import build_dataset, dataset_hash
+from finetune.dataset import dataset_hash
 from finetune.errors import FinetuneError
-from finetune.io import write_text_atomic
 from finetune.memory.profiles import out_of_memory_message
-from finetune.models.load import load_models
+from finetune.models.load import load_models, model_kind
 from finetune.rng import shared_step_generator
 from finetune.tools.sample import log_sample_grids, render_training_samples
 from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
-from finetune.train.command import record_command
+from finetune.train.command import record_run
 from finetune.train.distributed import topology_lines
 from finetune.train.logs import RunLog, paused, progress_bar, step_metrics
 from finetune.train.loss import make_noise_scheduler, resolve_prediction_type, timestep_range
@@ -40,6 +38,7 @@ from finetune.train.optim import clip_gradients
 from finetune.train.outputs import averaged_weights, save_trained_weights
 from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
+from finetune.train.resume import ResumePoint, check_config, check_process_count, finished, resume_point, run_manifest
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
 from finetune.train.validation import validation_loss
 from finetune.train.words import cached_text, freeze_after, setup_words, text_encoder_fn
@@ -88,17 +87,19 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, *,
         step_loss: the loss of one micro-batch (`step.diffusion_step_loss`; tests wrap it).
         allow_changes: resume although frozen settings or the data changed (recorded in the run).
         command: (config file, --set overrides) the run was started with, kept in `run.json` so that
-            `--resume` continues with the same settings.
+            `--resume` continues with the same settings. Nothing is recorded before the setup completes:
+            a refused resume leaves the run folder as it was.
     """
-    # Both checks come before minutes of scanning and caching.
-    if resume is None:
+    # The one resume point, read once; both checks come before minutes of scanning and caching.
+    point = resume_point(cfg.output.checkpoints_dir, resume) if resume else None
+    if point is None:
         ckpt.check_fresh_start(cfg.output.checkpoints_dir)
-    elif (done := ckpt.finished_run(cfg, resume)) is not None:
-        return TrainResult(output_path=cfg.output.adapter_path, step=done.step, finished_before=True,
-                           checkpoint=ckpt.latest_checkpoint(cfg.output.checkpoints_dir))
+    elif finished(point, cfg.training, cfg.output.adapter_path):
+        return TrainResult(output_path=cfg.output.adapter_path, step=point.state.step, finished_before=True,
+                           checkpoint=point.folder)
     recipe = Recipe(cfg, progress=progress, step_loss=step_loss, allow_changes=allow_changes, command=command)
     try:
-        recipe.setup(resume)
+        recipe.setup(point)
         with StopFlag() as stop:
             interrupted = recipe.train_loop(stop)
         return recipe.finish(interrupted)
@@ -119,6 +120,7 @@ class Recipe:
         self.progress = progress
         self.step_loss = step_loss
         self.allow_changes = allow_changes
+        self.changes: list[str] = []  # the frozen settings --allow-changes accepted on resume
         self.command = command  # (config file, overrides): written to run.json for --resume
         self.phase = "setup"  # setup, caching, training: what an out-of-memory message speaks of
         # Built by setup(), in order.
@@ -149,10 +151,10 @@ class Recipe:
 
     # --- setup -----------------------------------------------------------------------------------
 
-    def setup(self, resume: str | None = None) -> Recipe:
-        """Build the run; each step needs what the step before it made."""
+    def setup(self, point: ResumePoint | None = None) -> Recipe:
+        """Build the run; each step needs what the step before it made. `point`: the checkpoint a resume continues."""
         # The profile decides the mixed precision the accelerator is built with.
-        self.cfg, profile_message = builders.memory_config(self.cfg, resume)
+        self.cfg, profile_message = builders.memory_config(self.cfg, point)
         cfg = self.cfg
         self.accelerator = acc = builders.make_accelerator(cfg.training, cfg.logging, cfg.output.dir)
         set_seed(cfg.training.seed)  # adapter init draws from the global RNG: same seed, same start
@@ -162,43 +164,36 @@ class Recipe:
             print(process_line, flush=True)  # every process: rank, machine, device
         if profile_message:
             acc.print(profile_message)
-        if resume:  # before minutes of loading and caching
-            ckpt.check_process_count(ckpt.find_resume_folder(cfg.output.checkpoints_dir, resume), acc.num_processes)
-        self._setup_manifest()
+        # The model's kind from its config or header (no weights yet): a refiner has its own timesteps.
+        self.cfg, line = refiner_run_config(self.cfg, model_kind(cfg.model))
+        if line:
+            acc.print(line)
+        if point is not None:  # the settings a resume must keep, before minutes of scanning, loading and caching
+            check_process_count(point, acc.num_processes)
+            self.changes = check_config(point, self.cfg, self.allow_changes)
+        # The main process plans the manifest; on resume it replaces the run's once it matches the checkpoint's data.
+        self.manifest, changes = run_manifest(acc, self.cfg, point, self.allow_changes)
+        self.changes += changes
         latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
         self._setup_data(latents, text)  # needs the cache lookups
         # training.max_epochs needs the batch count; the LR schedule needs the length.
         self.cfg = builders.length_in_steps(self.cfg, len(self.loader), acc.print)
         # Adapters (or full weights), optimizer, LR schedule, EMA, as Accelerate prepared them.
         self.parts = builders.build_trained_parts(self.cfg, acc, self.models, self.words)
-        if resume:  # the checkpoint's Accelerate state and TrainState, the config checked against it
-            self.last_checkpoint = ckpt.restore(acc, self.cfg, resume, self.state, self.allow_changes)
+        if point is not None:  # the checkpoint's Accelerate state and TrainState
+            self.last_checkpoint = ckpt.restore(acc, point.folder, point.state, self.state, self.changes)
             self.epochs_done = self.epochs_completed()
+        if acc.is_main_process:  # setup is complete (a resume accepted): the run's record, as it trains
+            record_run(self.cfg, *(self.command or (None, [])))
         self.log = RunLog.open(self.cfg, acc, self.state.step)
         print_plan(acc, self.cfg, len(self.loader), len(self.manifest), self.parts.params, self.models.unet,
                    self.sampler, self.manifest)
         return self
 
-    def _setup_manifest(self) -> None:
-        """The main process scans and writes the manifest; the others read what it wrote."""
-        cfg, acc = self.cfg, self.accelerator
-        if acc.is_main_process:
-            info = build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
-            acc.print(info.report_text)
-            write_resolved_config(cfg)
-            if self.command is not None:
-                record_command(cfg.output.dir, *self.command)
-        acc.wait_for_everyone()
-        self.manifest = load_manifest(cfg.output.manifest_dir)
-
     def _setup_models(self):
         """Load SDXL, build the caches, and keep on the GPU only what training still needs."""
         cfg, acc = self.cfg, self.accelerator
         self.models = models = load_models(cfg.model, dtype=torch.float32)
-        self.cfg, line = refiner_run_config(self.cfg, models.kind)  # a refiner: its timesteps, no text encoder
-        if line:
-            acc.print(line)
-        cfg = self.cfg
         # Before the caches are built (minutes), not at the first step.
         timestep_range(models.noise_scheduler.config.num_train_timesteps, cfg.loss.min_timestep, cfg.loss.max_timestep)
         self.phase = "caching"
@@ -409,9 +404,3 @@ class Recipe:
             with contextlib.suppress(OSError):
                 self.log.status("failed", self.state.step, error)
 
-
-def write_resolved_config(cfg: TrainConfig) -> Path:
-    """The config as the run saw it (defaults filled, paths absolute), beside the outputs."""
-    path = cfg.output.dir / "config.resolved.toml"
-    write_text_atomic(path, dump_config(cfg))
-    return path

@@ -7,7 +7,7 @@ from finetune.models.refiner import REFINER_TIMESTEPS
 
 
 def refiner_run_config(cfg, kind: str):
-    """(cfg, plan line): for a refiner, the refiner's part of the schedule unless loss sets one.
+    """(cfg, plan line): for a refiner, the refiner's part of the schedule unless loss.max_timestep sets one.
 
     SDXL's refiner denoises only the first ~200 of the 1000 noise levels (paper §2.5; diffusers'
     hand-off at denoising_start = 0.8 gives timesteps below 200), so by default it trains on [0, 200).
@@ -21,13 +21,15 @@ def refiner_run_config(cfg, kind: str):
     if cfg.training.train_text_encoder:
         raise ConfigError("training.train_text_encoder = true: the refiner's text encoder is not trained (ComfyUI "
                           "and diffusers read its LoRA keys under different names); set it to false")
-    if {"min_timestep", "max_timestep"} & cfg.loss.model_fields_set:
-        return cfg, (f"refiner: timesteps [{cfg.loss.min_timestep}, {cfg.loss.max_timestep or 'end'}) "
+    if cfg.loss.max_timestep is not None:
+        return cfg, (f"refiner: timesteps [{cfg.loss.min_timestep}, {cfg.loss.max_timestep}) "
                      "as loss.min_timestep/max_timestep set them")
-    cfg = cfg.model_copy(deep=True)
     low, high = REFINER_TIMESTEPS
-    cfg.loss.min_timestep, cfg.loss.max_timestep = low, high
-    cfg.loss.model_fields_set.discard("min_timestep")  # still the refiner's default, not the user's choice
-    cfg.loss.model_fields_set.discard("max_timestep")
-    return cfg, (f"refiner: training on timesteps [{low}, {high}), its part of the schedule (SDXL paper §2.5); "
-                 "set loss.min_timestep/max_timestep to change it")
+    if cfg.loss.min_timestep >= high:
+        raise ConfigError(f"loss.min_timestep = {cfg.loss.min_timestep}: the refiner trains on [{low}, {high}) unless "
+                          f"loss.max_timestep says otherwise; set loss.max_timestep above {cfg.loss.min_timestep}")
+    # An explicit value from here on: the run's resolved config reloads to the same range.
+    cfg = cfg.model_copy(deep=True)
+    cfg.loss.max_timestep = high
+    return cfg, (f"refiner: training on timesteps [{cfg.loss.min_timestep}, {high}), its part of the schedule (SDXL "
+                 "paper §2.5); set loss.max_timestep to change it")

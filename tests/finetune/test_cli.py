@@ -31,16 +31,16 @@ def test_help_explains_every_subcommand():
 
 
 @pytest.mark.slow
-def test_not_an_sdxl_folder_and_empty_image_folder_are_one_line_errors(tmp_path):
+def test_not_an_sdxl_folder_and_empty_image_folder_are_one_line_errors(tmp_path, tiny_model_dir):
     (tmp_path / "model").mkdir()
     (tmp_path / "images").mkdir()
-    done = run("train", write_config(tmp_path, tmp_path / "model", tmp_path / "images"))
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "no usable image" in done.stderr and str(tmp_path / "images") in done.stderr
-    make_image(tmp_path / "images" / "a.png", 64, 64)
+    # The model is checked first (from its configs, no weights): before the scan of the images.
     done = run("train", write_config(tmp_path, tmp_path / "model", tmp_path / "images"))
     assert done.returncode == 2 and "not an SDXL diffusers folder" in done.stderr and str(tmp_path / "model") in done.stderr
     assert "Traceback" not in done.stderr
+    done = run("train", write_config(tmp_path, tiny_model_dir, tmp_path / "images"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no usable image" in done.stderr and str(tmp_path / "images") in done.stderr
 
 
 @pytest.mark.slow

@@ -129,7 +129,7 @@ def test_profile_keeps_unset_keys_unset_and_softens_what_cannot_work(tmp_path):
     cfg.lora.variant = "loha"
     out, message = apply_memory_profile(cfg)
     assert out.memory.base_dtype == "bf16" and "cannot train on a quantized base" in message
-    assert "betas" not in out.optimizer.model_fields_set  # Lion's own betas still apply when unset
+    assert out.optimizer.betas == (0.9, 0.999)  # the optimizer's own default, resolved with the config
 
 
 def test_profile_keeps_fp32_base_when_the_user_turned_autocast_off(tmp_path):
@@ -143,13 +143,16 @@ def test_auto_on_resume_keeps_the_profile_the_stopped_run_chose(tmp_path):
 
     from finetune.errors import CheckpointError
     from finetune.train import checkpoint as ckpt
-    from finetune.train.checkpoint import profile_of_checkpoint
+    from finetune.train.resume import resume_point, with_checkpoint_profile
 
     cfg = config(tmp_path, profile="auto")
     folder = cfg.output.checkpoints_dir / "step-000010"
     folder.mkdir(parents=True)
     (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "low_vram"\n', encoding="utf-8")
     (folder / ckpt.STATE_FILE).write_text(ckpt.TrainState(step=10).to_json(), encoding="utf-8")
+    def profile_of_checkpoint(cfg, resume):
+        return with_checkpoint_profile(cfg, resume_point(cfg.output.checkpoints_dir, resume))
+
     assert profile_of_checkpoint(cfg, "latest").memory.profile == "low_vram"
     out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
     assert out.memory.profile == "low_vram" and "set in the config" in message  # free memory ignored

@@ -87,9 +87,11 @@ def test_samples_sorted_by_step_and_runs_listed(tmp_path):
 
 
 def test_train_argv_is_the_ordinary_cli_without_a_shell(tmp_path):
-    argv = runs.train_argv(tmp_path / "my config.toml", True, ["training.max_steps=4"])
+    argv = runs.train_argv(tmp_path / "my config.toml", ["training.max_steps=4"])
     assert argv == [sys.executable, "-m", "finetune", "train", str(tmp_path / "my config.toml"),
-                    "--set", "training.max_steps=4", "--resume"]
+                    "--set", "training.max_steps=4"]
+    assert runs.resume_argv(tmp_path / "run") == [sys.executable, "-m", "finetune", "train", "--resume",
+                                                  str(tmp_path / "run")]
 
 
 def test_a_running_status_takes_its_step_from_the_newer_metrics(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from finetune.train import checkpoint as ckpt
+from finetune.train.resume import resume_conflicts
 from finetune.errors import CheckpointError
 
 
@@ -93,7 +94,7 @@ def test_disk_full_removes_the_partial_checkpoint_and_keeps_the_previous(acceler
 def test_resume_conflicts_name_the_changed_keys():
     saved = {"model": {"pretrained": "/a"}, "training": {"method": "lora", "max_steps": 10}, "lora": {"rank": 4}}
     current = {"model": {"pretrained": "/b"}, "training": {"method": "lora", "max_steps": 99}, "lora": {"rank": 8}}
-    conflicts = ckpt.resume_conflicts(saved, current)
+    conflicts = resume_conflicts(saved, current)
     assert any(c.startswith("model.pretrained") for c in conflicts)
     assert any(c.startswith("lora.rank") for c in conflicts)
     assert not any("max_steps" in c for c in conflicts)  # more steps is a fine reason to resume
@@ -103,10 +104,10 @@ def test_a_checkpoint_older_than_a_key_resumes_while_the_key_keeps_its_default()
     saved = {"training": {"method": "full", "learning_rate": 1e-5}}  # written before fused_backward existed
     current = {"training": {"method": "full", "learning_rate": 1e-5, "block_lr_scale": {}},
                "memory": {"fused_backward": False, "weight_dtype": "fp32"}}
-    assert ckpt.resume_conflicts(saved, current) == []
+    assert resume_conflicts(saved, current) == []
     current["training"].update(learning_rate=2e-5)
     current["memory"].update(fused_backward=True)
-    conflicts = ckpt.resume_conflicts(saved, current)
+    conflicts = resume_conflicts(saved, current)
     assert any(c.startswith("memory.fused_backward: None in the checkpoint, True now") for c in conflicts)
     assert any(c.startswith("training.learning_rate") for c in conflicts)  # the scheduler would keep the old one
 
@@ -115,12 +116,12 @@ def test_a_subset_key_newer_than_the_checkpoint_resumes_and_subset_changes_are_n
     saved = {"dataset": {"subsets": [{"folder": "/a", "repeats": 1}, {"folder": "/b", "repeats": 2}]}}
     current = {"dataset": {"subsets": [{"folder": "/a", "repeats": 1, "kohya_repeats": False},
                                        {"folder": "/b", "repeats": 2, "kohya_repeats": False}]}}
-    assert ckpt.resume_conflicts(saved, current) == []  # a checkpoint from before kohya_repeats existed
+    assert resume_conflicts(saved, current) == []  # a checkpoint from before kohya_repeats existed
     current["dataset"]["subsets"][1].update(repeats=3, kohya_repeats=True)
-    assert ckpt.resume_conflicts(saved, current) == ["dataset.subsets.1.kohya_repeats: None in the checkpoint, True now",
+    assert resume_conflicts(saved, current) == ["dataset.subsets.1.kohya_repeats: None in the checkpoint, True now",
                                                      "dataset.subsets.1.repeats: 2 in the checkpoint, 3 now"]
     current["dataset"]["subsets"].pop()
-    assert [c.split(":")[0] for c in ckpt.resume_conflicts(saved, current)] == ["dataset.subsets"]
+    assert [c.split(":")[0] for c in resume_conflicts(saved, current)] == ["dataset.subsets"]
 
 
 def test_trainable_weights_are_saved_by_their_bare_names_through_torch_compile(tmp_path):
@@ -155,7 +156,7 @@ def test_a_checkpoint_from_before_the_memory_table_compares_its_keys_in_their_ne
     saved = migrate_moved_keys({"training": {"method": "lora", "base_dtype": "bf16", "memory_profile": "low_vram"}})
     assert saved == {"training": {"method": "lora"}, "memory": {"base_dtype": "bf16", "profile": "low_vram"}}
     current = {"training": {"method": "lora"}, "memory": {"base_dtype": "fp32", "profile": "low_vram"}}
-    assert ckpt.resume_conflicts(saved, current) == ["memory.base_dtype: 'bf16' in the checkpoint, 'fp32' now"]
+    assert resume_conflicts(saved, current) == ["memory.base_dtype: 'bf16' in the checkpoint, 'fp32' now"]
 
 
 def test_the_keys_frozen_on_resume_are_the_ones_marked_on_the_schema():

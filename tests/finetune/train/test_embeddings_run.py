@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_runs import make_shapes_folder, write_config
+from trainer_runs import assert_resolved_is_the_runs, make_shapes_folder, write_config
 from finetune.config import load_config
 from finetune.train.recipe import Recipe, StopFlag, train
 
@@ -62,6 +62,7 @@ def test_embedding_run_trains_the_new_rows_only_and_changes_samples_with_the_wor
     run.finish(False)
 
     out = cfg.output.dir
+    assert_resolved_is_the_runs(out)
     trained = load_file(str(out / "embeddings" / "myDog.safetensors"))
     assert {k: tuple(v.shape) for k, v in trained.items()} == {"clip_l": (2, 32), "clip_g": (2, 64)}
     assert all(torch.equal(trained[k], v) for k, v in load_file(str(out / "lora.safetensors")).items())

@@ -70,13 +70,14 @@ def test_shipped_accelerate_configs_load(name):
 
 def test_a_resume_with_another_process_count_is_refused_before_any_work(tmp_path):
     from finetune.errors import CheckpointError
-    from finetune.train.checkpoint import STATE_FILE, TrainState, check_process_count
+    from finetune.train.checkpoint import TrainState
+    from finetune.train.resume import ResumePoint, check_process_count
 
-    (tmp_path / STATE_FILE).write_text(TrainState(num_processes=2).to_json())
-    check_process_count(tmp_path, 2)
+    point = ResumePoint(tmp_path, TrainState(num_processes=2), {})
+    check_process_count(point, 2)
     for now in (1, 4):
         with pytest.raises(CheckpointError, match=f"processes: 2 in the checkpoint, {now} now .*--num_processes 2"):
-            check_process_count(tmp_path, now)
+            check_process_count(point, now)
 
 
 def test_fsdp_on_cpu_turns_only_an_fsdp_launch_into_fsdp(monkeypatch):

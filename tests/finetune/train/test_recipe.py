@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_image
-from trainer_runs import adapter_tensors, write_config
+from trainer_runs import adapter_tensors, assert_resolved_is_the_runs, write_config
 from finetune.config import load_config
 from finetune.errors import CheckpointError, FinetuneError
 from finetune.train.recipe import train
@@ -315,6 +315,7 @@ def test_full_fine_tune_with_ema_writes_a_unet_file(tmp_path, tiny_model_dir, sh
     cfg = load_config(write_config(tmp_path, tiny_model_dir, shapes_folder, steps=3, every=10),
                       ["training.method=full", "training.learning_rate=1e-4", "training.ema_decay=0.9"])
     result = train(cfg, progress=False)
+    assert_resolved_is_the_runs(cfg.output.dir)
     tensors = adapter_tensors(result.output_path)
     assert all(k.startswith("model.diffusion_model.") for k in tensors)
     from diffusers import UNet2DConditionModel

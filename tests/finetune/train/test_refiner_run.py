@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_runs import adapter_tensors, make_shapes_folder, write_config
+from trainer_runs import adapter_tensors, assert_resolved_is_the_runs, make_shapes_folder, write_config
 from finetune.config import load_config
 from finetune.errors import ModelError
 from finetune.train.recipe import train
@@ -55,6 +55,13 @@ def unet_out(unet):
     sample, cond = fixed_input(unet)
     with torch.no_grad():
         return unet(sample, torch.tensor([150]), **cond).sample
+
+
+def test_the_resolved_config_keeps_the_refiners_timesteps(lora_run):
+    cfg, _ = lora_run
+    assert_resolved_is_the_runs(cfg.output.dir)
+    resolved = load_config(cfg.output.dir / "config.resolved.toml")
+    assert (resolved.loss.min_timestep, resolved.loss.max_timestep) == (0, 200)
 
 
 def test_add_time_ids_equal_the_img2img_pipelines_for_every_row(lora_run, tiny_refiner_dir):
