@@ -99,9 +99,12 @@ def paused(bar):
 
 
 def step_metrics(loss: torch.Tensor, lr: float, images_per_s: float, grad_norm: torch.Tensor | None = None,
-                 norms_scaled: torch.Tensor | None = None, largest_norm: torch.Tensor | None = None) -> dict[str, float]:
+                 norms_scaled: torch.Tensor | None = None, largest_norm: torch.Tensor | None = None,
+                 nan_skipped: int = 0) -> dict[str, float]:
     """One logged step's numbers as plain floats (reading device tensors is the host sync of a logging step)."""
     metrics = {"loss": float(loss), "lr": lr, "images_per_s": images_per_s}
+    if nan_skipped:  # steps skipped for NaN/inf losses so far in the run: shown once there are any
+        metrics["nan_skipped"] = nan_skipped
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     if largest_norm is not None:  # lora.max_norm: what kohya logs beside the loss

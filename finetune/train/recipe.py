@@ -9,7 +9,6 @@ math lives in small pure functions (`step.py`, `loss.py`); everything a resume n
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,10 @@ from finetune.train.outputs import averaged_weights, save_trained_weights
 from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
 from finetune.train.resume import ResumePoint, check_config, check_process_count, finished, resume_point, run_manifest
+from finetune.train.stop import StopFlag
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
+from finetune.train.trouble import nan_stop_message
+from finetune.train.trouble import out_of_memory_message as trouble_oom_message
 from finetune.train.validation import validation_loss
 from finetune.train.words import cached_text, freeze_after, setup_words, text_encoder_fn
 
@@ -52,30 +54,6 @@ class TrainResult:
     checkpoint: Path | None = None
     interrupted: bool = False
     finished_before: bool = False  # --resume on a run that had already finished: nothing was done
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to save and stop at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once; the last complete checkpoint stays
-            raise KeyboardInterrupt
-        self.requested = True
-        # On its own line: the progress bar's line has no newline yet.
-        print("\nstop requested: saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, *,
@@ -105,7 +83,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, *,
         return recipe.finish(interrupted)
     except torch.OutOfMemoryError:
         recipe.fail("out of GPU memory")
-        raise FinetuneError(out_of_memory_message(recipe.phase)) from None
+        if recipe.phase != "training":
+            raise FinetuneError(out_of_memory_message(recipe.phase)) from None
+        raise FinetuneError(recipe.out_of_memory()) from None
     except BaseException as err:
         recipe.fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise
@@ -141,6 +121,8 @@ class Recipe:
         self.losses: list[torch.Tensor] = []  # mean loss of each optimizer step, left on the device
         self.window_losses: list[torch.Tensor] = []  # the micro-batch losses of the current step
         self.nan_in_a_row = 0
+        self.streak_start = 0  # the step count when the current run of non-finite losses began
+        self.window_start: tuple[int, int, int] | None = None  # (epoch, batch_in_epoch, images_seen) of the window
         self.grad_norm: torch.Tensor | None = None
         self.norms_scaled: torch.Tensor | None = None
         self.largest_norm: torch.Tensor | None = None
@@ -229,12 +211,15 @@ class Recipe:
             self.sampler.set_epoch(state.epoch)
             self.sampler.load_state_dict({"epoch": state.epoch, "batch_index": state.batch_in_epoch})
             for batch in self.loader:
+                if not self.window_losses:  # a new accumulation window: where an out-of-memory save goes back to
+                    self.window_start = (state.epoch, state.batch_in_epoch, state.images_seen)
                 state.batch_in_epoch += 1
                 with acc.accumulate(*self.parts.trained_models):
                     self.micro_step(batch)
                     stepped = self.optimizer_step() if acc.sync_gradients else None
                 if stepped is None:  # inside an accumulation window
                     continue
+                self.window_start = None  # the window is done (stepped or skipped): nothing to go back to
                 if stepped:
                     state.step += 1
                     self.after_step(bar)
@@ -297,13 +282,18 @@ class Recipe:
             self.nan_in_a_row = 0
             self.losses.append(torch.stack(window).mean())
             return True
+        if self.nan_in_a_row == 0:
+            self.streak_start = self.state.step
         self.nan_in_a_row += 1
         self.state.nan_steps_skipped += 1
+        self.accelerator.print(f"\nstep {self.state.step + 1}: loss or gradients NaN/inf, step skipped ({self.nan_in_a_row} "
+                               f"in a row, {self.state.nan_steps_skipped} in the run; training.max_nan_steps = "
+                               f"{self.cfg.training.max_nan_steps})")
         if self.nan_in_a_row >= self.cfg.training.max_nan_steps:
-            raise FinetuneError(
-                f"loss was NaN/inf {self.nan_in_a_row} steps in a row at step {self.state.step}; stopped. "
-                f"The last good checkpoint is in {self.cfg.output.checkpoints_dir}: lower "
-                "training.learning_rate or use training.mixed_precision = 'bf16' and resume")
+            raise FinetuneError(nan_stop_message(
+                streak=self.nan_in_a_row, step=self.state.step, streak_start=self.streak_start,
+                run_dir=self.cfg.output.dir, learning_rate=self.cfg.training.learning_rate,
+                mixed_precision=self.cfg.training.mixed_precision))
         return False
 
     def _losses_finite(self) -> bool:
@@ -327,9 +317,13 @@ class Recipe:
         if state.step == 1 or state.step % cfg.logging.every_n_steps == 0:  # the host sync: only when logging
             metrics = step_metrics(self.losses[-1], self.parts.lr_scheduler.get_last_lr()[0],
                                    state.images_seen / max(time.time() - self.started, 1e-6),
-                                   self.grad_norm, self.norms_scaled, self.largest_norm)
+                                   self.grad_norm, self.norms_scaled, self.largest_norm, state.nan_steps_skipped)
             self.log.log(state.step, state.epoch, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                            **({"skipped": state.nan_steps_skipped} if state.nan_steps_skipped else {}))
+        on_cadence = state.step % cfg.checkpoint.every_n_steps == 0 or epoch_due(cfg.checkpoint.every_n_epochs)
+        if on_cadence and state.step < cfg.training.max_steps:  # the last step's checkpoint is finish()'s
+            self.save_checkpoint()  # before samples: rendering may run out of memory, the checkpoint is kept
         every = cfg.sample.every_n_steps
         if cfg.sample.prompts and (every and state.step % every == 0 or epoch_due(cfg.sample.every_n_epochs)):
             with paused(bar):  # the ETA counts training steps, not the minutes spent rendering
@@ -340,9 +334,6 @@ class Recipe:
                                     device=acc.device, seed=cfg.training.seed)
             acc.print(f"step {state.step}: validation loss {value:.5f}")
             self.log.log(state.step, state.epoch, {"val_loss": value})
-        on_cadence = state.step % cfg.checkpoint.every_n_steps == 0 or epoch_due(cfg.checkpoint.every_n_epochs)
-        if on_cadence and state.step < cfg.training.max_steps:  # the last step's checkpoint is finish()'s
-            self.save_checkpoint()
 
     # --- outputs ---------------------------------------------------------------------------------
 
@@ -397,6 +388,21 @@ class Recipe:
         losses = torch.stack(self.losses).tolist() if self.losses else []
         return TrainResult(output_path=cfg.output.adapter_path, step=self.state.step, losses=losses,
                            checkpoint=self.last_checkpoint, interrupted=interrupted)
+
+    def out_of_memory(self) -> str:
+        """Out of memory inside a step: save the last completed optimizer step when that is safe (one
+        process, no optimizer stepping inside backward), and say how to continue with less memory."""
+        folder = self.last_checkpoint
+        if self.parts is not None and self.parts.fused is None and self.accelerator.num_processes == 1:
+            self.parts.optimizer.zero_grad(set_to_none=True)  # the unfinished window's gradients
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if self.window_start is not None:  # back to the start of the window the step never finished
+                self.state.epoch, self.state.batch_in_epoch, self.state.images_seen = self.window_start
+            with contextlib.suppress(torch.OutOfMemoryError, FinetuneError):
+                folder = self.save_checkpoint()
+        return trouble_oom_message(run_dir=self.cfg.output.dir, resume_from=folder, memory=self.cfg.memory,
+                                   training=self.cfg.training)
 
     def fail(self, error: str) -> None:
         """Record a failure in status.json, when the run got far enough to have one."""
