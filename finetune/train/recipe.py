@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from bucketing.manifest import load_manifest
 from finetune.adapters.norms import clamp_lora_norms
 from finetune.cache.prepare import place_models, prepare_caches
-from finetune.config import TrainConfig, dump_config
+from finetune.config import TrainConfig, check_output_dir, dump_config
 from finetune.dataset import build_dataset, dataset_hash
 from finetune.errors import FinetuneError
 from finetune.io import write_text_atomic
@@ -90,7 +90,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, *,
         command: (config file, --set overrides) the run was started with, kept in `run.json` so that
             `--resume` continues with the same settings.
     """
-    # Both checks come before minutes of scanning and caching.
+    # These checks come before minutes of scanning and caching.
+    check_output_dir(cfg.output, cfg.dataset)  # never among the images; a folder that can be written
     if resume is None:
         ckpt.check_fresh_start(cfg.output.checkpoints_dir)
     elif (done := ckpt.finished_run(cfg, resume)) is not None:
