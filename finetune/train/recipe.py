@@ -26,7 +26,7 @@ from finetune.dataset import build_dataset, dataset_hash
 from finetune.errors import FinetuneError
 from finetune.io import write_text_atomic
 from finetune.memory.profiles import out_of_memory_message
-from finetune.models.load import load_models
+from finetune.models.load import check_unet_inputs, load_models
 from finetune.rng import shared_step_generator
 from finetune.tools.sample import log_sample_grids, render_training_samples
 from finetune.train import builders
@@ -92,6 +92,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, *,
     """
     # These checks come before minutes of scanning and caching.
     check_output_dir(cfg.output, cfg.dataset)  # never among the images; a folder that can be written
+    check_unet_inputs(cfg.model)  # an inpainting UNet would fail only at the first step
     if resume is None:
         ckpt.check_fresh_start(cfg.output.checkpoints_dir)
     elif (done := ckpt.finished_run(cfg, resume)) is not None:

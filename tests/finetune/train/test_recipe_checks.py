@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from trainer_runs import write_config
 from finetune.config import load_config
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, ModelError
 from finetune.train.recipe import train
 
 
@@ -22,3 +25,11 @@ def test_an_output_dir_inside_the_images_is_refused_and_the_images_are_untouched
         train(cfg, progress=False)
     assert listing(shapes_folder) == before
 
+
+def test_an_inpainting_unet_is_refused_before_the_dataset_scan(tmp_path, shapes_folder):
+    (tmp_path / "model" / "unet").mkdir(parents=True)  # the check reads only unet/config.json
+    (tmp_path / "model" / "unet" / "config.json").write_text(json.dumps({"in_channels": 9}), encoding="utf-8")
+    cfg = load_config(write_config(tmp_path, tmp_path / "model", shapes_folder))
+    with pytest.raises(ModelError, match="the UNet takes 9 input channels"):
+        train(cfg, progress=False)
+    assert not os.path.exists(cfg.output.dir)  # no manifest, no cache, no run folder
