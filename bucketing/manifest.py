@@ -19,7 +19,7 @@ from bucketing.export import export_hf_dataset
 from bucketing.report import DatasetReport
 from bucketing.scan import ImageRecord, ValidationCache, scan_folder
 from captions.scores import read_aesthetic_scores
-from captions.sources import folder_repeats, read_metadata_jsonl, resolve_caption
+from captions.sources import folder_repeats, read_metadata_jsonl, resolve_caption, unused_metadata_lines
 
 # datasets is imported where a manifest is read or written: importing it takes a second.
 
@@ -135,6 +135,9 @@ def _subset_rows(subset: SubsetSpec, options: BuildOptions, plans: list[tuple[in
                        min_original_side=options.min_original_side, validation_cache=cache)
     report.problems.extend((_full(root, path), reason) for path, reason in scan.problems)
     report.notes.extend((_full(root, path), note) for path, note in scan.notes)
+    # A caption line that names no kept image is a mistake the user should see (a typo, a moved file).
+    report.problems.extend(unused_metadata_lines(root, {r.rel_path for r in scan.records},
+                                                 {path for path, _ in scan.problems}))
     name = subset.name or Path(subset.folder or subset.hf_dataset).name
     scores = read_aesthetic_scores(root)
     rows = []

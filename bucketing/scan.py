@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -47,7 +48,9 @@ class ScanResult:
 
 def walk_images(root: Path, recursive: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
     """Image files under `root` (sorted, folder by folder) and problems: symlink loops, unreadable
-    folders, image formats we do not take. Symlinked folders are followed, each real folder once."""
+    folders, image formats we do not take, names that are not UTF-8, files that are not regular files
+    (a FIFO named `x.png` would block the first read forever). Symlinked folders are followed, each
+    real folder once."""
     root = Path(root)
     found: list[Path] = []
     problems: list[tuple[str, str]] = []
@@ -64,23 +67,55 @@ def walk_images(root: Path, recursive: bool = True) -> tuple[list[Path], list[tu
             dirs[:] = []
             continue
         seen_dirs.add(real)
-        dirs[:] = sorted(dirs) if recursive else []
+        dirs[:] = [name for name in sorted(dirs) if _utf8_name(os.path.join(folder, name), root, problems)
+                   ] if recursive else []
         for name in sorted(files):
             lower = name.lower()
+            path = os.path.join(folder, name)
             if lower.endswith(IMAGE_EXTENSIONS):
-                found.append(Path(folder) / name)
+                if _utf8_name(path, root, problems) and _regular_file(path, root, problems):
+                    found.append(Path(path))
             elif lower.endswith(UNSUPPORTED_EXTENSIONS):
-                problems.append((_shown(os.path.join(folder, name), root),
-                                 "unsupported image format: convert it to PNG, JPEG or WebP"))
+                problems.append((_shown(path, root), "unsupported image format: convert it to PNG, JPEG or WebP"))
     return found, problems
 
 
-def _shown(path: str, root: Path) -> str:
-    """A path as reports show it: relative to the scanned root when inside it."""
+def _utf8_name(path: str, root: Path, problems: list[tuple[str, str]]) -> bool:
+    """False, with a problem listed, when the last part of `path` is not valid UTF-8 (the manifest
+    stores names as UTF-8; os.walk hands such bytes over as lone surrogates)."""
     try:
-        return Path(path).relative_to(root).as_posix() or "."
+        os.path.basename(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        what = "folder" if os.path.isdir(path) else "file"
+        problems.append((_shown(path, root), f"{what} name is not valid UTF-8 (the manifest stores names as "
+                                             f"UTF-8): skipped; rename it"))
+        return False
+
+
+def _regular_file(path: str, root: Path, problems: list[tuple[str, str]]) -> bool:
+    """False, with a problem listed, for a FIFO, socket or device (after following symlinks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True  # a broken link: fingerprint() names it with the reason
+    if stat.S_ISREG(mode):
+        return True
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    problems.append((_shown(path, root), f"not a regular file ({kind}): skipped, reading it could wait forever; "
+                                         "remove it from the image folder"))
+    return False
+
+
+def _shown(path: str, root: Path) -> str:
+    """A path as reports show it: relative to the scanned root when inside it; bytes that are not
+    UTF-8 in a name are shown as \\xNN escapes, so the report can be printed and written."""
+    try:
+        shown = Path(path).relative_to(root).as_posix() or "."
     except ValueError:
-        return str(path)
+        shown = str(path)
+    return shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def split_masks(paths: list[Path]) -> tuple[list[Path], dict[Path, Path]]:

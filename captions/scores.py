@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from captions.sources import CaptionError
+from captions.sources import CaptionError, metadata_key
 
 SCORE_FIELD = "aesthetic_score"
 SCORE_RANGE = (0.0, 10.0)
@@ -52,6 +52,5 @@ def read_aesthetic_scores(folder: Path) -> dict[str, float]:
             continue  # read_metadata_jsonl names the line
         if not isinstance(entry, dict) or SCORE_FIELD not in entry or not isinstance(entry.get("file_name"), str):
             continue
-        name = Path(entry["file_name"].replace("\\", "/")).as_posix()
-        scores[name] = check_score(entry[SCORE_FIELD], f"{path}:{number}")
+        scores[metadata_key(entry["file_name"])] = check_score(entry[SCORE_FIELD], f"{path}:{number}")
     return scores

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,44 @@ def _metadata_entry(line: str, where: str, text_column: str) -> tuple[str, str]:
     text = entry[text_column]
     if text is not None and not isinstance(text, (str, int, float)):
         raise CaptionError(f"{where}: {text_column} must be a string, got {type(text).__name__}")
-    # Paths written on Windows use backslashes; keys are always posix.
-    return Path(name.replace("\\", "/")).as_posix(), clean_caption("" if text is None else str(text))
+    return metadata_key(name), clean_caption("" if text is None else str(text))
+
+
+def metadata_key(file_name: str) -> str:
+    """A metadata.jsonl `file_name` as the key of the image it names: posix (paths written on Windows
+    use backslashes), with `./` and `sub/..` folded away, so it compares with a scan's relative paths."""
+    return posixpath.normpath(file_name.replace("\\", "/"))
+
+
+def unused_metadata_lines(folder: Path, used: set[str], reported: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """(`metadata.jsonl:LINE`, why) for each line of `folder/metadata.jsonl` whose file_name names no image
+    in `used` (the relative paths the scan kept): a path outside the folder, a missing file, or a file the
+    scan does not train on. Lines naming a path in `reported` (files the scan skipped, with their reason
+    already listed) are left out. Lines read_metadata_jsonl refuses are not looked at here."""
+    path = Path(folder) / "metadata.jsonl"
+    if not path.is_file():
+        return []
+    unused = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            name = json.loads(raw.decode("utf-8-sig")).get("file_name")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue
+        if not isinstance(name, str) or not name.strip():
+            continue
+        key = metadata_key(name)
+        if key in used or key in reported:
+            continue
+        if posixpath.isabs(key) or key == ".." or key.startswith("../") or re.match(r"^[A-Za-z]:", key):
+            why = (f"file_name {name!r} is outside the image folder {folder}: its caption is not used; "
+                   "name images by their path inside the folder (e.g. sub/x.png)")
+        elif not (Path(folder) / key).exists():
+            why = f"file_name {name!r}: no such file in {folder}; fix the name or remove the line"
+        else:
+            why = (f"file_name {name!r} is not an image this subset trains on (not an image file, a mask, or in a "
+                   "sub-folder while recursive = false): its caption is not used")
+        unused.append((f"{path}:{number}", why))
+    return unused
 
 
 def folder_caption(image_path: Path, root: Path) -> str:

@@ -88,8 +88,10 @@ def cmd_train(args) -> int:
 
 def cmd_dataset_build(args) -> None:
     cfg = _config(args)
+    from finetune.config import check_output_dir
     from finetune.dataset import build_dataset
 
+    check_output_dir(cfg.output, cfg.dataset)  # the manifest goes under output.dir
     info = build_dataset(cfg.dataset, cfg.training.seed, cfg.output.manifest_dir)
     print(info.report_text)
     print(f"manifest: {info.manifest_dir} ({info.num_rows} rows)")

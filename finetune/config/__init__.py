@@ -1,5 +1,5 @@
-"""The training config: the typed schema (`schema.py`, one model per TOML table, defaults there only)
-and how a TOML file and `--set` overrides become one (`load.py`)."""
+"""The training config: the typed schema (`schema.py`, one model per TOML table, defaults there only),
+how a TOML file and `--set` overrides become one (`load.py`), and the output folder's checks (`paths.py`)."""
 
 from finetune.config.load import (
     MOVED_KEYS,
@@ -10,6 +10,7 @@ from finetune.config.load import (
     table_model,
     validate_config,
 )
+from finetune.config.paths import check_output_dir
 from finetune.config.schema import (
     FROZEN,
     QUANTIZED_BASE_VARIANTS,
@@ -55,6 +56,7 @@ __all__ = [
     "TrainingConfig",
     "ValidationConfig",
     "apply_override",
+    "check_output_dir",
     "dump_config",
     "frozen_keys",
     "load_config",

@@ -5,6 +5,7 @@ file's folder, and one `ConfigError` listing every problem as `file: dotted.key 
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from pydantic import BaseModel, ValidationError
 
 from finetune.config.schema import TrainConfig
 from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Keys that moved to another table, old dotted key -> new one. A user's TOML gets one line naming the
 # new place; a checkpoint's saved config is migrated silently (`migrate_moved_keys`).
@@ -34,6 +37,8 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         overrides: `section.key=value` strings; values are TOML literals (`10`, `true`, `"a"`, `[1, 2]`)
             or bare strings.
 
+    Settings this run ignores (`TrainConfig.ignored_settings`) are logged as warnings.
+
     Raises:
         ConfigError: listing every problem found, each with its dotted key.
     """
@@ -46,7 +51,10 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     for item in overrides:
         apply_override(raw, item, source=str(path))
-    return validate_config(raw, base_dir=path.parent.resolve(), source=path.name)
+    cfg = validate_config(raw, base_dir=path.parent.resolve(), source=path.name)
+    for line in cfg.ignored_settings():
+        log.warning("warning: %s: %s", path.name, line)
+    return cfg
 
 
 def validate_config(raw: dict[str, Any], base_dir: Path, source: str = "config") -> TrainConfig:

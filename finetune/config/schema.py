@@ -324,6 +324,20 @@ class TrainConfig(Section):
                             "ignores: set relative_step = false")
         return problems
 
+    def ignored_settings(self) -> list[str]:
+        """Settings that are valid but do nothing in this run: warnings, not errors, since a config often
+        keeps its [lora] table while training.method switches to full (the tests' configs do)."""
+        if self.training.method == "lora":
+            return []
+        fields = LoraConfig.model_fields
+        changed = sorted(key for key in self.lora.model_fields_set
+                         if getattr(self.lora, key) != fields[key].get_default(call_default_factory=True))
+        if not changed:  # a resolved config writes every key at its default: nothing the user set is lost
+            return []
+        keys = ", ".join(f"lora.{key} = {getattr(self.lora, key)!r}" for key in changed)
+        return [f"{keys}: training.method = '{self.training.method}' trains no LoRA, so [lora] is ignored; "
+                "remove the [lora] table or set method = \"lora\""]
+
     def _quantized_base_problems(self) -> list[str]:
         kind = self.memory.base_dtype
         if kind not in QUANTIZED_BASE_VARIANTS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,15 @@ import torch
 
 from finetune.errors import ModelError
 from finetune.models.refiner import check_kind, kind_of_folder
-from finetune.models.single_file import load_single_file_pipeline, load_vae, single_file_kind
+from finetune.models.single_file import UNET_PREFIX, load_single_file_pipeline, load_vae, read_shapes, single_file_kind
 
 # diffusers is imported inside the functions that use it: importing it takes seconds.
 
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 REFINER_PARTS = ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
+# What the UNet takes in: the VAE's 4 latent channels (SDXL base and refiner alike). An inpainting UNet
+# takes 9 (latents, mask, masked image latents) and would fail only at the first step, after the caching.
+UNET_IN_CHANNELS = 4
 
 
 @dataclass
@@ -50,6 +54,36 @@ def check_diffusers_folder(path: Path, kind: str = "base") -> None:
             f"{path}: not an SDXL diffusers folder (missing: {', '.join(missing) or 'model_index.json'}); "
             "point model.pretrained at a folder saved by diffusers or at a single-file .safetensors"
         )
+
+
+def check_unet_inputs(cfg) -> None:
+    """Refuse a UNet whose input channels are not SDXL's 4, from `unet/config.json` or a single file's
+    header (no weights read). `cfg` is a `finetune.config.ModelConfig`; a pickled file is left to
+    `load_models`, which decides whether it may be opened at all.
+
+    Raises:
+        ModelError: naming the file, the input channels found and what is supported.
+    """
+    path = Path(cfg.pretrained)
+    if path.is_file():
+        if path.suffix.lower() != ".safetensors":
+            return
+        key = f"{UNET_PREFIX}input_blocks.0.0.weight"  # SGM's name of diffusers' conv_in
+        shape = read_shapes(path).get(key)
+        if shape is None or len(shape) != 4:
+            return  # no SDXL UNet at all: load_models says what the file holds
+        found, where = shape[1], f"{path}: {key} has shape {tuple(shape)}, so"
+    else:
+        config = path / "unet" / "config.json"
+        try:
+            found = int(json.loads(config.read_text(encoding="utf-8"))["in_channels"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # load_models names what is missing or broken
+        where = f"{config}:"
+    if found != UNET_IN_CHANNELS:
+        what = " (an inpainting UNet: latents, mask and masked image)" if found == 9 else ""
+        raise ModelError(f"{where} the UNet takes {found} input channels{what}; training supports "
+                         f"{UNET_IN_CHANNELS} input channels (SDXL base or refiner): point model.pretrained at one")
 
 
 def load_models(cfg, dtype: torch.dtype = torch.float32) -> SDXLModels:

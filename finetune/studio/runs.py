@@ -19,7 +19,7 @@ from pathlib import Path
 
 import tomllib
 
-from finetune.config import load_config
+from finetune.config import check_output_dir, load_config
 from finetune.errors import FinetuneError
 from finetune.studio.paths import STUDIO_DIR, PathRefused, Workspace
 from finetune.train.checkpoint import check_fresh_start, list_checkpoints
@@ -264,6 +264,7 @@ def _checked_output(workspace: Workspace, cfg) -> Path:
     workspace.resolve(cfg.model.pretrained, "model.pretrained")
     for subset in cfg.dataset.subsets:
         workspace.resolve(subset.folder or subset.hf_dataset, "dataset.subsets.folder")
+    check_output_dir(cfg.output, cfg.dataset)  # the trainer's own refusal: console.log would land among the images
     current = run_state(out)
     if current.state == "running":
         raise PathRefused(f"{out}: a run is already training there (pid {current.pid}); stop it first")

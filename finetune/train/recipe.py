@@ -19,11 +19,11 @@ from accelerate.utils import set_seed
 
 from finetune.adapters.norms import clamp_lora_norms
 from finetune.cache.prepare import place_models, prepare_caches
-from finetune.config import TrainConfig, dump_config
+from finetune.config import TrainConfig, check_output_dir, dump_config
 from finetune.dataset import dataset_hash
 from finetune.errors import FinetuneError
 from finetune.memory.profiles import out_of_memory_message
-from finetune.models.load import load_models, model_kind
+from finetune.models.load import check_unet_inputs, load_models, model_kind
 from finetune.rng import shared_step_generator
 from finetune.tools.sample import log_sample_grids, render_training_samples
 from finetune.train import builders
@@ -68,7 +68,9 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, *,
             `--resume` continues with the same settings. Nothing is recorded before the setup completes:
             a refused resume leaves the run folder as it was.
     """
-    # The one resume point, read once; both checks come before minutes of scanning and caching.
+    # These checks come before minutes of scanning and caching; the one resume point is read once.
+    check_output_dir(cfg.output, cfg.dataset)  # never among the images; a folder that can be written
+    check_unet_inputs(cfg.model)  # an inpainting UNet would fail only at the first step
     point = resume_point(cfg.output.checkpoints_dir, resume) if resume else None
     if point is None:
         ckpt.check_fresh_start(cfg.output.checkpoints_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from fractions import Fraction
 
 import pytest
@@ -169,3 +170,27 @@ def test_unusable_datasets_are_clear_errors(tmp_path):
     with pytest.raises(DatasetError, match="image folder not found"):
         build_manifest([SubsetSpec(folder=tmp_path / "missing")], BuildOptions(), work_dir=tmp_path / "w")
     assert issubclass(DatasetError, ValueError)
+
+
+def test_a_name_that_is_not_utf8_leaves_a_manifest_that_can_be_written(tmp_path):
+    make_image(tmp_path / "imgs" / "good.png", 256, 256)
+    make_image(tmp_path / "imgs" / "other.png", 256, 256, color=(1, 2, 3))
+    os.rename(tmp_path / "imgs" / "other.png", os.fsencode(tmp_path / "imgs") + b"/bad\xff.png")
+    result = build_manifest([SubsetSpec(folder=tmp_path / "imgs")], BuildOptions(**OPTIONS), tmp_path / "work")
+    assert list(result.dataset["path"]) == ["good.png"]
+    assert dict(result.report.problems)[str(tmp_path / "imgs" / "bad\\xff.png")].startswith("file name is not valid")
+    save_manifest(result, tmp_path / "manifest")
+    assert len(load_manifest(tmp_path / "manifest")) == 1
+
+
+def test_metadata_lines_naming_no_usable_image_are_reported(tmp_path):
+    make_image(tmp_path / "imgs" / "a.png", 256, 256)
+    lines = [{"file_name": "a.png", "text": "kept"}, {"file_name": "typo.png", "text": "lost"},
+             {"file_name": "../outside.png", "text": "lost too"}]
+    (tmp_path / "imgs" / "metadata.jsonl").write_text("\n".join(map(json.dumps, lines)), encoding="utf-8")
+    result = build_manifest([SubsetSpec(folder=tmp_path / "imgs")], BuildOptions(**OPTIONS), tmp_path / "work")
+    assert list(result.dataset["caption"]) == ["kept"]
+    problems = dict(result.report.problems)
+    metadata = tmp_path / "imgs" / "metadata.jsonl"
+    assert set(problems) == {f"{metadata}:2", f"{metadata}:3"}
+    assert "no such file" in problems[f"{metadata}:2"] and "outside the image folder" in problems[f"{metadata}:3"]

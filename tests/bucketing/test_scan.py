@@ -194,3 +194,31 @@ def test_an_interrupted_first_scan_keeps_its_progress(tmp_path, monkeypatch):
         scan_folder(tmp_path / "imgs", validation_cache=tmp_path / "v.json")
     monkeypatch.setattr(scan, "validate_file", real)
     assert scan_folder(tmp_path / "imgs", validation_cache=tmp_path / "v.json").decoded == 3  # 2 were saved
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_named_like_an_image_is_skipped_not_read(tmp_path):
+    make_image(tmp_path / "good.png", 40, 60)
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    (tmp_path / "link.png").symlink_to(tmp_path / "pipe.png")  # followed: a link to a FIFO is one too
+    result = scan_folder(tmp_path)
+    assert [r.rel_path for r in result.records] == ["good.png"]
+    reasons = dict(result.problems)
+    assert set(reasons) == {"pipe.png", "link.png"}
+    assert reasons["pipe.png"].startswith("not a regular file (a FIFO (named pipe)): skipped")
+
+
+def test_names_that_are_not_utf8_are_named_and_skipped(tmp_path):
+    make_image(tmp_path / "good.png", 40, 60)
+    make_image(tmp_path / "other.png", 40, 60, color=(1, 2, 3))
+    os.rename(tmp_path / "other.png", os.fsencode(tmp_path) + b"/bad\xff.png")
+    os.mkdir(os.fsencode(tmp_path) + b"/dir\xfe")
+    make_image(tmp_path / "inside.png", 40, 60, color=(4, 5, 6))
+    os.rename(tmp_path / "inside.png", os.fsencode(tmp_path) + b"/dir\xfe/inside.png")
+    result = scan_folder(tmp_path)
+    assert [r.rel_path for r in result.records] == ["good.png"]
+    reasons = dict(result.problems)
+    assert set(reasons) == {"bad\\xff.png", "dir\\xfe"}  # printable: the byte as an escape
+    assert reasons["bad\\xff.png"].startswith("file name is not valid UTF-8")
+    assert reasons["dir\\xfe"].startswith("folder name is not valid UTF-8")
+    json.dumps(result.problems, ensure_ascii=False).encode("utf-8")  # the report can be written

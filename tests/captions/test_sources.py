@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from captions import CaptionError, CaptionResult, join_prefix, read_metadata_jsonl, read_sidecar, resolve_caption
-from captions.sources import folder_caption, folder_repeats
+from captions.sources import folder_caption, folder_repeats, unused_metadata_lines
 
 
 def touch_image(path: Path) -> Path:
@@ -112,6 +112,23 @@ def test_metadata_not_utf8_names_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "ok"}\n{"file_name": "\xe9"}\n')
     with pytest.raises(CaptionError, match=r"metadata.jsonl:2: not UTF-8"):
         read_metadata_jsonl(tmp_path)
+
+
+def test_metadata_lines_that_name_no_kept_image_are_each_named(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "broken.png").write_bytes(b"")
+    (tmp_path / "notes.md").write_text("not an image")
+    write_metadata(tmp_path, *(json.dumps({"file_name": name, "text": "t"}) for name in (
+        "./a.png", "gone.png", "../x.png", "/abs/y.png", "notes.md", "broken.png", "sub/../a2.png")))
+    unused = dict(unused_metadata_lines(tmp_path, used={"a.png"}, reported={"broken.png"}))
+    where = f"{tmp_path / 'metadata.jsonl'}:"
+    assert set(unused) == {where + str(n) for n in (2, 3, 4, 5, 7)}  # a.png is used; broken.png already reported
+    assert unused[where + "2"].startswith("file_name 'gone.png': no such file in")
+    assert "'../x.png' is outside the image folder" in unused[where + "3"]
+    assert "'/abs/y.png' is outside the image folder" in unused[where + "4"]
+    assert "'notes.md' is not an image this subset trains on" in unused[where + "5"]
+    assert "'sub/../a2.png': no such file" in unused[where + "7"]
+    assert read_metadata_jsonl(tmp_path)["a2.png"] == "t"  # keys fold ./ and sub/.. as the check does
 
 
 # --- folder_caption ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -151,3 +152,15 @@ def test_every_subcommand_and_option_says_what_it_does():
     assert not missing, missing
     sample = build_parser()._subparsers._group_actions[0].choices["sample"].format_help()
     assert "(default: 1024)" in sample and "(default: 20)" in sample  # defaults are shown
+
+
+def test_dataset_build_refuses_an_output_dir_inside_the_images(tmp_path, capsys):
+    from finetune import cli
+
+    (tmp_path / "model").mkdir()
+    make_image(tmp_path / "images" / "a.png", 64, 64)
+    config = write_config(tmp_path, tmp_path / "model", tmp_path / "images")
+    assert cli.main(["dataset", "build", str(config), "--set", f"output.dir={tmp_path / 'images' / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"output.dir = {tmp_path / 'images' / 'out'} is inside the image folder {tmp_path / 'images'}" in err
+    assert os.listdir(tmp_path / "images") == ["a.png"]  # no manifest, no work folder among the images

@@ -91,6 +91,19 @@ def test_caption_changes_exclude_the_text_cache(project):
     assert cfg.dataset.shuffle_tags
 
 
+def test_lora_settings_a_full_run_ignores_are_named_in_a_warning(project, caplog):
+    path = write(project, MINIMAL + "[lora]\nrank = 32\nalpha = 16\n")  # alpha: set, but at its default
+    load_config(path, ["training.method=full"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "warning: c.toml: lora.rank = 32: training.method = 'full' trains no LoRA, so [lora] is ignored; "
+        'remove the [lora] table or set method = "lora"']
+    caplog.clear()
+    load_config(path)  # a LoRA run uses them
+    resolved = write(project, dump_config(load_config(write(project, MINIMAL), ["training.method=full"])))
+    load_config(resolved)  # a full run's resolved config writes every [lora] key at its default
+    assert caplog.records == []
+
+
 def test_random_crop_excludes_the_latent_cache(project):
     assert "cache.latents = false" in error_of(write(project, MINIMAL), ["dataset.crop=random"])
 

@@ -78,3 +78,42 @@ def test_pickle_and_non_sdxl_files_are_refused(tmp_path):
     save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(768)}, str(other))
     with pytest.raises(ModelError, match="sd15.safetensors.*SD 1.x"):
         load_models(ModelConfig(pretrained=other))
+
+
+@pytest.fixture(scope="module")
+def single_files(tmp_path_factory):
+    """The tiny model as one SGM file, and with an inpainting UNet (9 input channels) as a diffusers folder
+    and as one SGM file: {"base file", "inpainting folder", "inpainting file"}."""
+    from diffusers import UNet2DConditionModel
+
+    from finetune.models.tiny import build_tiny_pipeline, tiny_unet_config
+
+    out = tmp_path_factory.mktemp("inpainting")
+    pipe = build_tiny_pipeline(0)
+    paths = {"base file": single_file.save_single_file(pipe, out / "base.safetensors")}
+    pipe.register_modules(unet=UNet2DConditionModel(**{**tiny_unet_config(), "in_channels": 9}))
+    pipe.save_pretrained(out / "folder", safe_serialization=True)
+    return {**paths, "inpainting folder": out / "folder",
+            "inpainting file": single_file.save_single_file(pipe, out / "inpainting.safetensors")}
+
+
+@pytest.mark.parametrize("layout", ["folder", "file"])
+def test_an_inpainting_unet_is_refused_before_any_weight_is_read(single_files, layout, monkeypatch):
+    from finetune.models.load import check_unet_inputs
+
+    path = single_files[f"inpainting {layout}"]
+    monkeypatch.setattr(single_file, "load_file", None)  # the header is enough: no tensor may be loaded
+    with pytest.raises(ModelError) as info:
+        check_unet_inputs(ModelConfig(pretrained=path))
+    message = str(info.value)
+    assert str(path) in message and "the UNet takes 9 input channels (an inpainting UNet" in message
+    assert "training supports 4 input channels (SDXL base or refiner)" in message
+    if layout == "file":
+        assert "model.diffusion_model.input_blocks.0.0.weight has shape (32, 9, 3, 3)" in message
+
+
+def test_sdxl_base_and_refiner_unets_pass_the_input_check(tiny_model_dir, tiny_refiner_dir, single_files):
+    from finetune.models.load import check_unet_inputs
+
+    for path in (tiny_model_dir, tiny_refiner_dir, single_files["base file"]):
+        check_unet_inputs(ModelConfig(pretrained=path))

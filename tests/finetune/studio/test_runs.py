@@ -104,7 +104,7 @@ def test_a_running_status_takes_its_step_from_the_newer_metrics(tmp_path):
 def test_start_refuses_paths_outside_and_a_fresh_start_over_checkpoints(tmp_path):
     import pytest
 
-    from finetune.errors import CheckpointError
+    from finetune.errors import CheckpointError, ConfigError
     from finetune.studio.paths import PathRefused
 
     root = tmp_path / "ws"
@@ -120,3 +120,6 @@ def test_start_refuses_paths_outside_and_a_fresh_start_over_checkpoints(tmp_path
     with pytest.raises(CheckpointError, match="--resume"):
         runs.start_run(ws, "train.toml")
     assert not (root / "out" / "logs").exists()  # refused before any process or file
+    with pytest.raises(ConfigError, match="is inside the image folder"):
+        runs.start_run(ws, "train.toml", overrides=['output.dir="images/run"'])
+    assert os.listdir(root / "images") == []  # no run folder, no console.log among the images
