@@ -21,8 +21,9 @@ import tomllib
 
 from finetune.config import load_config
 from finetune.studio.paths import STUDIO_DIR, PathRefused, Workspace
-from finetune.train.checkpoint import check_fresh_start, list_checkpoints
 from finetune.train.logs import STATUS_FILE, read_metrics  # the files the trainer writes, read its way
+
+# finetune.train.checkpoint (torch) is imported where a run's checkpoints are read: the studio starts without it.
 
 RESOLVED_CONFIG = "config.resolved.toml"
 CONSOLE_LOG = Path("logs") / "console.log"
@@ -139,6 +140,8 @@ def resolved_config(folder: Path) -> dict:
 def run_state(folder: Path) -> RunState:
     """What the run in `folder` is doing, from `status.json`, else from its files and our own children."""
     folder = Path(folder)
+    from finetune.train.checkpoint import list_checkpoints
+
     reap()
     status = read_json(folder / STATUS_FILE)
     checkpoints = list_checkpoints(folder / "checkpoints")
@@ -233,6 +236,8 @@ def start_run(workspace: Workspace, config_text: str, *, resume: bool = False,
     if current.state == "running":
         raise PathRefused(f"{out}: a run is already training there (pid {current.pid}); stop it first")
     if not resume:
+        from finetune.train.checkpoint import check_fresh_start
+
         check_fresh_start(cfg.output.checkpoints_dir)  # the trainer's own refusal, before a process starts
     log_path = out / CONSOLE_LOG
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,16 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm.auto import tqdm
 
 from finetune.io import write_text_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a step's numbers are read: the studio reads the run files without it.
 
 METRICS_FILE = Path("logs") / "metrics.jsonl"
 STATUS_FILE = "status.json"
@@ -101,6 +106,8 @@ def paused(bar):
 def step_metrics(loss: torch.Tensor, lr: float, images_per_s: float, grad_norm: torch.Tensor | None = None,
                  norms_scaled: torch.Tensor | None = None, largest_norm: torch.Tensor | None = None) -> dict[str, float]:
     """One logged step's numbers as plain floats (reading device tensors is the host sync of a logging step)."""
+    import torch
+
     metrics = {"loss": float(loss), "lr": lr, "images_per_s": images_per_s}
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
