@@ -21,7 +21,6 @@ from finetune.models.tokenizers import save_clip_tokenizer
 
 KINDS = ("base", "refiner")
 REFINER_TIME_IDS = 5  # orig_h, orig_w, crop_top, crop_left, aesthetic_score
-BASE_TIME_IDS = 6  # orig_h, orig_w, crop_top, crop_left, target_h, target_w
 # The refiner's part of the noise schedule (SDXL paper §2.5: the first 200 of 1000 noise levels).
 REFINER_TIMESTEPS = (0, 200)
 REFINER_ARCHITECTURE = "stable-diffusion-xl-v1-refiner"
@@ -76,10 +75,6 @@ def check_kind(found: str, wanted: str, where: str) -> str:
         raise ModelError(f"{where}: this is an SDXL {found}, but model.kind = {wanted!r}; point model.pretrained "
                          f"at an SDXL {wanted} or set model.kind = 'auto'")
     return found
-
-
-def time_ids_count(kind: str) -> int:
-    return REFINER_TIME_IDS if kind == "refiner" else BASE_TIME_IDS
 
 
 # --- shipped configs ---------------------------------------------------------------------------
