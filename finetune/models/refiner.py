@@ -1,4 +1,5 @@
-"""The SDXL refiner: telling it from the base by its weights, its shipped configs, and the tiny refiner.
+"""The SDXL refiner: telling it from the base by its weights, and its shipped configs (the tiny refiner is
+in finetune/models/tiny_refiner.py).
 
 The refiner (SDXL paper §2.5) has one text encoder, OpenCLIP ViT-bigG (context 1280 = its penultimate
 hidden states, plus its pooled embedding), five micro-conditioning values
