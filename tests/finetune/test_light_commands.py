@@ -94,6 +94,7 @@ def test_help_and_the_dataset_commands_never_import_torch_diffusers_or_transform
     assert "buckets used" in results[-2][3] and "manifest:" in results[-1][3]
 
 
+@pytest.mark.slow  # importing Gradio alone takes 4-8 s on 2 cores
 def test_the_studio_starts_without_torch_diffusers_or_transformers(tmp_path):
     pytest.importorskip("gradio")
     _config(tmp_path)  # a workspace with a config and images in it
