@@ -2,7 +2,7 @@
 
 Each subcommand imports its machinery inside its function, so `finetune --help`, every subcommand's
 `--help`, `dataset inspect`, `dataset build` and the studio's start never load torch, diffusers or
-transformers (tests/finetune/test_cli.py checks it in a fresh process).
+transformers (tests/finetune/test_light_commands.py checks it in a fresh process).
 """
 
 from __future__ import annotations
