@@ -1,7 +1,8 @@
 """The `finetune` command: each subcommand parses, loads the config, calls one library function, prints.
 
-Each subcommand imports its machinery inside its function, so `finetune --help` and the light
-commands never load torch, diffusers or Gradio.
+Each subcommand imports its machinery inside its function, so `finetune --help`, every subcommand's
+`--help`, `dataset inspect`, `dataset build` and the studio's start never load torch, diffusers or
+transformers (tests/finetune/test_light_commands.py checks it in a fresh process).
 """
 
 from __future__ import annotations
@@ -305,35 +306,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_libraries() -> None:
-    """Keep the console for our own messages: library chatter goes to warnings only."""
+def quiet_libraries(heavy: bool = True) -> None:
+    """Keep the console for our own messages: library chatter goes to warnings only.
+
+    `heavy`: the command will load diffusers and transformers anyway, so importing them here costs
+    nothing; a light command gets only the environment switches, which the libraries read when (if
+    ever) they are imported.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub; local paths only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # diffusers and transformers set their loggers' level from these when first imported, which
     # would undo a setLevel made before that import.
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Loading bars ("Loading pipeline components", nested "Loading weights") take a second and leave
+    # raw cursor codes in logs; manifest saves are instant. Our own bars say what a wait is for.
+    # datasets and transformers read these switches at import; diffusers has none.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # diffusers >= 0.42 renamed from_pretrained's torch_dtype to dtype; we support older releases too.
     warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("bitsandbytes", "diffusers", "transformers", "accelerate", "datasets", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import datasets
-    import diffusers
-    import transformers
+    if heavy:  # these imports take seconds: light commands never pay for them
+        import diffusers
+        import transformers
 
-    # Loading bars ("Loading pipeline components", nested "Loading weights") take a second and leave
-    # raw cursor codes in logs; manifest saves are instant. Our own bars say what a wait is for.
-    datasets.disable_progress_bars()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     from finetune.errors import FinetuneError
 
     args = build_parser().parse_args(argv)
-    quiet_libraries()
+    # The commands that must start at once; the studio loads the tools in the background once it answers.
+    quiet_libraries(heavy=args.func not in (cmd_dataset_build, cmd_dataset_inspect, cmd_studio))
     try:
         return args.func(args) or 0
     except FinetuneError as err:

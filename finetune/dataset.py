@@ -12,10 +12,7 @@ from bucketing.manifest import BuildOptions, SubsetSpec, build_manifest, load_ma
 from bucketing.report import bucket_counts, format_report
 from captions.length import check_caption_lengths
 from finetune.errors import DatasetError
-from finetune.models.tokenizers import load_clip_tokenizer
-
-# finetune.models.text (torch, transformers) is imported only to count caption tokens: building
-# or inspecting a dataset stays light.
+from finetune.models.tokenizers import clip_token_counter
 
 
 @dataclass
@@ -79,10 +76,7 @@ def _report_text(result) -> str:
 
 def long_caption_warning(captions: list[str]) -> str | None:
     """One warning for captions over CLIP's 75 tokens (SDXL's tokenizers share CLIP's vocabulary)."""
-    from finetune.models.text import count_tokens
-
-    tokenizer = load_clip_tokenizer()
-    return check_caption_lengths(captions, lambda c: count_tokens(tokenizer, c))
+    return check_caption_lengths(captions, clip_token_counter())
 
 
 def dataset_hash(dataset) -> str:

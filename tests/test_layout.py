@@ -1,11 +1,14 @@
-"""The house rules a newcomer relies on: no import cycles, small modules, docs that name real modules."""
+"""The house rules a newcomer relies on: no import cycles, small modules, docs that name real files and commands."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import functools
 import re
 from pathlib import Path
+
+from finetune.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("finetune", "bucketing", "captions")
@@ -169,3 +172,62 @@ def test_imports_inside_functions_defer_a_slow_library_and_say_so():
                     unexplained.append(where)
     assert not unjustified, "import at the module top (nothing slow is deferred): " + ", ".join(unjustified)
     assert not unexplained, "say why the import is lazy: " + ", ".join(unexplained)
+
+
+DOCS = ("README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))))
+SHOWN_PATH = re.compile(r"(?<![\w./-])((?:finetune|scripts|bucketing|captions)/[\w./-]*[\w/])")
+
+
+def test_the_readme_and_docs_name_only_paths_that_exist():
+    missing = []
+    for doc in DOCS:
+        for path in SHOWN_PATH.findall((ROOT / doc).read_text(encoding="utf-8")):
+            if not (ROOT / path).exists():
+                missing.append(f"{doc}: {path}")
+    assert not missing, missing
+
+
+def _code(text: str) -> list[str]:
+    """The code the text shows: each line of a fenced block (continuations joined, comments cut), each inline span."""
+    shown = []
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
+        shown += [line.split("  #")[0] for line in block.replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    return shown + re.findall(r"`([^`\n]+)`", prose)
+
+
+def _commands(code: str) -> list[tuple[list[str], list[str]]]:
+    """Each `finetune COMMAND [ACTION] ... --flag` in a line of code: (its words, its long flags)."""
+    found = []
+    for part in re.split(r"&&|\|\||;|\s\|\s", code):  # a|b without spaces is a choice, not a pipe
+        match = re.search(r"(?<![\w./-])finetune((?:\s+\S+)+)", part)
+        if match:
+            words = match.group(1).split()
+            found.append((words, [w.strip("[](),") for w in words if w.startswith(("--", "[--"))]))
+    return found
+
+
+def test_every_finetune_command_the_docs_show_is_accepted_by_the_cli():
+    def subcommands(parser) -> dict:
+        return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    wrong = []
+    for doc in DOCS:
+        for code in _code((ROOT / doc).read_text(encoding="utf-8")):
+            for words, flags in _commands(code):
+                parser, path = build_parser(), ["finetune"]
+                for word in words:
+                    if word.startswith("-") or word not in subcommands(parser):
+                        break
+                    parser = subcommands(parser)[word]
+                    path.append(word)
+                if len(path) == 1 and not words[0].startswith("-"):
+                    wrong.append(f"{doc}: `{code.strip()}`: no such command")
+                known = {o for action in parser._actions for o in action.option_strings}
+                wrong += [f"{doc}: `{code.strip()}`: {' '.join(path)} has no {flag}" for flag in flags
+                          if flag.split("=")[0] not in known]
+                if len(words) >= len(path):  # a whole command line, not a command's name: its required options
+                    wrong += [f"{doc}: `{code.strip()}`: {' '.join(path)} needs {action.option_strings[-1]}"
+                              for action in parser._actions if action.required and action.option_strings
+                              and not set(action.option_strings) & {f.split("=")[0] for f in flags}]
+    assert not wrong, "\n".join(wrong)

@@ -107,9 +107,6 @@ class NewWords(nn.Module):
     def expand(self, text: str) -> str:
         return expand_prompt(text, self.words)
 
-    def mentioned_in(self, text: str) -> bool:
-        return mentions(text, self.words)
-
     def describe(self) -> str:
         """One line for the plan: the words and what they train."""
         parts = [f"{w.token} ({w.vectors} vector{'s' * (w.vectors > 1)}, "

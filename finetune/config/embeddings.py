@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-FROZEN = {"frozen_on_resume": True}  # the same mark as schema.FROZEN (read by frozen_keys)
+from finetune.config.base import FROZEN
 
 
 class EmbeddingConfig(BaseModel):

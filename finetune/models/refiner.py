@@ -1,4 +1,5 @@
-"""The SDXL refiner: telling it from the base by its weights, its shipped configs, and the tiny refiner.
+"""The SDXL refiner: telling it from the base by its weights, and its shipped configs (the tiny refiner is
+in finetune/models/tiny_refiner.py).
 
 The refiner (SDXL paper §2.5) has one text encoder, OpenCLIP ViT-bigG (context 1280 = its penultimate
 hidden states, plus its pooled embedding), five micro-conditioning values
@@ -21,7 +22,6 @@ from finetune.models.tokenizers import save_clip_tokenizer
 
 KINDS = ("base", "refiner")
 REFINER_TIME_IDS = 5  # orig_h, orig_w, crop_top, crop_left, aesthetic_score
-BASE_TIME_IDS = 6  # orig_h, orig_w, crop_top, crop_left, target_h, target_w
 # The refiner's part of the noise schedule (SDXL paper §2.5: the first 200 of 1000 noise levels).
 REFINER_TIMESTEPS = (0, 200)
 REFINER_ARCHITECTURE = "stable-diffusion-xl-v1-refiner"
@@ -76,10 +76,6 @@ def check_kind(found: str, wanted: str, where: str) -> str:
         raise ModelError(f"{where}: this is an SDXL {found}, but model.kind = {wanted!r}; point model.pretrained "
                          f"at an SDXL {wanted} or set model.kind = 'auto'")
     return found
-
-
-def time_ids_count(kind: str) -> int:
-    return REFINER_TIME_IDS if kind == "refiner" else BASE_TIME_IDS
 
 
 # --- shipped configs ---------------------------------------------------------------------------

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-# transformers is imported where a tokenizer is loaded: importing it takes a second.
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+# transformers is imported where a tokenizer is loaded: importing it takes seconds.
 
 MAX_LENGTH = 77
 
@@ -28,6 +33,28 @@ def load_clip_tokenizer(pad_token: str = "<|endoftext|>"):
         pad_token=pad_token,
         model_max_length=MAX_LENGTH,
     )
+
+
+def clip_token_counter() -> Callable[[str], int]:
+    """Counts a caption's CLIP tokens (without BOS/EOS) as `load_clip_tokenizer()` does, from the same files.
+
+    Built with the `tokenizers` library alone, the way transformers' `CLIPTokenizer` builds its own,
+    so `dataset inspect` and `dataset build` can warn about long captions without importing transformers.
+    """
+    data = _data_dir()
+    vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in (data / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+              if line.strip()]  # the first line is a version header
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                              fuse_unk=False, unk_token="<|endoftext|>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                 normalizers.Lowercase()])
+    words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ("<|startoftext|>", "<|endoftext|>")])
+    return lambda caption: len(tokenizer.encode(caption, add_special_tokens=False).ids)
 
 
 def save_clip_tokenizer(out: Path, pad_token: str) -> None:

@@ -22,9 +22,10 @@ import tomllib
 from finetune.config import check_output_dir, load_config
 from finetune.errors import FinetuneError
 from finetune.studio.paths import STUDIO_DIR, PathRefused, Workspace
-from finetune.train.checkpoint import check_fresh_start, list_checkpoints
 from finetune.train.command import RESOLVED_CONFIG
 from finetune.train.logs import STATUS_FILE, read_metrics  # the files the trainer writes, read its way
+
+# finetune.train.checkpoint (torch) is imported where a run's checkpoints are read: the studio starts without it.
 
 CONSOLE_LOG = Path("logs") / "console.log"
 TAIL_BYTES = 64 * 1024
@@ -147,6 +148,8 @@ def resolved_config(folder: Path) -> dict:
 def run_state(folder: Path) -> RunState:
     """What the run in `folder` is doing, from `status.json`, else from its files and our own children."""
     folder = Path(folder)
+    from finetune.train.checkpoint import list_checkpoints
+
     reap()
     status = read_json(folder / STATUS_FILE)
     checkpoints = list_checkpoints(folder / "checkpoints")
@@ -241,6 +244,8 @@ def start_run(workspace: Workspace, config_text: str, *, overrides: list[str] | 
     """
     config = workspace.existing(config_text, "config")
     overrides = [o for o in (overrides or []) if o.strip()]
+    from finetune.train.checkpoint import check_fresh_start
+
     out = _checked_output(workspace, load_config(config, overrides))
     check_fresh_start(out / "checkpoints")  # the trainer's own refusal, before a process starts
     return out, _launch(train_argv(config, overrides), out, config.parent, settle_s)

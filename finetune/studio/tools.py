@@ -9,15 +9,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from finetune.adapters.convert import convert_lora
-from finetune.dtypes import DTYPES
 from finetune.errors import FinetuneError
 from finetune.studio.paths import PathRefused, Workspace
-from finetune.tools.caption import caption_folder, format_stats
-from finetune.tools.extract import extract_lora
-from finetune.tools.merge import merge_loras
-from finetune.tools.resize import resize_lora
-from finetune.tools.sample import render_from_model
+
+# Each tool (torch, diffusers) is imported when it runs, so the studio answers before they load
+# (app.warm_up imports them in the background once it does).
 
 
 def parse_loras(workspace: Workspace, text: str, required: bool = True) -> list[tuple[Path, float]]:
@@ -42,6 +38,9 @@ def parse_loras(workspace: Workspace, text: str, required: bool = True) -> list[
 
 
 def run_merge(workspace: Workspace, base: str, loras: str, dtype: str, out: str) -> str:
+    from finetune.dtypes import DTYPES
+    from finetune.tools.merge import merge_loras
+
     base_path, pairs = workspace.existing(base, "base model"), parse_loras(workspace, loras)
     target = workspace.new_output(out, "merged model")
     report = merge_loras(base_path, pairs, target, dtype=DTYPES[dtype] if dtype != "keep" else None)
@@ -49,17 +48,23 @@ def run_merge(workspace: Workspace, base: str, loras: str, dtype: str, out: str)
 
 
 def run_convert(workspace: Workspace, lora: str, to: str, out: str) -> str:
+    from finetune.adapters.convert import convert_lora
+
     target = workspace.new_output(out, "converted LoRA")
     return f"written {workspace.relative(convert_lora(workspace.existing(lora, 'LoRA'), target, to=to))}"
 
 
 def run_resize(workspace: Workspace, lora: str, rank: float, energy: float, out: str) -> str:
+    from finetune.tools.resize import resize_lora
+
     target = workspace.new_output(out, "resized LoRA")
     report = resize_lora(workspace.existing(lora, "LoRA"), target, int(rank), energy=energy or None)
     return f"{report}\n\noutput: {workspace.relative(target)}"
 
 
 def run_extract(workspace: Workspace, base: str, tuned: str, rank: float, out: str) -> str:
+    from finetune.tools.extract import extract_lora
+
     target = workspace.new_output(out, "extracted LoRA")
     report = extract_lora(workspace.existing(base, "base model"), workspace.existing(tuned, "tuned model"),
                           int(rank), target)
@@ -68,6 +73,8 @@ def run_extract(workspace: Workspace, base: str, tuned: str, rank: float, out: s
 
 def run_sample(workspace: Workspace, model: str, loras: str, prompt: str, negative: str, seed: float, steps: float,
                height: float, width: float, out: str) -> tuple[str, str | None]:
+    from finetune.tools.sample import render_from_model
+
     target = workspace.new_output(out, "sample image")
     path = render_from_model(workspace.existing(model, "model"), prompt, target, seed=int(seed), steps=int(steps),
                              height=int(height), width=int(width), negative_prompt=negative,
@@ -76,6 +83,8 @@ def run_sample(workspace: Workspace, model: str, loras: str, prompt: str, negati
 
 
 def run_caption(workspace: Workspace, folder: str, model: str, caption_ext: str) -> str:
+    from finetune.tools.caption import caption_folder, format_stats
+
     # Never overwrite: only images without a caption file get one (the studio replaces no user file).
     stats = caption_folder(workspace.existing(folder, "image folder"), workspace.existing(model, "caption model"),
                            overwrite=False, caption_ext=caption_ext)

@@ -10,12 +10,18 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tqdm.auto import tqdm
 
 from finetune.io import write_text_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a step's numbers are read: the studio reads the run files without it.
 
 METRICS_FILE = Path("logs") / "metrics.jsonl"
 STATUS_FILE = "status.json"
@@ -83,10 +89,17 @@ class RunLog:
             "updated": round(time.time(), 3)}, indent=2) + "\n")
 
 
-def progress_bar(total: int, initial: int, enabled: bool, **tqdm_args):
-    """The step bar on the console (main process only); when not `enabled`, a bar that draws nothing."""
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=not enabled,
-                **tqdm_args)
+def progress_bar(total: int, initial: int, enabled: bool, clock: Callable[[], float] = time.time, **tqdm_args):
+    """The step bar on the console (main process only); when not `enabled`, a bar that draws nothing.
+
+    `clock` (seconds) times the bar's rate and ETA; tests pass one they advance by hand.
+    """
+    bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=not enabled,
+               **tqdm_args)
+    if enabled:  # tqdm reads its clock from `_time` (its own `time.time` by default) and starts it at creation
+        bar._time = clock
+        bar.start_t = bar.last_print_t = clock()
+    return bar
 
 
 @contextlib.contextmanager
@@ -102,6 +115,8 @@ def step_metrics(loss: torch.Tensor, lr: float, images_per_s: float, grad_norm: 
                  norms_scaled: torch.Tensor | None = None, largest_norm: torch.Tensor | None = None,
                  nan_skipped: int = 0) -> dict[str, float]:
     """One logged step's numbers as plain floats (reading device tensors is the host sync of a logging step)."""
+    import torch
+
     metrics = {"loss": float(loss), "lr": lr, "images_per_s": images_per_s}
     if nan_skipped:  # steps skipped for NaN/inf losses so far in the run: shown once there are any
         metrics["nan_skipped"] = nan_skipped
