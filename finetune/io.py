@@ -45,6 +45,9 @@ def check_output(out: Path, *, overwrite: bool = False, inputs: Iterable[Path] =
         raise ConfigError(f"{flag} {out}: is {have} and this command writes {want}; choose another {flag}")
     if not overwrite:
         raise ConfigError(f"{flag} {out}: already exists; add --overwrite to replace it, or choose another {flag}")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise ConfigError(f"{flag} {out}: holds the current folder, which replacing it would delete; "
+                          f"choose another {flag}")
 
 
 def check_not_an_input(out: Path, inputs: Iterable[Path], flag: str = "--out") -> None:

@@ -7,6 +7,7 @@ An existing output is replaced only with overwrite (the CLI's --overwrite), an i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,8 @@ def test_an_output_is_checked_against_existing_paths_and_the_inputs(tmp_path):
         assert str(out) in str(err.value) and str(base) in str(err.value)
     with pytest.raises(ConfigError, match="is a folder and this command writes a file"):
         check_output(base, overwrite=True)
+    with pytest.raises(ConfigError, match="holds the current folder"):
+        check_output(Path("."), overwrite=True, folder=True)
 
 
 # --- refusing to write over the user's files ---------------------------------------------------------
