@@ -106,7 +106,7 @@ def _damage(module: AdapterModule) -> str | None:
         tensors = {k: getattr(module, k[5:]) for k in LOHA_KEYS}
         if any(t.dim() != 2 for t in tensors.values()):
             return "has LoHa factors that are not matrices"
-        pairs = [("hada_w1_a", "hada_w1_b", module.w1_a, module.w1_b), ("hada_w2_a", "hada_w2_b", module.w2_a, module.w2_b)]
+        pairs = [(f"hada_{w}_a", f"hada_{w}_b", tensors[f"hada_{w}_a"], tensors[f"hada_{w}_b"]) for w in ("w1", "w2")]
         m1, m2 = (module.w1_a.shape[0], module.w1_b.shape[1]), (module.w2_a.shape[0], module.w2_b.shape[1])
         if m1 != m2:
             return f"has LoHa products of shapes {m1} and {m2}, which must be equal"

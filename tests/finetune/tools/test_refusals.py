@@ -109,7 +109,7 @@ def test_merge_refuses_an_existing_file_or_folder_and_replaces_a_folder_whole_wh
         merge_loras(tiny_model_dir, [(lora, 1.0)], folder)
     assert [p.name for p in folder.iterdir()] == ["holiday.jpg"]
     merge_loras(tiny_model_dir, [(lora, 1.0)], folder, overwrite=True)
-    assert (folder / "model_index.json").is_file() and not (folder / "holiday.jpg").exists()  # replaced, not merged into
+    assert (folder / "model_index.json").is_file() and not (folder / "holiday.jpg").exists()  # replaced whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "merged.safetensors", "mine"]
 
 
