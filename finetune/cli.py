@@ -34,6 +34,11 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_tiny_model(args) -> None:
+    from finetune.io import check_output
+
+    # A folder unless the name ends in .safetensors; an existing one is replaced only with --overwrite.
+    check_output(Path(args.out), overwrite=args.overwrite, folder=args.refiner or not args.out.lower().endswith(
+        ".safetensors"), flag="OUT")
     if args.refiner:
         from finetune.models.tiny_refiner import save_tiny_refiner
 
@@ -119,7 +124,8 @@ def cmd_merge(args) -> None:
     from finetune.tools.merge import merge_loras
 
     loras = [_lora_arg(item) for item in args.lora]
-    report = merge_loras(Path(args.base), loras, Path(args.out), dtype=DTYPES[args.dtype] if args.dtype else None)
+    report = merge_loras(Path(args.base), loras, Path(args.out), dtype=DTYPES[args.dtype] if args.dtype else None,
+                         overwrite=args.overwrite)
     print(report)
 
 
@@ -137,19 +143,19 @@ def _lora_arg(text: str) -> tuple[Path, float]:
 def cmd_convert(args) -> None:
     from finetune.adapters.convert import convert_lora
 
-    print(f"written {convert_lora(Path(args.lora), Path(args.out), to=args.to)}")
+    print(f"written {convert_lora(Path(args.lora), Path(args.out), to=args.to, overwrite=args.overwrite)}")
 
 
 def cmd_extract(args) -> None:
     from finetune.tools.extract import extract_lora
 
-    print(extract_lora(Path(args.base), Path(args.tuned), args.rank, Path(args.out)))
+    print(extract_lora(Path(args.base), Path(args.tuned), args.rank, Path(args.out), overwrite=args.overwrite))
 
 
 def cmd_resize(args) -> None:
     from finetune.tools.resize import resize_lora
 
-    print(resize_lora(Path(args.lora), Path(args.out), args.rank, energy=args.energy))
+    print(resize_lora(Path(args.lora), Path(args.out), args.rank, energy=args.energy, overwrite=args.overwrite))
 
 
 def cmd_caption(args) -> None:
@@ -170,14 +176,16 @@ def cmd_sample(args) -> None:
                                loras=[_lora_arg(item) for item in args.lora or []],
                                refiner_loras=[_lora_arg(item) for item in args.refiner_lora or []],
                                switch=args.switch, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
-                               height=args.height, width=args.width, negative_prompt=args.negative)
+                               height=args.height, width=args.width, negative_prompt=args.negative,
+                               overwrite=args.overwrite)
         print(f"written {out}")
         return
     from finetune.tools.sample import render_from_model
 
     out = render_from_model(Path(args.model), args.prompt, Path(args.out), seed=args.seed, steps=args.steps,
                             guidance_scale=args.guidance, height=args.height, width=args.width,
-                            negative_prompt=args.negative, loras=[_lora_arg(item) for item in args.lora or []])
+                            negative_prompt=args.negative, loras=[_lora_arg(item) for item in args.lora or []],
+                            overwrite=args.overwrite)
     print(f"written {out}")
 
 
@@ -185,6 +193,9 @@ def cmd_studio(args) -> None:
     from finetune.studio.server import serve
 
     serve(args.workspace, host=args.host, port=args.port, password=args.password)
+
+
+OVERWRITE_HELP = "replace an existing --out (an input is never written over)"
 
 
 class _Help(argparse.HelpFormatter):
@@ -227,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="a folder (diffusers layout), or a file ending in .safetensors (one SGM single file)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--refiner", action="store_true", help="the tiny SDXL refiner (bigG only, five-value conditioning)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
     p = config_cmd("train", cmd_train, "train a LoRA or the full UNet as the config says",
                    config_help="the TOML config (copy train_config.toml and edit it); optional with --resume RUN_DIR")
@@ -254,17 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "open) or a folder (diffusers layout)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="write every weight in this precision (default: each keeps the base's; fp16 halves an fp32 base)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = command("convert", cmd_convert, "convert a LoRA between kohya (A1111/ComfyUI) and diffusers keys")
     p.add_argument("lora", help="the LoRA .safetensors to convert")
     p.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="the key layout to write")
     p.add_argument("--out", required=True, help="the converted .safetensors")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = command("extract", cmd_extract, "extract a LoRA from the difference of two checkpoints (SVD)")
     p.add_argument("--base", required=True, help="the original SDXL (folder or .safetensors)")
     p.add_argument("--tuned", required=True, help="the fine-tuned SDXL (same layouts)")
     p.add_argument("--rank", type=int, default=16, help="rank of the extracted LoRA")
     p.add_argument("--out", required=True, help="the LoRA .safetensors to write")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = command("resize", cmd_resize, "shrink a LoRA to a lower rank (SVD of each module's change)")
     p.add_argument("lora", help="the LoRA .safetensors to shrink")
@@ -272,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy", type=float, default=None,
                    help="per module, the smallest rank keeping this share of the change, e.g. 0.95")
     p.add_argument("--out", required=True, help="the smaller LoRA .safetensors")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = command("caption", cmd_caption, "write sidecar captions with a local image-to-text model")
     p.add_argument("folder", help="the image folder; a caption file is written beside each image")
@@ -296,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refiner", help="an SDXL refiner: the base denoises to --switch, the refiner finishes")
     p.add_argument("--refiner-lora", action="append", metavar="FILE[:SCALE]", help="a LoRA for the refiner; repeatable")
     p.add_argument("--switch", type=float, default=0.8, help="fraction of the schedule the base denoises")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     p = command("studio", cmd_studio, "local web UI over the same configs and run folders (pip install -e \".[studio]\")")
     p.add_argument("--workspace", required=True, help="root folder; the studio reads and writes only inside it")

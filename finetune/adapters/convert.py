@@ -21,7 +21,7 @@ from finetune.adapters.modules import AdapterModule, LoraModule
 from finetune.adapters.read import read_lora
 from finetune.adapters.save import te_magnitude_key
 from finetune.errors import ConfigError, ModelError
-from finetune.io import atomic_file
+from finetune.io import atomic_file, check_output
 from finetune.models.configs import sdxl_unet_config
 from finetune.models.sgm_keys import unet_module_map
 
@@ -104,17 +104,16 @@ def _peft_config(prefix: str, members: dict[str, LoraModule]) -> dict:
     return {f"{prefix}.{k}": v for k, v in config.items()}
 
 
-def convert_lora(src: Path, dst: Path, to: str, unet_config: dict | None = None) -> Path:
+def convert_lora(src: Path, dst: Path, to: str, unet_config: dict | None = None, *, overwrite: bool = False) -> Path:
     """Write `src` (any supported naming) to `dst` with kohya or diffusers keys; metadata is carried over.
 
     Raises:
-        ConfigError: `to` is not kohya/diffusers, or `dst` is `src`.
+        ConfigError: `to` is not kohya/diffusers, `dst` is `src`, or `dst` exists without `overwrite`.
         ModelError: `src` is unreadable, has unknown keys, or holds modules the target format cannot.
     """
     if to not in FORMATS:
         raise ConfigError(f"--to {to}: choose kohya or diffusers")
-    if Path(dst).resolve() == Path(src).resolve():
-        raise ConfigError(f"--out {dst}: write the converted file next to the original, not over it")
+    check_output(Path(dst), overwrite=overwrite, inputs=[Path(src)])
     lora = read_lora(Path(src), unet_config=unet_config)
     metadata = {k: v for k, v in lora.metadata.items() if k != "lora_adapter_metadata"}
     if to == "kohya":

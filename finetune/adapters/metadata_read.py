@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import safe_open
-
-from finetune.errors import ModelError
+from finetune.io import read_safetensors_header
 from finetune.models.refiner import BASE_ARCHITECTURE, REFINER_ARCHITECTURE
 
 
 def lora_kind(path: Path) -> str | None:
-    """"base" or "refiner" from `modelspec.architecture`; None when the file does not say."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            architecture = (fh.metadata() or {}).get("modelspec.architecture", "")
-    except Exception as err:  # safetensors raises its own error type for a damaged header
-        raise ModelError(f"{path}: not a readable .safetensors file ({err})") from None
+    """"base" or "refiner" from `modelspec.architecture`; None when the file does not say.
+
+    Raises:
+        ModelError: naming the file when it is no readable .safetensors.
+    """
+    architecture = read_safetensors_header(Path(path))[1].get("modelspec.architecture", "")
     if architecture.startswith(REFINER_ARCHITECTURE):
         return "refiner"
     if architecture.startswith(BASE_ARCHITECTURE):

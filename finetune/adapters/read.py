@@ -18,6 +18,7 @@ from safetensors import safe_open
 from finetune.adapters.keys import te_path, text_name_table, unet_name_table
 from finetune.adapters.modules import AdapterModule, LohaModule, LokrModule, LoraModule
 from finetune.errors import ModelError
+from finetune.io import read_safetensors_header
 from finetune.models.configs import sdxl_unet_config
 from finetune.models.refiner import REFINER_ARCHITECTURE, sdxl_refiner_unet_config
 
@@ -63,6 +64,7 @@ def read_lora(path: Path, unet_config: dict | None = None, te_layers: tuple[int,
         raise ModelError(f"{path}: LoRA files are read as .safetensors only (convert pickled files yourself)")
     if not path.is_file():
         raise ModelError(f"{path}: LoRA file not found")
+    read_safetensors_header(path)  # a damaged file is one line naming it, before safetensors opens it
     try:
         with safe_open(str(path), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -75,11 +77,53 @@ def read_lora(path: Path, unet_config: dict | None = None, te_layers: tuple[int,
     for i, config in enumerate(candidates):
         try:
             modules = modules_from_tensors(tensors, metadata, config, te_layers, where=str(path))
-            return LoraFile(modules, metadata, config)
         except ModelError:
             if i == len(candidates) - 1:
                 raise
+            continue
+        check_modules(modules, str(path))
+        return LoraFile(modules, metadata, config)
     raise AssertionError("unreachable")
+
+
+def check_modules(modules: dict[tuple[str, str], AdapterModule], where: str) -> None:
+    """ModelError naming the file and module when a module is damaged: NaN or infinite values, rank 0,
+    or factors whose shapes do not fit together (what would fail deep in a merge or an SVD)."""
+    for (component, path), module in modules.items():
+        problem = _damage(module)
+        if problem:
+            raise ModelError(f"{where}: {component}:{path} {problem}; the file is damaged: export it again")
+
+
+def _damage(module: AdapterModule) -> str | None:
+    if isinstance(module, LoraModule):
+        tensors = {"down": module.down, "up": module.up, "dora_scale": module.dora_scale}
+        down, up = module.down, module.up
+        if down.dim() not in (2, 4) or up.dim() != down.dim():
+            return f"has down {tuple(down.shape)} and up {tuple(up.shape)}: not a linear or conv LoRA pair"
+        pairs = [("up", "down", up.flatten(1), down)]
+    elif isinstance(module, LohaModule):
+        tensors = {k: getattr(module, k[5:]) for k in LOHA_KEYS}
+        if any(t.dim() != 2 for t in tensors.values()):
+            return "has LoHa factors that are not matrices"
+        pairs = [(f"hada_{w}_a", f"hada_{w}_b", tensors[f"hada_{w}_a"], tensors[f"hada_{w}_b"]) for w in ("w1", "w2")]
+        m1, m2 = (module.w1_a.shape[0], module.w1_b.shape[1]), (module.w2_a.shape[0], module.w2_b.shape[1])
+        if m1 != m2:
+            return f"has LoHa products of shapes {m1} and {m2}, which must be equal"
+    else:
+        tensors = dict(module.tensors)
+        pairs = [(f"lokr_{w}_a", f"lokr_{w}_b", tensors[f"lokr_{w}_a"], tensors[f"lokr_{w}_b"])
+                 for w in ("w1", "w2") if f"lokr_{w}_a" in tensors]
+    for name_a, name_b, a, b in pairs:
+        if a.dim() < 2 or b.dim() < 1 or a.shape[1] != b.shape[0]:
+            return f"has {name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)}, whose ranks differ"
+        if b.shape[0] == 0:
+            return "has rank 0 (empty factors)"
+    if not all(torch.isfinite(t).all() for t in tensors.values() if t is not None):
+        return "holds NaN or infinite values"
+    if not torch.isfinite(torch.tensor(float(module.alpha))):
+        return f"has alpha {module.alpha}"
+    return None
 
 
 def default_unet_configs(metadata: dict[str, str]) -> list[dict]:

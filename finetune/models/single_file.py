@@ -13,11 +13,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import ModelError
-from finetune.io import atomic_dir, atomic_file
+from finetune.io import atomic_dir, atomic_file, read_safetensors_header
 from finetune.models.configs import materialize_config_folder
 from finetune.models.refiner import kind_of_keys, refiner_config_dir
 from finetune.models.sgm_keys import unet_state_dict_to_sgm
@@ -71,12 +70,7 @@ def read_shapes(path: Path, *, allow_pickle: bool = False) -> dict[str, tuple[in
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return {k: tuple(v.shape) for k, v in _load_pickle(path, allow_pickle).items()}
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except Exception as err:  # safetensors raises its own SafetensorError for any bad header
-        raise ModelError(f"{path}: not a readable .safetensors file ({err})") from None
+    return {k: tuple(entry["shape"]) for k, entry in read_safetensors_header(path)[0].items()}
 
 
 def _load_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -100,7 +100,9 @@ def plan_captions(folder: Path, caption_ext: str, overwrite: bool
             failures.append((str(image), f"shares {target.name} with {owner[target].name}; rename one of them"))
             continue
         owner[target] = image
-        if target.exists() and not overwrite:
+        if target.is_dir():  # never replaced, --overwrite or not
+            failures.append((str(image), f"{target} is a folder where its caption file would go; rename it"))
+        elif target.exists() and not overwrite:
             skipped += 1
         else:
             todo.append((image, target))

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 from finetune.adapters.keys import kohya_name, te_path
 from finetune.errors import ModelError
-from finetune.io import atomic_file
+from finetune.io import atomic_file, check_output
+from finetune.io import read_safetensors_header as read_header
 from finetune.models.sgm_keys import unet_module_map
-from finetune.tools.merge import FOLDER_COMPONENTS, base_kind, base_unet_config, read_header
+from finetune.tools.merge import FOLDER_COMPONENTS, base_kind, base_unet_config
 
 UNET_PREFIX = "model.diffusion_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
@@ -56,7 +57,7 @@ class ExtractReport:
 
 
 def extract_lora(base: Path, tuned: Path, rank: int, out: Path, *, targets: str = "attn",
-                 dtype: torch.dtype = torch.float32) -> ExtractReport:
+                 dtype: torch.dtype = torch.float32, overwrite: bool = False) -> ExtractReport:
     """Write a kohya-keyed LoRA approximating `tuned - base` at `rank` on the target modules.
 
     Args:
@@ -64,9 +65,11 @@ def extract_lora(base: Path, tuned: Path, rank: int, out: Path, *, targets: str 
         targets: "attn" (attention projections), "linear" (+ feed-forward, proj_in/out, text MLPs)
             or "all" (+ ResNet convolutions, as conv LoRAs).
         dtype: the dtype of the written up/down matrices.
+        overwrite: replace an existing `out` (never one of the checkpoints).
 
     Raises:
-        ModelError: a missing path, an unknown `targets`, or weights whose shapes differ.
+        ConfigError: `out` exists without `overwrite`, or is (inside, or holds) a checkpoint.
+        ModelError: a missing or unreadable path, an unknown `targets`, or weights whose shapes differ.
     """
     if targets not in TARGETS:
         raise ModelError(f"targets = {targets!r}: choose one of {', '.join(TARGETS)}")
@@ -75,6 +78,7 @@ def extract_lora(base: Path, tuned: Path, rank: int, out: Path, *, targets: str 
     for path in (base, tuned):
         if not Path(path).exists():
             raise ModelError(f"{path}: checkpoint not found")
+    check_output(Path(out), overwrite=overwrite, inputs=[Path(base), Path(tuned)])
     unet_config = base_unet_config(Path(base))
     kind = base_kind(Path(base))
     patterns = [re.compile(p) for name in list(TARGETS)[: list(TARGETS).index(targets) + 1] for p in TARGETS[name]]

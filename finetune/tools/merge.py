@@ -19,12 +19,13 @@ from safetensors import safe_open
 from finetune.adapters.metadata_read import lora_kind
 from finetune.adapters.read import read_lora
 from finetune.errors import ModelError
-from finetune.io import atomic_dir, atomic_file
+from finetune.io import atomic_dir, atomic_file, check_output, read_json_object
+from finetune.io import read_safetensors_header as read_header
 from finetune.models.configs import sdxl_unet_config
 from finetune.models.refiner import kind_of_folder, kind_of_keys, sdxl_refiner_unet_config
 from finetune.models.sgm_keys import unet_module_map
 from finetune.models.single_file import load_single_file_pipeline, save_single_file
-from finetune.tools.merge_words import add_words_to_folder, bundled_words, write_words_beside
+from finetune.tools.merge_words import add_words_to_folder, bundled_words, words_beside_paths, write_words_beside
 
 # diffusers is imported only to convert a merged folder to one file: importing it takes seconds.
 
@@ -66,19 +67,25 @@ class _Edit:
     parts: list[tuple[slice | None, list[_Add]]] = field(default_factory=list)
 
 
-def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype: torch.dtype | None = None) -> MergeReport:
+def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype: torch.dtype | None = None,
+                overwrite: bool = False) -> MergeReport:
     """Add every LoRA (at its scale) to `base` and write the result to `out` in base's layout.
 
     Args:
         base: a diffusers folder or a single-file SGM `.safetensors`.
         loras: (LoRA file, scale) pairs, any format `finetune.adapters.read.read_lora` reads.
+        out: a `.safetensors` file, else a diffusers folder; an existing one is replaced whole (never
+            merged into) only with `overwrite`.
         dtype: cast every floating tensor written to this dtype (default: keep each tensor's own).
 
     Raises:
+        ConfigError: `out` exists without `overwrite`, or is (inside, or holds) the base or a LoRA.
         ModelError: base unreadable, a LoRA module matches no weight, a shape does not fit, or a
             merged tensor is not finite (nothing is written at `out` in any of these cases).
     """
     base, out = Path(base), Path(out)
+    want_file = out.suffix.lower() == ".safetensors"
+    check_output(out, overwrite=overwrite, inputs=[base, *(Path(path) for path, _ in loras)], folder=not want_file)
     if not base.exists():
         raise ModelError(f"{base}: base model not found")
     if base.is_file() and base.suffix != ".safetensors":
@@ -94,7 +101,9 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
             wanted.setdefault(key, []).append(_Add(Path(path).name, module, float(scale)))
         report.merged[str(path)] = [f"{c}:{p}" for c, p in lora.modules]
     words = bundled_words([path for path, _ in loras])  # pivotal tuning's new words
-    want_file = out.suffix.lower() == ".safetensors"
+    if want_file:  # their embedding files beside `out` are outputs too
+        for path in words_beside_paths(out, words):
+            check_output(path, overwrite=overwrite, inputs=[base, *(Path(p) for p, _ in loras)])
     if base.is_dir() == (not want_file):  # the base's own layout: stream only the tensors that change
         if base.is_dir():
             report.words = _merge_folder(base, out, wanted, dtype, words)
@@ -108,9 +117,9 @@ def merge_loras(base: Path, loras: list[tuple[Path, float]], out: Path, *, dtype
         merged = Path(work) / ("merged" if base.is_dir() else "merged.safetensors")
         (_merge_folder(base, merged, wanted, dtype) if base.is_dir()
          else _merge_single_file(base, merged, wanted, unet_config, dtype))
-        _convert_layout(merged, out, dtype or _unet_dtype(merged))
-    if words:
-        report.words = write_words_beside(out, words) if want_file else add_words_to_folder(out, words)
+        report.words = _convert_layout(merged, out, dtype or _unet_dtype(merged), words, base)
+    if words and want_file:
+        report.words = write_words_beside(out, words)
     return report
 
 
@@ -122,32 +131,47 @@ def _unet_dtype(model: Path) -> torch.dtype:
         return fh.get_tensor(key).dtype
 
 
-def _convert_layout(merged: Path, out: Path, dtype: torch.dtype) -> None:
-    """A merged diffusers folder as one SGM single file, or a merged single file as a diffusers folder."""
+def _convert_layout(merged: Path, out: Path, dtype: torch.dtype, words: dict, base: Path) -> list[str]:
+    """A merged diffusers folder as one SGM single file, or a merged single file as a diffusers folder
+    (with the bundled `words` added before it replaces `out`); the folder's word lines for the report."""
     if merged.is_dir():
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(merged, local_files_only=True, use_safetensors=True,
-                                                         torch_dtype=dtype)
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(merged, local_files_only=True, use_safetensors=True,
+                                                             torch_dtype=dtype)
+        except (OSError, ValueError) as err:  # the configs copied from the base folder do not describe SDXL
+            raise ModelError(f"{base}: diffusers could not load its merged copy ({err}); check the folder's "
+                             "model_index.json and configs") from None
         save_single_file(pipe, out)
-        return
+        return []
     pipe = load_single_file_pipeline(merged, dtype=dtype)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        return add_words_to_folder(tmp, words) if words else []
 
 
 def base_unet_config(base: Path) -> dict:
     """The UNet config of a diffusers folder; SDXL base's or refiner's for a single file (its names decode the same)."""
     config = base / "unet" / "config.json"
     if base.is_dir() and config.is_file():
-        return json.loads(config.read_text())
+        return read_json_object(config)
     return sdxl_refiner_unet_config() if base_kind(base) == "refiner" else sdxl_unet_config()
 
 
 def base_kind(base: Path) -> str:
     """"base" or "refiner": from a folder's configs, or a single file's text-encoder keys."""
     if base.is_dir():
-        return kind_of_folder(base) if (base / "unet" / "config.json").is_file() else "base"
+        for config in (base / "model_index.json", *sorted(base.glob("*/config.json"))):
+            if config.is_file():
+                read_json_object(config)  # one line naming a broken config, not a traceback later
+        if not (base / "unet" / "config.json").is_file():
+            return "base"
+        try:
+            return kind_of_folder(base)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelError(f"{base}: its unet or text_encoder_2 config.json lacks a value SDXL's have ({err}); "
+                             "restore the configs from the model's source") from None
     return kind_of_keys(read_header(base)[0]) or "base"
 
 
@@ -159,19 +183,7 @@ def check_lora_kind(lora: Path, base: Path, kind: str) -> None:
                          f"merge it into the {found}")
 
 
-# --- safetensors streaming -----------------------------------------------------------------------
-
-def read_header(path: Path) -> tuple[dict, dict[str, str], int]:
-    """(tensor entries, metadata, byte offset of the data) of a .safetensors file, reading only its header."""
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        try:
-            header = json.loads(fh.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelError(f"{path}: not a readable .safetensors file (bad header)") from None
-    metadata = header.pop("__metadata__", None) or {}
-    return header, metadata, 8 + size
-
+# --- safetensors streaming (headers read by finetune.io.read_safetensors_header) -----------------
 
 def _target_shape(entry: dict, rows: slice | None) -> tuple[int, ...]:
     shape = tuple(entry["shape"])

@@ -92,11 +92,15 @@ def _extend_table(te_dir: Path, rows: torch.Tensor, vocab_size: int) -> int:
     raise ModelError(f"{te_dir}: no .safetensors weight holds the token-embedding table")
 
 
+def words_beside_paths(out: Path, words: dict) -> list[Path]:
+    """Where `write_words_beside` puts each word's embedding file."""
+    return [Path(out).parent / "embeddings" / f"{file_stem(token)}.safetensors" for token in words]
+
+
 def write_words_beside(out: Path, words: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """A single file cannot hold a tokenizer: write `<out's folder>/embeddings/<word>.safetensors` instead."""
     lines = []
-    for token, tensors in words.items():
-        path = Path(out).parent / "embeddings" / f"{file_stem(token)}.safetensors"
+    for (token, tensors), path in zip(words.items(), words_beside_paths(out, words)):
         save_embedding(path, tensors, {"modelspec.architecture": ARCHITECTURE, "token": token,
                                        "vectors": str(tensors["clip_l"].shape[0])}, tensors["clip_l"].dtype)
         lines.append(f"  {token}: a single file cannot hold a tokenizer, so the word is not in it; "

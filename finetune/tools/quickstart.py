@@ -150,8 +150,9 @@ def run_quickstart(out: Path, steps: int = 120) -> dict[str, Path]:
     merged = out / "merged-sdxl"
     merge_loras(out / "tiny-sdxl", [(result.output_path, 1.0)], merged)
     print("[5/5] rendering a sample with the merged model")
+    # claim_folder made `out` ours: an earlier quickstart's sample is replaced.
     sample = render_from_model(merged, "a red circle, flat colors, simple drawing", out / "sample.png",
-                               seed=0, steps=20, height=256, width=256)
+                               seed=0, steps=20, height=256, width=256, overwrite=True)
     losses = result.losses
     print(f"\nquickstart finished in {time.time() - start:.0f} s; loss {losses[0]:.4f} (first step) -> "
           f"{sum(losses[-10:]) / len(losses[-10:]):.4f} (mean of last 10)")

@@ -32,7 +32,8 @@ def run_refiner_quickstart(out: Path, steps: int = 60) -> dict[str, Path]:
     cfg = load_config(config_path)
     print(f"[3/5] training a refiner LoRA ({steps} steps, CPU)")
     result = train(cfg)
-    common = dict(switch=SWITCH, seed=0, steps=10, height=256, width=256)
+    # prepare_workspace claimed `out`: an earlier quickstart's samples are replaced.
+    common = dict(switch=SWITCH, seed=0, steps=10, height=256, width=256, overwrite=True)
     print(f"[4/5] two-stage sample: base to {SWITCH}, refiner from {SWITCH}")
     plain = render_two_stage(out / "tiny-sdxl", out / "tiny-refiner", PROMPT, out / "two-stage.png", **common)
     print("[5/5] the same with the refiner LoRA")

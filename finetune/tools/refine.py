@@ -16,13 +16,36 @@ from bucketing.image import load_bucket_image
 from bucketing.manifest import load_manifest
 from finetune.adapters.metadata_read import lora_kind
 from finetune.config import ModelConfig
-from finetune.errors import ModelError
-from finetune.io import atomic_file
+from finetune.errors import ConfigError, ModelError
+from finetune.io import atomic_file, check_output, read_safetensors_header
 from finetune.models.load import load_models
 
 # diffusers is imported where a pipeline is built: importing it takes seconds.
 
 NEGATIVE_AESTHETIC_SCORE = 2.5  # diffusers' default for the negative prompt (and ComfyUI's)
+MAX_STEPS = 1000  # the noise schedule's length: diffusers' schedulers refuse more
+
+
+def check_sampling(steps: int, height: int, width: int) -> None:
+    """ConfigError naming the option when a render cannot run: called before any model is loaded."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"--steps {steps}: must be between 1 and {MAX_STEPS} (20 to 40 is usual)")
+    for flag, side in (("--height", height), ("--width", width)):
+        if side < 8 or side % 8:
+            raise ConfigError(f"{flag} {side}: must be a positive multiple of 8 (the VAE's scale), e.g. 1024")
+
+
+def check_switch(switch: float) -> None:
+    if not 0 < switch < 1:
+        raise ModelError(f"--switch {switch}: the hand-off point must be between 0 and 1 (the paper's 0.8)")
+
+
+def check_lora_files(loras) -> None:
+    """ModelError naming the file when a (file, scale) LoRA is missing or no readable .safetensors."""
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise ModelError(f"{path}: LoRA file not found")
+        read_safetensors_header(Path(path))
 
 
 def refiner_pipeline(models, unet, device, progress: bool = False):
@@ -62,8 +85,7 @@ def two_stage(base_pipe, refiner_pipe, prompt: str, *, seed: int, steps: int, sw
               height: int, width: int, negative_prompt: str = "", aesthetic_score: float = 6.0,
               output_type: str = "pil"):
     """One PIL image (or with output_type "latent" the refined latents): base to `switch`, refiner after."""
-    if not 0 < switch < 1:
-        raise ModelError(f"--switch {switch}: the hand-off point must be between 0 and 1 (the paper's 0.8)")
+    check_switch(switch)
     generator = torch.Generator("cpu").manual_seed(seed)
     negative = negative_prompt or None
     with torch.no_grad():
@@ -114,8 +136,18 @@ def check_lora_for(path: Path, kind: str) -> None:
 
 def render_two_stage(base: Path, refiner: Path, prompt: str, out: Path, *, loras=(), refiner_loras=(),
                      switch: float = 0.8, seed: int = 0, steps: int = 40, guidance_scale: float = 5.0,
-                     height: int = 1024, width: int = 1024, negative_prompt: str = "") -> Path:
-    """`finetune sample BASE --refiner REFINER`: one PNG rendered in two stages."""
+                     height: int = 1024, width: int = 1024, negative_prompt: str = "", overwrite: bool = False) -> Path:
+    """`finetune sample BASE --refiner REFINER`: one PNG rendered in two stages.
+
+    Raises:
+        ConfigError: `out` exists without `overwrite` or is an input; steps, sizes or switch out of range.
+        ModelError: a model or LoRA that is missing or unreadable.
+    """
+    check_output(Path(out), overwrite=overwrite,
+                 inputs=[Path(base), Path(refiner), *(Path(p) for p, _ in (*loras, *refiner_loras))])
+    check_sampling(steps, height, width)
+    check_switch(switch)
+    check_lora_files([*loras, *refiner_loras])
     base_pipe, refiner_pipe = load_pair(base, refiner, loras, refiner_loras)
     image = two_stage(base_pipe, refiner_pipe, prompt, seed=seed, steps=steps, switch=switch,
                       guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt)

@@ -20,7 +20,7 @@ from finetune.adapters.convert import kohya_tensors, module_kohya_tensors
 from finetune.adapters.modules import AdapterModule, LoraModule
 from finetune.adapters.read import read_lora
 from finetune.errors import ConfigError, ModelError
-from finetune.io import atomic_file
+from finetune.io import atomic_file, check_output
 from finetune.models.configs import sdxl_unet_config
 from finetune.tools.extract import lora_factors
 
@@ -40,19 +40,19 @@ class ResizeReport:
 
 
 def resize_lora(src: Path, dst: Path, rank: int, *, energy: float | None = None,
-                unet_config: dict | None = None) -> ResizeReport:
+                unet_config: dict | None = None, overwrite: bool = False) -> ResizeReport:
     """Write `src` at rank `rank` (at most; lower per module with `energy`) to `dst`, kohya keys.
 
     Raises:
-        ConfigError: rank < 1, energy outside (0, 1], or `dst` is `src`.
-        ModelError: `src` is unreadable or has keys no module matches.
+        ConfigError: rank < 1, energy outside (0, 1], `dst` is `src`, or `dst` exists without `overwrite`.
+        ModelError: `src` is unreadable, has keys no module matches, or a damaged module (NaN or
+            infinite values, rank 0, up and down that do not fit).
     """
     if rank < 1:
         raise ConfigError(f"--rank {rank}: must be at least 1")
     if energy is not None and not 0 < energy <= 1:
         raise ConfigError(f"--energy {energy}: a share of the change to keep, in (0, 1], e.g. 0.95")
-    if Path(dst).resolve() == Path(src).resolve():
-        raise ConfigError(f"--out {dst}: write the resized file next to the original, not over it")
+    check_output(Path(dst), overwrite=overwrite, inputs=[Path(src)])
     lora = read_lora(Path(src), unet_config=unet_config)
     if not lora.modules:
         raise ModelError(f"{src}: holds no adapter modules to resize")

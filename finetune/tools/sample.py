@@ -15,9 +15,9 @@ from finetune.adapters.embedding_files import split_bundled
 from finetune.adapters.embeddings import expand_prompt, use_real_eos
 from finetune.config import ModelConfig
 from finetune.errors import ModelError
-from finetune.io import atomic_file
+from finetune.io import atomic_file, check_output
 from finetune.models.load import load_models
-from finetune.tools.refine import base_pipeline, render_refiner_samples
+from finetune.tools.refine import base_pipeline, check_lora_files, check_sampling, render_refiner_samples
 
 
 def render(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
@@ -110,9 +110,19 @@ def log_sample_grids(tracker, paths: list[Path], step: int) -> None:
 
 def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0, steps: int = 20,
                       guidance_scale: float = 5.0, height: int = 1024, width: int = 1024,
-                      negative_prompt: str = "", loras: list[tuple[Path, float]] = (), progress: bool = True) -> Path:
+                      negative_prompt: str = "", loras: list[tuple[Path, float]] = (), progress: bool = True,
+                      overwrite: bool = False) -> Path:
     """Load a saved SDXL (diffusers folder or single file), apply `loras` (file, scale) without merging,
-    and render one PNG."""
+    and render one PNG.
+
+    Raises:
+        ConfigError: `out` exists without `overwrite` or is an input; steps or sizes out of range
+            (all checked before any model is loaded).
+        ModelError: the model or a LoRA is missing or unreadable.
+    """
+    check_output(Path(out), overwrite=overwrite, inputs=[Path(model_path), *(Path(p) for p, _ in loras)])
+    check_sampling(steps, height, width)
+    check_lora_files(loras)
     if progress:
         print(f"loading {model_path}", flush=True)
     models = load_models(ModelConfig(pretrained=model_path))
@@ -130,12 +140,15 @@ def apply_loras(pipe, loras) -> list:
     """Load each LoRA file (kohya or diffusers keys) into the pipeline at its scale, unmerged; the
     words a pivotal LoRA bundles join both tokenizers and text encoders. Returns those words."""
     names, scales, words = [], [], []
+    check_lora_files(loras)
     for i, (path, scale) in enumerate(loras):
-        if not Path(path).is_file():
-            raise ModelError(f"{path}: LoRA file not found")
         name = f"lora{i}"
         state, bundled = split_bundled(load_file(str(path)))
-        pipe.load_lora_weights(state, adapter_name=name)  # diffusers refuses the bundle's keys
+        try:
+            pipe.load_lora_weights(state, adapter_name=name)  # diffusers refuses the bundle's keys
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ModelError(f"{path}: diffusers could not load it as an SDXL LoRA ({err}); is it a LoRA "
+                             "for this model?") from None
         for token, vectors in bundled.items():
             for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
                                             ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):

@@ -143,7 +143,7 @@ def test_cli_resize_and_its_refusals(tmp_path, capsys):
     assert "--rank 0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--energy 1.5"):
         resize_lora(source, tmp_path / "x.safetensors", 2, energy=1.5)
-    with pytest.raises(ConfigError, match="not over it"):
+    with pytest.raises(ConfigError, match="is the input"):
         resize_lora(source, source, 2)
     save_file({"lora_unet_nothing_here.lora_down.weight": torch.zeros(2, 2)}, str(tmp_path / "bad.safetensors"))
     assert main(["resize", str(tmp_path / "bad.safetensors"), "--rank", "2", "--out", str(tmp_path / "y.safetensors")]) == 2
