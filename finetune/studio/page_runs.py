@@ -71,6 +71,9 @@ def run_details(workspace: Workspace, folder_text: str | None) -> list:
     losses = [m for m in metrics if isinstance(m.get("loss"), (int, float))]  # val_loss lines have none
     if losses:
         lines.append(f"last logged step {losses[-1]['step']}: loss {losses[-1]['loss']:.4f}")
+    skipped = max((int(m.get("nan_skipped") or 0) for m in metrics), default=0)
+    if skipped:  # the trainer's count of steps it skipped for NaN/inf losses (training.max_nan_steps)
+        lines.append(f"{skipped} step{'s' if skipped > 1 else ''} skipped: loss or gradients NaN/inf")
     gallery = [(str(path), f"step {step}") for path, step in runs.samples(folder)]
     charts = [_frame(metrics, key) for key, _ in CHARTS]
     return ["\n\n".join(lines), *charts, gallery, estimate_line(folder) if state.state != "not started" else "",

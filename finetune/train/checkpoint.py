@@ -156,15 +156,15 @@ def restore(accelerator, folder: Path, saved: TrainState, state: TrainState, cha
     """Load the checkpoint in `folder` into the prepared run: the Accelerate state (models, optimizer,
     LR schedule, RNGs), and its progress `saved` into `state`.
 
-    `changes` are the settings `--allow-changes` accepted (finetune.train.resume checked them);
-    they are recorded in the state, so the outputs say the run is not reproducible.
+    `changes` are the settings `--allow-changes` accepted (finetune.train.resume checked them) and a
+    new run length; they are recorded in the state, so the outputs say the run is not reproducible.
     """
     accelerator.load_state(str(folder))
     state.step, state.epoch, state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
     state.images_seen, state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
     state.changed_on_resume = saved.changed_on_resume + [f"step {saved.step}: {c}" for c in changes]
     if changes:
-        accelerator.print("--allow-changes: resuming with these changes (the run is now marked not "
+        accelerator.print("resuming with these changes (recorded in the outputs' metadata; the run is marked not "
                           "reproducible):\n  " + "\n  ".join(changes))
     accelerator.print(f"resumed from {folder} (step {saved.step}, epoch {saved.epoch})")
     return folder

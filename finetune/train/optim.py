@@ -131,6 +131,16 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, m
                          num_training_steps=max_steps, num_cycles=cfg.num_cycles, power=cfg.power)
 
 
+def lr_after(cfg: OptimizerConfig, learning_rate: float, max_steps: int, steps_done: int) -> float | None:
+    """The learning rate of the optimizer step that follows `steps_done` steps of a `max_steps` schedule;
+    None where Adafactor sets its own."""
+    if cfg.name == "adafactor" and cfg.relative_step:
+        return None
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+    schedule = build_lr_scheduler(probe, cfg, max_steps)
+    return learning_rate * schedule.lr_lambdas[0](steps_done)
+
+
 def clip_gradients(accelerator, params: list, max_norm: float, fused=None) -> tuple[torch.Tensor, bool]:
     """Clip the synced gradients of `params` to `max_norm` (0: measure only).
 

@@ -37,7 +37,8 @@ from finetune.train.optim import clip_gradients
 from finetune.train.outputs import averaged_weights, save_trained_weights
 from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
-from finetune.train.resume import ResumePoint, check_config, check_process_count, finished, resume_point, run_manifest
+from finetune.train.resume import (ResumePoint, check_config, check_process_count, finished, resume_point,
+                                   run_manifest, schedule_change)
 from finetune.train.stop import StopFlag
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
 from finetune.train.trouble import nan_stop_message
@@ -164,8 +165,10 @@ class Recipe:
         self.cfg = builders.length_in_steps(self.cfg, len(self.loader), acc.print)
         # Adapters (or full weights), optimizer, LR schedule, EMA, as Accelerate prepared them.
         self.parts = builders.build_trained_parts(self.cfg, acc, self.models, self.words)
-        if point is not None:  # the checkpoint's Accelerate state and TrainState
-            self.last_checkpoint = ckpt.restore(acc, point.folder, point.state, self.state, self.changes)
+        if point is not None:  # the checkpoint's Accelerate state and TrainState; a new length is said and kept
+            longer = schedule_change(point, self.cfg.training, self.cfg.optimizer)
+            self.last_checkpoint = ckpt.restore(acc, point.folder, point.state, self.state,
+                                                self.changes + ([longer] if longer else []))
             self.epochs_done = self.epochs_completed()
         if acc.is_main_process:  # setup is complete (a resume accepted): the run's record, as it trains
             record_run(self.cfg, *(self.command or (None, [])))

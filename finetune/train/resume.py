@@ -20,6 +20,7 @@ from bucketing.manifest import load_manifest
 from finetune.dataset import build_dataset, dataset_hash
 from finetune.errors import CheckpointError, ConfigError
 from finetune.io import replace_dir
+from finetune.train.optim import lr_after
 from finetune.train.checkpoint import CONFIG_FILE, STATE_FILE, TrainState, latest_checkpoint
 from finetune.train.validation import split_rows
 
@@ -152,6 +153,25 @@ def _accept(point: ResumePoint, changes: list[str], output_name: str, allow_chan
             "not reproducible); or start a new run in another output.dir from this checkpoint's weights with "
             f"lora.init_from = {json.dumps(str(point.weights_path(output_name)))}")
     return changes
+
+
+def schedule_change(point: ResumePoint, training, optimizer) -> str | None:
+    """What the LR schedule does after a resume that changed the run's length (training.max_steps).
+
+    The schedule is recomputed over the new length, as kohya's scripts do on resume: a longer cosine run
+    decays more slowly from here on. Said, and kept in the outputs' metadata, never a silent jump.
+    """
+    old = point.config.get("training", {}).get("max_steps")
+    if not isinstance(old, int) or old == training.max_steps or optimizer.scheduler == "constant":
+        return None
+    done = point.state.step
+    before = lr_after(optimizer, training.learning_rate, old, done)
+    after = lr_after(optimizer, training.learning_rate, training.max_steps, done)
+    if before is None or after is None:
+        return None
+    return (f"training.max_steps: {old} in the checkpoint, {training.max_steps} now: the {optimizer.scheduler} "
+            f"schedule is recomputed over {training.max_steps} steps; the learning rate at step {done + 1} is "
+            f"{after:.3g} (the old schedule's was {before:.3g})")
 
 
 def resume_conflicts(saved: dict, current: dict) -> list[str]:

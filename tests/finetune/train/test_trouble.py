@@ -124,3 +124,18 @@ def test_a_step_due_a_checkpoint_and_samples_saves_the_checkpoint_first(tmp_path
         train(cfg, progress=False)
     assert (cfg.output.dir / "checkpoints" / "step-000002").is_dir()
     assert str(cfg.output.dir / "checkpoints" / "step-000002") in str(info.value)
+
+
+def test_extending_a_finished_cosine_run_says_and_records_the_new_schedule(tmp_path, tiny_model_dir, shapes_folder,
+                                                                          capsys):
+    from safetensors import safe_open
+
+    path = write_config(tmp_path, tiny_model_dir, shapes_folder, steps=4, every=2,
+                        extra='[optimizer]\nscheduler = "cosine"\n')
+    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--resume", "--set", "training.max_steps=8"]) == 0
+    said = capsys.readouterr().out
+    assert "the cosine schedule is recomputed over 8 steps; the learning rate at step 5 is" in said
+    with safe_open(str(tmp_path / "out" / "lora.safetensors"), framework="pt") as fh:
+        changes = json.loads(fh.metadata()["finetune.changed_on_resume"])
+    assert any("training.max_steps: 4 in the checkpoint, 8 now" in change for change in changes)
