@@ -55,7 +55,7 @@ def cmd_tiny_model(args) -> None:
 def cmd_train(args) -> int:
     from finetune.config import load_config
     from finetune.errors import ConfigError
-    from finetune.train.command import config_for_resume, resolved_overrides, resume_hint, run_config_of
+    from finetune.train.command import config_for_resume, resume_hint, run_config_of
 
     if args.config is None and not (args.resume and args.resume != "latest"):
         raise ConfigError("finetune train: name the config (finetune train CONFIG), or the run to continue "
@@ -78,13 +78,12 @@ def cmd_train(args) -> int:
     if result.finished_before:
         epochs = cfg.training.max_epochs
         longer = f"training.max_epochs={2 * epochs}" if epochs else f"training.max_steps={2 * result.step}"
-        kept = [o for o in resolved_overrides(cfg, overrides) if o.partition("=")[0] != longer.partition("=")[0]]
         print(f"finished already: step {result.step} is the run's last; nothing to do.\n  weights: {result.output_path}"
-              f"\nto train further, resume with a longer run, e.g.: {resume_hint(config, kept + [longer])}")
+              f"\nto train further, resume with a longer run, e.g.: {resume_hint(config, cfg, overrides, [longer])}")
         return 0
     if result.interrupted:
         print(f"stopped at step {result.step}; checkpoint: {result.checkpoint}\n"
-              f"resume with: {resume_hint(config, resolved_overrides(cfg, overrides))}")
+              f"resume with: {resume_hint(config, cfg, overrides)}")
         return 130  # stopped early: scripts must not mistake it for a finished run
     samples = cfg.output.dir / "samples"
     print(f"done: step {result.step}\n  weights:    {result.output_path}\n  checkpoint: {result.checkpoint}"

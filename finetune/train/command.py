@@ -92,10 +92,19 @@ def run_config_of(resume: str) -> tuple[Path, str]:
                       "name the config too: finetune train CONFIG --resume")
 
 
-def resume_hint(config: Path, overrides: list[str]) -> str:
-    """A command that continues the run, overrides included (quoted for a POSIX shell)."""
-    words = ["finetune", "train", str(config), "--resume"]
-    for item in overrides:
+def resume_hint(config: Path, cfg: TrainConfig, overrides: list[str], extra: list[str] = ()) -> str:
+    """A command that continues the run (quoted for a POSIX shell), with `extra` overrides.
+
+    From the TOML: the TOML, --resume and the run's overrides, resolved. From the run's own resolved
+    config (or folder): `finetune train --resume RUN_DIR`, which needs nothing else.
+    """
+    replaced = {_key(item) for item in extra}
+    if is_resolved_config(config, cfg):
+        words, kept = ["finetune", "train", "--resume", str(cfg.output.dir)], []
+    else:
+        words = ["finetune", "train", str(config), "--resume"]
+        kept = [item for item in resolved_overrides(cfg, overrides) if _key(item) not in replaced]
+    for item in [*kept, *extra]:
         words += ["--set", item]
     return shlex.join(words)
 

@@ -46,10 +46,17 @@ def test_without_a_record_resume_reads_the_toml_alone(tmp_path):
     assert cfg.training.max_steps == 1000 and applied == []
 
 
-def test_the_hint_quotes_every_override(tmp_path):
-    hint = resume_hint(tmp_path / "my config.toml", ["output.dir=/runs/a b", "sample.prompts=['a dog']"])
-    assert shlex.split(hint) == ["finetune", "train", str(tmp_path / "my config.toml"), "--resume",
-                                 "--set", "output.dir=/runs/a b", "--set", "sample.prompts=['a dog']"]
+def test_the_hint_quotes_every_override_and_from_the_run_needs_none(tmp_path):
+    path = _config(tmp_path)
+    overrides = ["output.dir=a b", "sample.prompts=['a dog']"]
+    cfg = load_config(path, overrides)
+    hint = resume_hint(path, cfg, overrides, ["training.max_steps=9"])
+    assert shlex.split(hint) == ["finetune", "train", str(path), "--resume", "--set", f'output.dir="{tmp_path / "a b"}"',
+                                 "--set", 'sample.prompts=["a dog"]', "--set", "training.max_steps=9"]
+    record_run(cfg, path, overrides)
+    resolved = tmp_path / "a b" / "config.resolved.toml"
+    again = load_config(resolved)
+    assert shlex.split(resume_hint(resolved, again, overrides)) == ["finetune", "train", "--resume", str(tmp_path / "a b")]
 
 
 def test_overrides_are_recorded_resolved_and_never_applied_twice(tmp_path):

@@ -240,7 +240,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_prints_a_resume_command_that_wo
     assert step == 3  # the step under way when Ctrl-C came was finished, then saved
     hint = shlex.split(out.split("resume with: ")[1].splitlines()[0])
     assert hint[:4] == ["finetune", "train", str(path), "--resume"]
-    assert f"output.dir={elsewhere}" in hint and "training.max_steps=300" in hint
+    assert f'output.dir="{elsewhere}"' in hint and "training.max_steps=300" in hint  # recorded resolved
     # The hint continues the same run (its folder, its settings): finish it at the step reached.
     finish = [sys.executable, "-m", *hint, "--set", f"training.max_steps={step}"]
     done = subprocess.run(finish, capture_output=True, text=True, timeout=300)
