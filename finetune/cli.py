@@ -375,6 +375,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: disk full{where}; files written before are intact: free some space and run the "
               "command again (training: with --resume)", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # torch.OutOfMemoryError, matched by name: this module never imports torch
+        if type(err).__name__ != "OutOfMemoryError":
+            raise
+        print(f"error: out of GPU memory in `finetune {args.command}`: {OUT_OF_MEMORY.get(args.func, OOM_ANY)}",
+              file=sys.stderr)
+        return 2
+
+
+OOM_ANY = "close other programs using the GPU, or run it on a card with more memory"
+# What frees memory in each command (training says its own, with the checkpoint to resume from).
+OUT_OF_MEMORY = {
+    cmd_cache: "lower cache.batch_size (1 fits any card), then run it again; finished cache shards are kept",
+    cmd_sample: "lower --height and --width (e.g. 768), or sample with fewer LoRAs; " + OOM_ANY,
+    cmd_merge: "merge on a machine with more memory; the merge writes nothing until it is complete",
+}
 
 
 if __name__ == "__main__":

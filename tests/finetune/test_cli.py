@@ -164,3 +164,20 @@ def test_dataset_build_refuses_an_output_dir_inside_the_images(tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"output.dir = {tmp_path / 'images' / 'out'} is inside the image folder {tmp_path / 'images'}" in err
     assert os.listdir(tmp_path / "images") == ["a.png"]  # no manifest, no work folder among the images
+
+
+def test_out_of_memory_outside_training_is_one_line_with_what_to_lower(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from finetune.cache import prepare
+    from finetune.cli import main
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(prepare, "build_caches", no_memory)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "images").mkdir()
+    assert main(["cache", str(write_config(tmp_path, tmp_path / "model", tmp_path / "images"))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of GPU memory in `finetune cache`") and "cache.batch_size" in err
