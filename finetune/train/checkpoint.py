@@ -1,9 +1,13 @@
 """Checkpoints and resume: `checkpoints/step-NNNNNN/` written whole or not at all, `latest` last; which
 checkpoint `--resume` means and whether the config still fits it.
 
-A checkpoint holds the Accelerate state (trainable weights, optimizer, LR scheduler, grad scaler,
-RNG of every process), `train_state.json` (the one resume object), the resolved config and a usable
-adapter/model `.safetensors`. It is written into a hidden temp folder and renamed; a folder without
+A checkpoint holds the training state (trained weights `trainable_N.safetensors`; optimizer, LR
+scheduler, grad scaler, EMA and new words in `training_state.safetensors` + `.json`; each process's RNG
+in `rng_N.safetensors` + `.json`; see `state_io`), `train_state.json` (the one resume object), the
+resolved config and a usable adapter/model `.safetensors`. No pickle: loading it runs no code (FSDP
+runs excepted: their shards go through Accelerate and torch.distributed.checkpoint). `files.json`
+lists every file with size and sha256 (see `checkpoint_files`); resume verifies it and falls back to
+the newest intact checkpoint. It is written into a hidden temp folder and renamed; a folder without
 `train_state.json` (killed mid-save) is never resumed from.
 """
 
@@ -18,12 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tomllib
-import torch
-from safetensors.torch import load_file, save_file
 
 from finetune.config import TrainConfig, dump_config, frozen_keys, migrate_moved_keys, table_model
 from finetune.errors import CheckpointError, ConfigError
 from finetune.io import fsync_tree, write_text_atomic
+from finetune.train import checkpoint_files, state_io
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "train_state.json"
@@ -66,14 +69,32 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The folder named by `latest` if it is complete, else the newest complete one."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
+    """The folder named by `latest` if it is complete, else the newest complete one (not verified:
+    `resume_candidate` is the one resume uses)."""
+    pointed = _pointed(root)
+    if pointed is not None:
+        return pointed
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def _pointed(root: Path) -> Path | None:
+    pointer = root / "latest"
+    try:
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return candidate if STEP_DIR.match(candidate.name) and (candidate / STATE_FILE).is_file() else None
+
+
+def resume_candidate(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint under `root` (its files as `files.json` lists them) and notes on the
+    damaged newer ones skipped. None when there is no complete checkpoint at all.
+
+    Raises:
+        CheckpointError: a checkpoint holds pickles, or every one is damaged (naming the files).
+    """
+    return checkpoint_files.resume_candidate([folder for _, folder in list_checkpoints(root)], _pointed(root))
 
 
 def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str, write_weights) -> Path:
@@ -92,14 +113,21 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+        fsdp = state_io.uses_accelerate_state(accelerator)
+        if fsdp:  # each process writes its shards (and RNG state); main writes the rest
+            accelerator.save_state(str(tmp))
+        else:  # no pickle: every process writes its RNG state; main writes the rest
+            state_io.save_training_state(accelerator, tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_weights(tmp)
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+            marker = state.to_json()
+            checkpoint_files.write_manifest(tmp, {STATE_FILE: marker}, "accelerate-fsdp" if fsdp else "safetensors+json")
             # Written last: its presence marks the folder complete.
-            (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+            (tmp / STATE_FILE).write_text(marker, encoding="utf-8")
             fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -189,7 +217,8 @@ def find_resume_folder(root: Path, resume: str) -> Path:
         CheckpointError: there is no complete checkpoint to resume (names the folder looked in).
     """
     if resume == "latest":
-        folder = latest_checkpoint(root)
+        folder, notes = resume_candidate(root)
+        checkpoint_files.say_once(notes)
         if folder is None:
             raise CheckpointError(f"--resume: no complete checkpoint in {root}; start the run without --resume "
                                   "(or point output.dir at the run to continue)")
@@ -197,6 +226,7 @@ def find_resume_folder(root: Path, resume: str) -> Path:
     folder = Path(resume)
     if not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"{folder}: not a complete checkpoint (no {STATE_FILE}); use --resume for the latest")
+    checkpoint_files.check_intact(folder)
     return folder
 
 
@@ -251,7 +281,7 @@ def restore(accelerator, cfg: TrainConfig, resume: str, state: TrainState, allow
     """
     folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
     changes = check_resumable(folder, cfg, state, allow_changes)
-    accelerator.load_state(str(folder))
+    load_training_state(accelerator, folder)
     saved = TrainState.from_file(folder / STATE_FILE)
     state.step, state.epoch, state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
     state.images_seen, state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
@@ -309,40 +339,40 @@ def profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:
     return cfg
 
 
-def register_trainable_only_hooks(acc) -> None:
-    """Checkpoints hold the trained parameters only (a LoRA checkpoint is MBs, not the 5 GB UNet).
+def load_training_state(accelerator, folder: Path) -> None:
+    """The checkpoint's training state into the prepared run, read with safetensors and json only.
 
-    Names are the bare model's, so a checkpoint reads the same with or without DDP or torch.compile.
+    FSDP shards are read by Accelerate and torch.distributed.checkpoint, which unpickle: said, not silent.
+
+    Raises:
+        CheckpointError: the folder holds pickles or damaged files, or a state this run cannot take.
     """
-    def trained_parameters(model) -> dict:
-        bare = acc.unwrap_model(model, keep_torch_compile=False)
-        return {n: p for n, p in bare.named_parameters() if p.requires_grad}
+    fsdp_state = checkpoint_files.fsdp_state(folder)
+    if state_io.uses_accelerate_state(accelerator):
+        if not fsdp_state:
+            raise CheckpointError(f"{folder}: saved without FSDP; resume it without FSDP, or start a new run "
+                                  "from its weights")
+        accelerator.print(f"FSDP: loading {folder} through Accelerate and torch.distributed.checkpoint, which "
+                          "unpickle their files: resume only checkpoints you wrote")
+        accelerator.load_state(str(folder))
+        return
+    if fsdp_state:
+        raise CheckpointError(f"{folder}: an FSDP checkpoint (sharded, pickled); resume it with the same FSDP launch")
+    checkpoint_files.check_intact(folder)
+    state_io.load_training_state(accelerator, folder)
 
+
+def register_trainable_only_hooks(acc) -> None:
+    """Accelerate's own `save_state`/`load_state` (FSDP aside, checkpoints do not use them) save the
+    trained parameters only, as `state_io` does, by the bare model's names.
+    """
     def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            trained = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items()}
-            save_file(trained, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        state_io.save_trained(acc, models, Path(output_dir))
         weights.clear()  # accelerate must not write the full state dicts as well
 
     def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            saved = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
-            saved = {_bare_name(n): v for n, v in saved.items()}  # checkpoints that kept a wrapper's prefix
-            params = trained_parameters(model)
-            if set(params) != set(saved):
-                raise CheckpointError(f"{input_dir}: its trained weights do not match this model's "
-                                      f"({len(set(params) ^ set(saved))} names differ)")
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
+        state_io.load_trained(acc, models, Path(input_dir))
         models.clear()  # loaded here; accelerate must not look for full state dicts
 
     acc.register_save_state_pre_hook(save_hook)
     acc.register_load_state_pre_hook(load_hook)
-
-
-def _bare_name(name: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
