@@ -107,7 +107,8 @@ def fsdp_state(folder: Path) -> bool:
 
 
 def _weights_hint(folder: Path) -> str:
-    usable = [p for p in folder.glob("*.safetensors") if not p.name.startswith("trainable_")]
+    state = ("trainable_", "training_state", "rng_")
+    usable = [p for p in folder.glob("*.safetensors") if not p.name.startswith(state)]
     return str(usable[0] if usable else folder / "<name>.safetensors")
 
 
@@ -183,10 +184,10 @@ def resume_candidate(complete: list[Path], pointed: Path | None = None) -> tuple
         problems = damaged_files(folder)
         if not problems:
             if damage:
-                notes.append(f"resuming from {folder.name}, the newest intact checkpoint")
+                notes.append(f"resuming from {folder}, the newest intact checkpoint")
             return folder, notes
         damage.extend(problems)
-        notes.append(f"{folder.name} is damaged, skipped:\n  " + "\n  ".join(problems))
+        notes.append(f"{folder} is damaged, skipped:\n  " + "\n  ".join(problems))
     if damage:
         raise CheckpointError("no intact checkpoint to resume from:\n  " + "\n  ".join(damage)
                               + "\nstart a new run (another output.dir), or restore the damaged files")
