@@ -50,16 +50,21 @@ def fused_adamw(params):
     return FusedBackwardOptimizer([{"params": params, "lr": 1e-2}], lambda groups: torch.optim.AdamW(groups), max_grad_norm=1.0)
 
 
-def adamw8bit(params):
-    bnb = pytest.importorskip("bitsandbytes.optim")
-    return bnb.AdamW8bit(params, lr=1e-2)
+def built(name):
+    """The project's optimizer `name` (bitsandbytes' 8-bit ones give the 80x80 weight, > 4096 elements,
+    8-bit state and the bias 32-bit state)."""
+    from finetune.config import OptimizerConfig
+    from finetune.train.optim import build_optimizer
+
+    def make(params):
+        if name.endswith("8bit") or name == "prodigy":
+            pytest.importorskip("prodigyopt" if name == "prodigy" else "bitsandbytes")
+        return build_optimizer([{"params": params}], OptimizerConfig(name=name), 1e-2)
+    return make
 
 
-OPTIMIZERS = {
-    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, betas=(0.8, 0.95)),
-    "adamw8bit": adamw8bit,  # the 80x80 weight (> 4096 elements) gets 8-bit state, the bias 32-bit
-    "fused_backward": fused_adamw,
-}
+OPTIMIZERS = {name: built(name) for name in ("adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy")}
+OPTIMIZERS["fused_backward"] = fused_adamw
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
