@@ -115,17 +115,13 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         accelerator.wait_for_everyone()
-        fsdp = state_io.uses_accelerate_state(accelerator)
-        if fsdp:  # each process writes its shards (and RNG state); main writes the rest
-            accelerator.save_state(str(tmp))
-        else:  # no pickle: every process writes its RNG state; main writes the rest
-            state_io.save_training_state(accelerator, tmp)
+        kind = state_io.save_checkpoint_state(accelerator, tmp)  # every process writes its RNG state
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_weights(tmp)
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
             marker = state.to_json()
-            checkpoint_files.write_manifest(tmp, {STATE_FILE: marker}, "accelerate-fsdp" if fsdp else "safetensors+json")
+            checkpoint_files.write_manifest(tmp, {STATE_FILE: marker}, kind)
             # Written last: its presence marks the folder complete.
             (tmp / STATE_FILE).write_text(marker, encoding="utf-8")
             fsync_tree(tmp)
@@ -281,7 +277,7 @@ def restore(accelerator, cfg: TrainConfig, resume: str, state: TrainState, allow
     """
     folder = find_resume_folder(cfg.output.checkpoints_dir, resume)
     changes = check_resumable(folder, cfg, state, allow_changes)
-    load_training_state(accelerator, folder)
+    state_io.load_checkpoint_state(accelerator, folder)
     saved = TrainState.from_file(folder / STATE_FILE)
     state.step, state.epoch, state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
     state.images_seen, state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
@@ -339,31 +335,8 @@ def profile_of_checkpoint(cfg: TrainConfig, resume: str) -> TrainConfig:
     return cfg
 
 
-def load_training_state(accelerator, folder: Path) -> None:
-    """The checkpoint's training state into the prepared run, read with safetensors and json only.
-
-    FSDP shards are read by Accelerate and torch.distributed.checkpoint, which unpickle: said, not silent.
-
-    Raises:
-        CheckpointError: the folder holds pickles or damaged files, or a state this run cannot take.
-    """
-    fsdp_state = checkpoint_files.fsdp_state(folder)
-    if state_io.uses_accelerate_state(accelerator):
-        if not fsdp_state:
-            raise CheckpointError(f"{folder}: saved without FSDP; resume it without FSDP, or start a new run "
-                                  "from its weights")
-        accelerator.print(f"FSDP: loading {folder} through Accelerate and torch.distributed.checkpoint, which "
-                          "unpickle their files: resume only checkpoints you wrote")
-        accelerator.load_state(str(folder))
-        return
-    if fsdp_state:
-        raise CheckpointError(f"{folder}: an FSDP checkpoint (sharded, pickled); resume it with the same FSDP launch")
-    checkpoint_files.check_intact(folder)
-    state_io.load_training_state(accelerator, folder)
-
-
 def register_trainable_only_hooks(acc) -> None:
-    """Accelerate's own `save_state`/`load_state` (FSDP aside, checkpoints do not use them) save the
+    """Accelerate's own `save_state`/`load_state` (which checkpoints no longer call, FSDP aside) save the
     trained parameters only, as `state_io` does, by the bare model's names.
     """
     def save_hook(models, weights, output_dir):

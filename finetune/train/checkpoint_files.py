@@ -15,6 +15,7 @@ from finetune.errors import CheckpointError
 
 MANIFEST = "files.json"
 FORMAT = 1
+PICKLE_FREE, FSDP_STATE = "safetensors+json", "accelerate-fsdp"  # how the training state was saved
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
 # Accelerate's pickled state: a folder holding these (and no files.json) was written before format 1.
 OLD_STATE = re.compile(r"^(random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin)$")
@@ -34,7 +35,7 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def write_manifest(folder: Path, pending: dict[str, str], state: str = "safetensors+json") -> None:
+def write_manifest(folder: Path, pending: dict[str, str], state: str = PICKLE_FREE) -> None:
     """`files.json`: every file in `folder` plus `pending` ({name: text} still to be written, the
     completion marker), each with size and sha256. `state` says how the training state was saved."""
     files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
@@ -101,7 +102,7 @@ def refuse_pickles(folder: Path) -> None:
 def fsdp_state(folder: Path) -> bool:
     """Whether `files.json` says the state was saved by Accelerate for FSDP (sharded, pickled)."""
     try:
-        return read_manifest(folder).get("state") == "accelerate-fsdp"
+        return read_manifest(folder).get("state") == FSDP_STATE
     except CheckpointError:
         return False
 

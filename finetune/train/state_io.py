@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finetune.errors import CheckpointError
+from finetune.train import checkpoint_files
 
 STATE_STEM = "training_state"  # main process: optimizers, schedulers, scaler, registered objects, step
 TRAINED_FILE = "trainable_{}.safetensors"  # model i's trained parameters, by their bare names
@@ -232,6 +233,36 @@ def _placed_like(saved, current):
     return saved
 
 
-def uses_accelerate_state(acc) -> bool:
-    """FSDP shards are saved and loaded through Accelerate (torch.distributed.checkpoint), pickles and all."""
-    return acc.distributed_type == DistributedType.FSDP
+def save_checkpoint_state(acc, folder: Path) -> str:
+    """The training state into `folder`, on every process; returns how it was saved (for `files.json`).
+
+    FSDP shards go through Accelerate's `save_state` (torch.distributed.checkpoint pickles its metadata).
+    """
+    if acc.distributed_type == DistributedType.FSDP:
+        acc.save_state(str(folder))
+        return checkpoint_files.FSDP_STATE
+    save_training_state(acc, folder)
+    return checkpoint_files.PICKLE_FREE
+
+
+def load_checkpoint_state(acc, folder: Path) -> None:
+    """The checkpoint's training state into the prepared run, read with safetensors and json only.
+
+    FSDP shards are read by Accelerate and torch.distributed.checkpoint, which unpickle: said, not silent.
+
+    Raises:
+        CheckpointError: the folder holds pickles or damaged files, or a state this run cannot take.
+    """
+    fsdp_state = checkpoint_files.fsdp_state(folder)
+    if acc.distributed_type == DistributedType.FSDP:
+        if not fsdp_state:
+            raise CheckpointError(f"{folder}: saved without FSDP; resume it without FSDP, or start a new run "
+                                  "from its weights")
+        acc.print(f"FSDP: loading {folder} through Accelerate and torch.distributed.checkpoint, which "
+                  "unpickle their files: resume only checkpoints you wrote")
+        acc.load_state(str(folder))
+        return
+    if fsdp_state:
+        raise CheckpointError(f"{folder}: an FSDP checkpoint (sharded, pickled); resume it with the same FSDP launch")
+    checkpoint_files.check_intact(folder)
+    load_training_state(acc, folder)

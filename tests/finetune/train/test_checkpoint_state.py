@@ -4,6 +4,7 @@ bit through safetensors + JSON, and a planted pickle is refused without ever bei
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 import random
 
@@ -186,10 +187,10 @@ def test_a_planted_pickle_is_refused_and_never_run(accelerator, tmp_path, name):
         with pytest.raises(CheckpointError, match=rf"{name}.*could run code"):
             ckpt.find_resume_folder(root, resume)
     with pytest.raises(CheckpointError, match=name):
-        ckpt.load_training_state(accelerator, folder)
+        state_io.load_checkpoint_state(accelerator, folder)
     (folder / name).rename(folder / "innocent.json")  # a pickle by its first bytes, whatever its name
     with pytest.raises(CheckpointError, match="innocent.json"):
-        ckpt.load_training_state(accelerator, folder)
+        state_io.load_checkpoint_state(accelerator, folder)
     assert not marker.exists()
 
 
@@ -201,3 +202,15 @@ def test_a_checkpoint_of_the_pickled_format_says_how_to_go_on(accelerator, tmp_p
     (folder / "random_states_0.pkl").write_bytes(pickle.dumps({"step": 2}))
     with pytest.raises(CheckpointError, match=r"earlier version.*lora.init_from = .*lora.safetensors"):
         ckpt.find_resume_folder(root, "latest")
+
+
+def test_a_folder_claiming_fsdp_state_is_refused_by_a_run_without_fsdp(accelerator, tmp_path):
+    marker = tmp_path / "code-ran"
+    folder = ckpt.save_checkpoint(accelerator, tmp_path / "checkpoints", ckpt.TrainState(step=2), "a = 1\n",
+                                  lambda folder: None)
+    (folder / "random_states_0.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    manifest = json.loads((folder / "files.json").read_text())
+    (folder / "files.json").write_text(json.dumps({**manifest, "state": "accelerate-fsdp"}))  # pickles expected
+    with pytest.raises(CheckpointError, match="FSDP checkpoint.*same FSDP launch"):
+        state_io.load_checkpoint_state(accelerator, folder)
+    assert not marker.exists()
