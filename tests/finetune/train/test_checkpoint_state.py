@@ -155,17 +155,31 @@ def step(acc):
 def test_the_whole_training_state_round_trips(accelerator, tmp_path):
     acc = accelerator
     step(acc)
+    acc.scaler = scaler_after_a_step()  # as mixed_precision = "fp16" has it
     state_io.save_training_state(acc, tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["rng_0.json", "rng_0.safetensors", "trainable_0.safetensors", "training_state.json",
                      "training_state.safetensors"]
     # Deep copies: state dicts hold the live tensors, which the next step changes in place.
     expected = copy.deepcopy(([p.detach() for p in acc.model.parameters()], acc.ema.state_dict(), acc.opt.state_dict()))
+    scaler_state = acc.scaler.state_dict()
     step(acc)  # what the resume must undo
+    acc.scaler.update(new_scale=3.0)
     state_io.load_training_state(acc, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(acc.model.parameters(), expected[0]))
     assert_same_tree(acc.ema.state_dict(), expected[1])
     assert_same_tree(acc.opt.state_dict(), expected[2])
+    assert acc.scaler.state_dict() == scaler_state and acc.scaler.get_scale() == 2048.0
+
+
+def scaler_after_a_step():
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler.scale(weight.sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()  # grows the scale to 2048 (growth_interval 1)
+    return scaler
 
 
 class Payload:
