@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from finetune.errors import CheckpointError
 
@@ -56,12 +57,12 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(manifest.get("files"), dict):
-            raise ValueError("no file list")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except (OSError, ValueError, AttributeError) as err:
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: unreadable (no file list)")
     return manifest
 
 
@@ -134,7 +135,9 @@ def _check(folder: Path) -> list[str]:
     problems = []
     for name, entry in sorted(manifest["files"].items()):
         path = folder / name
-        if not path.is_file():
+        if not isinstance(entry, dict) or Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"{folder / MANIFEST}: lists {name!r} as {entry!r}, not a file of this checkpoint")
+        elif not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != entry.get("size"):
             problems.append(f"{path}: {path.stat().st_size} bytes, {entry.get('size')} when saved (truncated or changed)")

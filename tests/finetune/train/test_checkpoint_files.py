@@ -97,6 +97,15 @@ def test_with_no_intact_checkpoint_the_cli_names_every_damaged_file(run, tmp_pat
         assert f"step-00000{step}/training_state.safetensors" in err
 
 
+@pytest.mark.parametrize("listed", [{"../../train.toml": {"size": 1}}, {"lora.safetensors": 7}])
+def test_a_file_list_naming_files_elsewhere_or_malformed_counts_as_damage(run, tmp_path, listed):
+    root = copy_of(run, tmp_path) / "out" / "checkpoints"
+    manifest = root / "step-000003" / "files.json"
+    manifest.write_text(json.dumps({"format": 1, "files": {**json.loads(manifest.read_text())["files"], **listed}}))
+    folder, notes = ckpt.resume_candidate(root)
+    assert folder == root / "step-000002" and "not a file of this checkpoint" in notes[0]
+
+
 @pytest.mark.slow
 def test_resume_after_falling_back_ends_bitwise_equal_to_the_uninterrupted_run(run, tmp_path):
     whole = adapter_tensors(run / "out" / "lora.safetensors")
