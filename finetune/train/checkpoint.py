@@ -1,9 +1,13 @@
 """Checkpoints and resume: `checkpoints/step-NNNNNN/` written whole or not at all, `latest` last; loading one
 back into a prepared run (`finetune.train.resume` decides which, and whether the config still fits).
 
-A checkpoint holds the Accelerate state (trainable weights, optimizer, LR scheduler, grad scaler,
-RNG of every process), `train_state.json` (the one resume object), the resolved config and a usable
-adapter/model `.safetensors`. It is written into a hidden temp folder and renamed; a folder without
+A checkpoint holds the training state (trained weights `trainable_N.safetensors`; optimizer, LR
+scheduler, grad scaler, EMA and new words in `training_state.safetensors` + `.json`; each process's RNG
+in `rng_N.safetensors` + `.json`; see `state_io`), `train_state.json` (the one resume object), the
+resolved config and a usable adapter/model `.safetensors`. No pickle: loading it runs no code (FSDP
+runs excepted: their shards go through Accelerate and torch.distributed.checkpoint). `files.json`
+lists every file with size and sha256 (see `checkpoint_files`); resume verifies it and falls back to
+the newest intact checkpoint. It is written into a hidden temp folder and renamed; a folder without
 `train_state.json` (killed mid-save) is never resumed from.
 """
 
@@ -17,11 +21,9 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from finetune.errors import CheckpointError
 from finetune.io import fsync_tree, write_text_atomic
+from finetune.train import checkpoint_files, state_io
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "train_state.json"
@@ -64,14 +66,32 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The folder named by `latest` if it is complete, else the newest complete one."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / STATE_FILE).is_file():
-            return candidate
+    """The folder named by `latest` if it is complete, else the newest complete one (not verified:
+    `resume_candidate` is the one resume uses)."""
+    pointed = _pointed(root)
+    if pointed is not None:
+        return pointed
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def _pointed(root: Path) -> Path | None:
+    pointer = root / "latest"
+    try:
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return candidate if STEP_DIR.match(candidate.name) and (candidate / STATE_FILE).is_file() else None
+
+
+def resume_candidate(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint under `root` (its files as `files.json` lists them) and notes on the
+    damaged newer ones skipped. None when there is no complete checkpoint at all.
+
+    Raises:
+        CheckpointError: a checkpoint holds pickles, or every one is damaged (naming the files).
+    """
+    return checkpoint_files.resume_candidate([folder for _, folder in list_checkpoints(root)], _pointed(root))
 
 
 def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str, write_weights) -> Path:
@@ -90,14 +110,17 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, config_text: str
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+        kind = state_io.save_checkpoint_state(accelerator, tmp)  # every process writes its RNG state
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_weights(tmp)
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+            marker = state.to_json()
+            checkpoint_files.write_manifest(tmp, {STATE_FILE: marker}, kind)
             # Written last: its presence marks the folder complete.
-            (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+            (tmp / STATE_FILE).write_text(marker, encoding="utf-8")
             fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -159,7 +182,7 @@ def restore(accelerator, folder: Path, saved: TrainState, state: TrainState, cha
     `changes` are the settings `--allow-changes` accepted (finetune.train.resume checked them) and a
     new run length; they are recorded in the state, so the outputs say the run is not reproducible.
     """
-    accelerator.load_state(str(folder))
+    state_io.load_checkpoint_state(accelerator, folder)
     state.step, state.epoch, state.batch_in_epoch = saved.step, saved.epoch, saved.batch_in_epoch
     state.images_seen, state.nan_steps_skipped = saved.images_seen, saved.nan_steps_skipped
     state.changed_on_resume = saved.changed_on_resume + [f"step {saved.step}: {c}" for c in changes]
@@ -171,39 +194,16 @@ def restore(accelerator, folder: Path, saved: TrainState, state: TrainState, cha
 
 
 def register_trainable_only_hooks(acc) -> None:
-    """Checkpoints hold the trained parameters only (a LoRA checkpoint is MBs, not the 5 GB UNet).
-
-    Names are the bare model's, so a checkpoint reads the same with or without DDP or torch.compile.
+    """Accelerate's own `save_state`/`load_state` (which checkpoints no longer call, FSDP aside) save the
+    trained parameters only, as `state_io` does, by the bare model's names.
     """
-    def trained_parameters(model) -> dict:
-        bare = acc.unwrap_model(model, keep_torch_compile=False)
-        return {n: p for n, p in bare.named_parameters() if p.requires_grad}
-
     def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            trained = {n: p.detach().cpu().contiguous() for n, p in trained_parameters(model).items()}
-            save_file(trained, str(Path(output_dir) / f"trainable_{i}.safetensors"))
+        state_io.save_trained(acc, models, Path(output_dir))
         weights.clear()  # accelerate must not write the full state dicts as well
 
     def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            saved = load_file(str(Path(input_dir) / f"trainable_{i}.safetensors"))
-            saved = {_bare_name(n): v for n, v in saved.items()}  # checkpoints that kept a wrapper's prefix
-            params = trained_parameters(model)
-            if set(params) != set(saved):
-                raise CheckpointError(f"{input_dir}: its trained weights do not match this model's "
-                                      f"({len(set(params) ^ set(saved))} names differ)")
-            with torch.no_grad():
-                for name, value in saved.items():
-                    params[name].copy_(value)
+        state_io.load_trained(acc, models, Path(input_dir))
         models.clear()  # loaded here; accelerate must not look for full state dicts
 
     acc.register_save_state_pre_hook(save_hook)
     acc.register_load_state_pre_hook(load_hook)
-
-
-def _bare_name(name: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name

@@ -21,7 +21,8 @@ from finetune.dataset import build_dataset, dataset_hash
 from finetune.errors import CheckpointError, ConfigError
 from finetune.io import replace_dir
 from finetune.train.optim import lr_after
-from finetune.train.checkpoint import CONFIG_FILE, STATE_FILE, TrainState, latest_checkpoint
+from finetune.train import checkpoint_files
+from finetune.train.checkpoint import CONFIG_FILE, STATE_FILE, TrainState, resume_candidate
 from finetune.train.validation import split_rows
 
 
@@ -58,8 +59,11 @@ def resume_point(checkpoints_dir: Path, resume: str) -> ResumePoint:
 
 
 def _find_folder(root: Path, resume: str) -> Path:
+    """"latest": the newest intact checkpoint (its files checked against files.json; damaged newer ones
+    are named and skipped); a folder: that checkpoint, checked the same way."""
     if resume == "latest":
-        folder = latest_checkpoint(root)
+        folder, notes = resume_candidate(root)
+        checkpoint_files.say_once(notes)
         if folder is None:
             raise CheckpointError(f"--resume: no complete checkpoint in {root}; start the run without --resume "
                                   "(or point output.dir at the run to continue)")
@@ -67,6 +71,7 @@ def _find_folder(root: Path, resume: str) -> Path:
     folder = Path(resume)
     if not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"{folder}: not a complete checkpoint (no {STATE_FILE}); use --resume for the latest")
+    checkpoint_files.check_intact(folder)
     return folder
 
 

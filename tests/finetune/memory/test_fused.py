@@ -10,6 +10,7 @@ import torch
 
 from finetune.config import OptimizerConfig
 from finetune.memory.fused import FusedBackwardOptimizer, stochastic_round_
+from finetune.train import state_io
 from finetune.train.optim import build_lr_scheduler, build_optimizer
 
 BF16_ULP_AT_1 = 2.0**-7  # bf16 keeps 7 explicit mantissa bits
@@ -176,13 +177,13 @@ def test_accelerate_prepare_and_checkpoint_resume_exactly(tmp_path):
 
     acc, model, optimizer, scheduler = prepared(0)
     train(model, optimizer, scheduler, 3)
-    acc.save_state(str(tmp_path / "step-3"))
+    state_io.save_training_state(acc, tmp_path)  # the checkpoint's pickle-free state
     train(model, optimizer, scheduler, 3, seed=4)
     inner = optimizer.optimizer.optimizers[0]  # prepare wrapped ours in an AcceleratedOptimizer
     assert inner.param_groups[0]["lr"] == pytest.approx(1e-2 * (10 - 6) / (10 - 2))  # the schedule got through
 
     acc2, resumed, resumed_optimizer, resumed_scheduler = prepared(123)
-    acc2.load_state(str(tmp_path / "step-3"))
+    state_io.load_training_state(acc2, tmp_path)
     train(resumed, resumed_optimizer, resumed_scheduler, 3, seed=4)
     assert_same_parameters(model, resumed)
     acc.free_memory()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+
 from finetune.config import validate_config
 from finetune.memory.profiles import apply_memory_profile, estimate_peak_gib, pick_auto
 
@@ -141,28 +143,27 @@ def test_profile_keeps_fp32_base_when_the_user_turned_autocast_off(tmp_path):
 def test_auto_on_resume_keeps_the_profile_the_stopped_run_chose(tmp_path):
     import pytest
 
+    from finetune.config import migrate_moved_keys
     from finetune.errors import CheckpointError
-    from finetune.train import checkpoint as ckpt
-    from finetune.train.resume import resume_point, with_checkpoint_profile
+    from finetune.train.checkpoint import TrainState
+    from finetune.train.resume import ResumePoint, resume_point, with_checkpoint_profile
+
+    def profile_of_checkpoint(cfg, saved_toml: str):
+        point = ResumePoint(cfg.output.checkpoints_dir / "step-000010", TrainState(step=10),
+                            migrate_moved_keys(tomllib.loads(saved_toml)))
+        return with_checkpoint_profile(cfg, point)
 
     cfg = config(tmp_path, profile="auto")
-    folder = cfg.output.checkpoints_dir / "step-000010"
-    folder.mkdir(parents=True)
-    (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "low_vram"\n', encoding="utf-8")
-    (folder / ckpt.STATE_FILE).write_text(ckpt.TrainState(step=10).to_json(), encoding="utf-8")
-    def profile_of_checkpoint(cfg, resume):
-        return with_checkpoint_profile(cfg, resume_point(cfg.output.checkpoints_dir, resume))
-
-    assert profile_of_checkpoint(cfg, "latest").memory.profile == "low_vram"
-    out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
+    old_release = '[training]\nmemory_profile = "low_vram"\n'  # a key that moved to [memory] since
+    assert profile_of_checkpoint(cfg, old_release).memory.profile == "low_vram"
+    out, message = apply_memory_profile(profile_of_checkpoint(cfg, old_release), free_gib=80.0)
     assert out.memory.profile == "low_vram" and "set in the config" in message  # free memory ignored
     (tmp_path / "fresh").mkdir()
     fresh = config(tmp_path / "fresh", profile="auto")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):  # --resume with nothing to resume
-        profile_of_checkpoint(fresh, "latest")
+        resume_point(fresh.output.checkpoints_dir, "latest")
     # a run that auto started without a GPU resumes on one without profile keys appearing mid-run
-    (folder / ckpt.CONFIG_FILE).write_text('[training]\nmemory_profile = "custom"\n', encoding="utf-8")
-    out, message = apply_memory_profile(profile_of_checkpoint(cfg, "latest"), free_gib=80.0)
+    out, message = apply_memory_profile(profile_of_checkpoint(cfg, '[memory]\nprofile = "custom"\n'), free_gib=80.0)
     assert out.memory.profile == "custom" and message is None and not out.memory.compile
 
 

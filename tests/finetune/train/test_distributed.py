@@ -111,6 +111,9 @@ def test_ddp_two_processes_train_as_one_with_the_global_batch(tmp_path, tiny_mod
     assert done.stdout.count("done: step 3") == 1  # the summary prints once, not once per process
     state = json.loads((two / "out" / "checkpoints" / "step-000003" / "train_state.json").read_text())
     assert state["num_processes"] == 2 and state["images_seen"] == 3 * 2
+    saved = {p.name for p in (two / "out" / "checkpoints" / "step-000003").iterdir()}
+    assert {"rng_0.safetensors", "rng_1.safetensors", "training_state.safetensors", "files.json"} <= saved
+    assert not [name for name in saved if name.endswith((".pkl", ".bin", ".pt"))]  # DDP: no pickle either
     # Each process encoded its own share of the caches, and nothing twice (4 images, 4 captions + "").
     assert shares_per_rank(two / "out" / "cache" / "latents") == {"r0": 2, "r1": 2}
     assert shares_per_rank(two / "out" / "cache" / "text") == {"r0": 3, "r1": 2}
