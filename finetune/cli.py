@@ -105,9 +105,9 @@ def cmd_dataset_build(args) -> None:
 
 def cmd_dataset_inspect(args) -> None:
     cfg = _config(args)
-    from finetune.dataset import inspect_dataset
+    from finetune.dataset import inspect_run
 
-    print(inspect_dataset(cfg.dataset, cfg.training.seed))
+    print(inspect_run(cfg, num_processes=args.processes))
 
 
 def cmd_cache(args) -> None:
@@ -253,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = command("dataset", None, "build or inspect the bucketed dataset").add_subparsers(
         dest="dataset_command", required=True, metavar="ACTION")
     config_cmd("build", cmd_dataset_build, "scan, validate and bucket the images; write the manifest", dataset)
-    config_cmd("inspect", cmd_dataset_inspect, "validate every file and print the bucket plan and problems; "
-               "writes nothing", dataset)
+    p = config_cmd("inspect", cmd_dataset_inspect, "validate every file and print the bucket table, then the run's "
+                   "plan (batches, steps, images never trained) and problems; writes nothing", dataset)
+    p.add_argument("--processes", type=int, default=1, help="plan for this many training processes (GPUs)")
 
     config_cmd("cache", cmd_cache, "encode VAE latents and text embeddings for the dataset, as training would")
 

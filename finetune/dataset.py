@@ -13,6 +13,7 @@ from bucketing.report import bucket_counts, format_report
 from captions.length import check_caption_lengths
 from finetune.errors import DatasetError
 from finetune.models.tokenizers import clip_token_counter
+from finetune.plan import run_plan
 
 
 @dataclass
@@ -87,15 +88,25 @@ def dataset_hash(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def inspect_dataset(cfg, seed: int) -> str:
-    """Validate every file and plan the buckets, writing nothing the user keeps; the report as text.
-
-    The scan's working files (validation cache, images extracted from a `datasets` table) go to a
-    temporary folder that is removed afterwards.
-    """
+def scan_dataset(cfg, seed: int):
+    """Validate every file and plan the buckets in memory (`bucketing.manifest.BuildResult`), writing nothing the
+    user keeps: the scan's working files (validation cache, images extracted from a `datasets` table) go to a
+    temporary folder that is removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="finetune-inspect-") as work_dir:
         try:
-            result = build_manifest(subset_specs(cfg), build_options(cfg, seed), work_dir=Path(work_dir))
+            return build_manifest(subset_specs(cfg), build_options(cfg, seed), work_dir=Path(work_dir))
         except ValueError as err:
             raise DatasetError(str(err)) from None
-        return _report_text(result)
+
+
+def inspect_dataset(cfg, seed: int) -> str:
+    """The bucket report of the `[dataset]` table `cfg`, as text; writes nothing."""
+    return _report_text(scan_dataset(cfg, seed))
+
+
+def inspect_run(cfg, num_processes: int = 1) -> str:
+    """The bucket report, then the run's plan (batches, accumulation, steps, images never trained) for the
+    whole config `cfg`, as `finetune train` prints it at its start; writes nothing."""
+    result = scan_dataset(cfg.dataset, cfg.training.seed)
+    plan = run_plan(result.dataset, cfg.dataset, cfg.training, cfg.validation.split, num_processes)
+    return f"{_report_text(result)}\n{plan.text()}"

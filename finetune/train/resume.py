@@ -22,7 +22,7 @@ from finetune.errors import CheckpointError, ConfigError
 from finetune.io import replace_dir
 from finetune.train.optim import lr_after
 from finetune.train.checkpoint import CONFIG_FILE, STATE_FILE, TrainState, latest_checkpoint
-from finetune.train.validation import split_rows
+from finetune.plan import split_rows
 
 
 @dataclass(frozen=True)
