@@ -70,6 +70,11 @@ def cmd_train(args) -> int:
         cfg, overrides = config_for_resume(config, overrides)
     else:
         cfg = load_config(config, overrides)
+    if args.dry_run:
+        from finetune.train.dry_run import dry_run
+
+        print(dry_run(cfg, resume=args.resume, allow_changes=args.allow_changes, gpu_gib=args.gpu_memory)[0])
+        return 0
     from finetune.train.recipe import train
 
     result = train(cfg, resume=args.resume, allow_changes=args.allow_changes, command=(config, overrides))
@@ -249,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept changed learning rate, scheduler, data or model settings (listed, "
                         "and the run is marked not reproducible)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check a run makes before its slow parts (model, dataset, output folder, resume), "
+                        "print the plan, the effective config and the memory estimate; write nothing")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="with --dry-run: plan the memory profile and estimate for a GPU of this size (default: the "
+                        "local GPU's, or 24 without one)")
 
     dataset = command("dataset", None, "build or inspect the bucketed dataset").add_subparsers(
         dest="dataset_command", required=True, metavar="ACTION")

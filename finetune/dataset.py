@@ -61,10 +61,10 @@ def build_dataset(cfg, seed: int, manifest_dir: Path) -> ManifestInfo:
     except ValueError as err:  # bucketing's own errors subclass ValueError; they name the path
         raise DatasetError(str(err)) from None
     save_manifest(result, manifest_dir)
-    return ManifestInfo(load_manifest(manifest_dir), _report_text(result), manifest_dir)
+    return ManifestInfo(load_manifest(manifest_dir), format_scan(result), manifest_dir)
 
 
-def _report_text(result) -> str:
+def format_scan(result) -> str:
     # Images, not rows: a flipped twin is the same image. One table per budget when subsets mix them.
     if len(result.plans) > 1:
         text = format_report(result.report, result.plans,
@@ -101,7 +101,7 @@ def scan_dataset(cfg, seed: int):
 
 def inspect_dataset(cfg, seed: int) -> str:
     """The bucket report of the `[dataset]` table `cfg`, as text; writes nothing."""
-    return _report_text(scan_dataset(cfg, seed))
+    return format_scan(scan_dataset(cfg, seed))
 
 
 def inspect_run(cfg, num_processes: int = 1) -> str:
@@ -109,4 +109,4 @@ def inspect_run(cfg, num_processes: int = 1) -> str:
     whole config `cfg`, as `finetune train` prints it at its start; writes nothing."""
     result = scan_dataset(cfg.dataset, cfg.training.seed)
     plan = run_plan(result.dataset, cfg.dataset, cfg.training, cfg.validation.split, num_processes)
-    return f"{_report_text(result)}\n{plan.text()}"
+    return f"{format_scan(result)}\n{plan.text()}"
