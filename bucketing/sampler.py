@@ -180,3 +180,12 @@ def draw_counts(total: int, weights: Sequence[float]) -> list[int]:
     for i in by_remainder[:total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def bucket_steps(draws: int, batch_size: int, num_replicas: int = 1, remainder: str = "carry") -> tuple[int, int]:
+    """(steps, rows left out) of one (bucket, batch size) group with `draws` rows in an epoch, as `_cut` cuts it:
+    full steps of `batch_size × num_replicas` rows, and the last partial step kept ("carry") or dropped ("drop")."""
+    full, rest = divmod(draws, batch_size * num_replicas)
+    if rest and remainder == "carry":
+        return full + 1, 0
+    return full, rest

@@ -70,6 +70,11 @@ def cmd_train(args) -> int:
         cfg, overrides = config_for_resume(config, overrides)
     else:
         cfg = load_config(config, overrides)
+    if args.dry_run:
+        from finetune.train.dry_run import dry_run
+
+        print(dry_run(cfg, resume=args.resume, allow_changes=args.allow_changes, gpu_gib=args.gpu_memory)[0])
+        return 0
     from finetune.train.recipe import train
 
     result = train(cfg, resume=args.resume, allow_changes=args.allow_changes, command=(config, overrides))
@@ -104,9 +109,9 @@ def cmd_dataset_build(args) -> None:
 
 def cmd_dataset_inspect(args) -> None:
     cfg = _config(args)
-    from finetune.dataset import inspect_dataset
+    from finetune.dataset import inspect_run
 
-    print(inspect_dataset(cfg.dataset, cfg.training.seed))
+    print(inspect_run(cfg, num_processes=args.processes))
 
 
 def cmd_cache(args) -> None:
@@ -248,12 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept changed learning rate, scheduler, data or model settings (listed, "
                         "and the run is marked not reproducible)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check a run makes before its slow parts (model, dataset, output folder, resume), "
+                        "print the plan, the effective config and the memory estimate; write nothing")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                   help="with --dry-run: plan the memory profile and estimate for a GPU of this size (default: the "
+                        "local GPU's, or 24 without one)")
 
     dataset = command("dataset", None, "build or inspect the bucketed dataset").add_subparsers(
         dest="dataset_command", required=True, metavar="ACTION")
     config_cmd("build", cmd_dataset_build, "scan, validate and bucket the images; write the manifest", dataset)
-    config_cmd("inspect", cmd_dataset_inspect, "validate every file and print the bucket plan and problems; "
-               "writes nothing", dataset)
+    p = config_cmd("inspect", cmd_dataset_inspect, "validate every file and print the bucket table, then the run's "
+                   "plan (batches, steps, images never trained) and problems; writes nothing", dataset)
+    p.add_argument("--processes", type=int, default=1, help="plan for this many training processes (GPUs)")
 
     config_cmd("cache", cmd_cache, "encode VAE latents and text embeddings for the dataset, as training would")
 

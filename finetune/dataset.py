@@ -13,6 +13,7 @@ from bucketing.report import bucket_counts, format_report
 from captions.length import check_caption_lengths
 from finetune.errors import DatasetError
 from finetune.models.tokenizers import clip_token_counter
+from finetune.plan import run_plan
 
 
 @dataclass
@@ -60,10 +61,10 @@ def build_dataset(cfg, seed: int, manifest_dir: Path) -> ManifestInfo:
     except ValueError as err:  # bucketing's own errors subclass ValueError; they name the path
         raise DatasetError(str(err)) from None
     save_manifest(result, manifest_dir)
-    return ManifestInfo(load_manifest(manifest_dir), _report_text(result), manifest_dir)
+    return ManifestInfo(load_manifest(manifest_dir), format_scan(result), manifest_dir)
 
 
-def _report_text(result) -> str:
+def format_scan(result) -> str:
     # Images, not rows: a flipped twin is the same image. One table per budget when subsets mix them.
     if len(result.plans) > 1:
         text = format_report(result.report, result.plans,
@@ -87,15 +88,25 @@ def dataset_hash(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def inspect_dataset(cfg, seed: int) -> str:
-    """Validate every file and plan the buckets, writing nothing the user keeps; the report as text.
-
-    The scan's working files (validation cache, images extracted from a `datasets` table) go to a
-    temporary folder that is removed afterwards.
-    """
+def scan_dataset(cfg, seed: int):
+    """Validate every file and plan the buckets in memory (`bucketing.manifest.BuildResult`), writing nothing the
+    user keeps: the scan's working files (validation cache, images extracted from a `datasets` table) go to a
+    temporary folder that is removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="finetune-inspect-") as work_dir:
         try:
-            result = build_manifest(subset_specs(cfg), build_options(cfg, seed), work_dir=Path(work_dir))
+            return build_manifest(subset_specs(cfg), build_options(cfg, seed), work_dir=Path(work_dir))
         except ValueError as err:
             raise DatasetError(str(err)) from None
-        return _report_text(result)
+
+
+def inspect_dataset(cfg, seed: int) -> str:
+    """The bucket report of the `[dataset]` table `cfg`, as text; writes nothing."""
+    return format_scan(scan_dataset(cfg, seed))
+
+
+def inspect_run(cfg, num_processes: int = 1) -> str:
+    """The bucket report, then the run's plan (batches, accumulation, steps, images never trained) for the
+    whole config `cfg`, as `finetune train` prints it at its start; writes nothing."""
+    result = scan_dataset(cfg.dataset, cfg.training.seed)
+    plan = run_plan(result.dataset, cfg.dataset, cfg.training, cfg.validation.split, num_processes)
+    return f"{format_scan(result)}\n{plan.text()}"

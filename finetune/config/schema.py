@@ -81,8 +81,9 @@ class TrainingConfig(EmbeddingTrainingKeys, Section):  # embedding_lr, embedding
         return self.batch_size * self.gradient_accumulation_steps
 
     def steps_for_epochs(self, batches_per_epoch: int) -> int:
-        """Optimizer steps in `max_epochs` passes of `batches_per_epoch` micro-batches each."""
-        return max(1, math.ceil(self.max_epochs * batches_per_epoch / self.gradient_accumulation_steps))
+        """Optimizer steps in `max_epochs` passes of `batches_per_epoch` micro-batches each: an epoch is one
+        pass, its last accumulation window steps with the micro-batches it has."""
+        return max(1, self.max_epochs * math.ceil(batches_per_epoch / self.gradient_accumulation_steps))  # = finetune.plan's
 
 
 class MemoryConfig(Section):

@@ -15,6 +15,7 @@ from bucketing.buckets import Bucket
 from bucketing.image import load_bucket_image
 from bucketing.sampler import BucketBatchSampler
 from captions.tags import process_caption
+from finetune.plan import subset_sampling
 
 LatentLookup = Callable[[int], dict]  # row index -> {"mean": (4, h, w), "std": (4, h, w) or absent}
 TextLookup = Callable[[str], tuple]  # caption -> (prompt_embeds (77k, C), pooled (P,))
@@ -151,14 +152,3 @@ def build_dataloader(dataset: TrainDataset, manifest, dataset_cfg, *, batch_size
                         num_workers=dataset_cfg.num_workers, pin_memory=torch.cuda.is_available())
     return loader, sampler
 
-
-def subset_sampling(subset_of_row: list[str], dataset_cfg, batch_size: int
-                    ) -> tuple[list[int], list[int] | None, dict[int, float] | None]:
-    """Per row: its subset's batch size (default `batch_size`); with subset probabilities, the row's
-    subset index and each subset's weight, for the sampler's per-epoch draw counts."""
-    index = {subset.subset_name: i for i, subset in enumerate(dataset_cfg.subsets)}
-    subsets = dataset_cfg.subsets
-    sizes = [subsets[index[name]].batch_size or batch_size for name in subset_of_row]
-    if all(subset.probability is None for subset in subsets):
-        return sizes, None, None
-    return sizes, [index[name] for name in subset_of_row], {i: s.probability for i, s in enumerate(subsets)}

@@ -29,7 +29,7 @@ from finetune.train.batches import TrainDataset, build_dataloader
 from finetune.train.distributed import PROCESS_GROUP_TIMEOUT, fsdp_on_cpu
 from finetune.train.optim import build_lr_scheduler, build_optimizer
 from finetune.train.resume import with_checkpoint_profile
-from finetune.train.validation import split_rows
+from finetune.plan import split_rows
 
 log = logging.getLogger("finetune")
 

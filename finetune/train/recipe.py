@@ -40,7 +40,7 @@ from finetune.train.refiner import refiner_run_config
 from finetune.train.resume import (ResumePoint, check_config, check_process_count, finished, resume_point,
                                    run_manifest, schedule_change)
 from finetune.train.stop import StopFlag
-from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
+from finetune.train.step import batch_latents, batch_text, diffusion_step_loss, epoch_window
 from finetune.train.trouble import nan_stop_message
 from finetune.train.trouble import out_of_memory_message as trouble_oom_message
 from finetune.train.validation import validation_loss
@@ -219,8 +219,9 @@ class Recipe:
                 if not self.window_losses:  # a new accumulation window: where an out-of-memory save goes back to
                     self.window_start = (state.epoch, state.batch_in_epoch, state.images_seen)
                 state.batch_in_epoch += 1
+                scale = epoch_window(acc, state.batch_in_epoch, len(self.loader))  # before accumulate decides the sync
                 with acc.accumulate(*self.parts.trained_models):
-                    self.micro_step(batch)
+                    self.micro_step(batch, scale)
                     stepped = self.optimizer_step() if acc.sync_gradients else None
                 if stepped is None:  # inside an accumulation window
                     continue
@@ -238,8 +239,8 @@ class Recipe:
                 return True
         return False
 
-    def micro_step(self, batch: dict) -> None:
-        """Forward and backward of one micro-batch; its loss joins the window's. No host sync here."""
+    def micro_step(self, batch: dict, scale: float = 1.0) -> None:
+        """Forward and backward of one micro-batch (`scale`: its loss's, see `epoch_window`); no host sync here."""
         acc = self.accelerator
         # Keyed by the micro-batch's place in the data order, which a resume restores exactly.
         # Drawn for all processes' rows of the step, so the process count does not change the noise.
@@ -259,7 +260,7 @@ class Recipe:
         if self.parts.fused is not None and not self._losses_finite():
             return  # the fused backward would apply NaN updates as it goes: skip it (one micro-step per step)
         if loss.requires_grad:  # embeddings only: a batch without a new word has nothing to train
-            acc.backward(loss)  # with memory.fused_backward this also steps the optimizer, tensor by tensor
+            acc.backward(loss * scale)  # with memory.fused_backward this also steps the optimizer, tensor by tensor
         self.state.images_seen += len(batch["add_time_ids"]) * acc.num_processes
 
     def optimizer_step(self) -> bool:

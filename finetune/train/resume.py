@@ -15,15 +15,15 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.config import TrainConfig, dump_config, frozen_keys, migrate_moved_keys, table_model
 from bucketing.manifest import load_manifest
+from finetune.config import TrainConfig, dump_config, frozen_keys, migrate_moved_keys, table_model
 from finetune.dataset import build_dataset, dataset_hash
 from finetune.errors import CheckpointError, ConfigError
 from finetune.io import replace_dir
-from finetune.train.optim import lr_after
+from finetune.plan import split_rows
 from finetune.train import checkpoint_files
 from finetune.train.checkpoint import CONFIG_FILE, STATE_FILE, TrainState, resume_candidate
-from finetune.train.validation import split_rows
+from finetune.train.optim import lr_after
 
 
 @dataclass(frozen=True)

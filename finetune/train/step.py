@@ -66,3 +66,23 @@ def diffusion_step_loss(unet, noise_scheduler, latents, prompt_embeds, pooled_pr
         weights = weights * debiased_weights(noise_scheduler, timesteps, prediction_type)
     return diffusion_loss(pred.float(), target.float(), loss_type=loss_cfg.type, huber_c=loss_cfg.huber_c,
                           weights=weights, mask=mask)
+
+
+def epoch_window(acc, batch_in_epoch: int, batches: int) -> float:
+    """Accumulation windows never cross an epoch's end: the epoch's last window steps at its last micro-batch
+    with the micro-batches it has, as Accelerate's `sync_with_dataloader` does for a loader it prepared (ours is
+    not: the sampler shards and resumes itself). Windows start at the epoch's batches 0, n, 2n, ...
+
+    Args:
+        batch_in_epoch: this micro-batch's place in the epoch, counting from 1.
+        batches: the epoch's micro-batches (`len(loader)`).
+
+    Returns:
+        The factor for this micro-batch's loss: `accelerator.backward` divides by n, a window of k < n
+        micro-batches must average over k.
+    """
+    n = acc.gradient_accumulation_steps
+    size = min(n, batches - (batch_in_epoch - 1) // n * n)
+    if batch_in_epoch == batches and size < n:
+        acc.step = n - 1  # Accelerate syncs when its counter reaches a multiple of n: this micro-batch does
+    return n / size

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from finetune.rng import step_generator
 from finetune.train.batches import collate
 from finetune.train.loss import diffusion_loss, noisy_latents, training_target
 from finetune.train.step import batch_latents, batch_text
-
-
-def split_rows(fingerprints: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train rows, validation rows): an image (both flip variants) lands on one side, by hash, stably."""
-    if fraction <= 0:
-        return list(range(len(fingerprints))), []
-    train, val = [], []
-    for i, fingerprint in enumerate(fingerprints):
-        digest = hashlib.sha256(f"{seed}:{fingerprint}".encode()).digest()
-        (val if int.from_bytes(digest[:4], "little") / 2**32 < fraction else train).append(i)
-    if not train:  # a tiny dataset: never hold out everything
-        train, val = val[:1], val[1:]
-    return train, val
 
 
 @torch.no_grad()

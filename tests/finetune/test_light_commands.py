@@ -91,7 +91,7 @@ def test_help_and_the_dataset_commands_never_import_torch_diffusers_or_transform
     for argv, code, loaded, out in results:
         assert code == 0, (argv, out)
         assert loaded == [], f"finetune {' '.join(argv)} imported {loaded}"
-    assert "buckets used" in results[-2][3] and "manifest:" in results[-1][3]
+    assert "buckets used" in results[-2][3] and "plan:" in results[-2][3] and "manifest:" in results[-1][3]
 
 
 @pytest.mark.slow  # importing Gradio alone takes 4-8 s on 2 cores
