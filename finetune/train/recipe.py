@@ -25,7 +25,6 @@ from finetune.errors import FinetuneError
 from finetune.memory.profiles import out_of_memory_message
 from finetune.models.load import check_unet_inputs, load_models, model_kind
 from finetune.rng import shared_step_generator
-from finetune.tools.sample import log_sample_grids, render_training_samples
 from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
@@ -39,6 +38,7 @@ from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
 from finetune.train.resume import (ResumePoint, check_config, check_process_count, finished, resume_point,
                                    run_manifest, schedule_change)
+from finetune.train.samples import log_sample_grids, render_training_samples
 from finetune.train.stop import StopFlag
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss
 from finetune.train.trouble import nan_stop_message
@@ -372,8 +372,8 @@ class Recipe:
         """The sample grid at this step (the main process renders it), sent to the tracker if any."""
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
-            paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device,
-                                            progress=self.progress, words=self.words)
+            paths = render_training_samples(self.bare_unet(), self.models, cfg.sample, cfg.output, cfg.dataset.resolution,
+                                            self.state.step, acc.device, progress=self.progress, words=self.words)
             if cfg.logging.report_to != "none":
                 log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
         self.rendered_step = self.state.step
