@@ -162,9 +162,11 @@ class Recipe:
         latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
         self._setup_data(latents, text)  # needs the cache lookups
         # training.max_epochs needs the batch count; the LR schedule needs the length.
-        self.cfg = builders.length_in_steps(self.cfg, len(self.loader), acc.print)
+        self.cfg = cfg = builders.length_in_steps(self.cfg, len(self.loader), acc.print)
         # Adapters (or full weights), optimizer, LR schedule, EMA, as Accelerate prepared them.
-        self.parts = builders.build_trained_parts(self.cfg, acc, self.models, self.words)
+        self.parts = builders.build_trained_parts(
+            acc, self.models, cfg.training, cfg.memory, cfg.optimizer, cfg.lora, words=self.words,
+            renders=bool(cfg.sample.prompts) or cfg.validation.split > 0, compile_dir=cfg.cache_dir / "compile")
         if point is not None:  # the checkpoint's Accelerate state and TrainState; a new length is said and kept
             longer = schedule_change(point, self.cfg.training, self.cfg.optimizer)
             self.last_checkpoint = ckpt.restore(acc, point.folder, point.state, self.state,
@@ -184,7 +186,8 @@ class Recipe:
         # Before the caches are built (minutes), not at the first step.
         timestep_range(models.noise_scheduler.config.num_train_timesteps, cfg.loss.min_timestep, cfg.loss.max_timestep)
         self.phase = "caching"
-        latents, text, _ = prepare_caches(cfg, self.manifest, models, acc, progress=self.progress)
+        latents, text, _ = prepare_caches(self.manifest, models, acc, cfg.cache, cfg.cache_dir, cfg.dataset,
+                                          cfg.embeddings, progress=self.progress)
         self.phase = "setup"
         # With both caches, only the UNet trains on the GPU (new words keep the text encoders there:
         # their captions are encoded every step).
@@ -198,8 +201,8 @@ class Recipe:
     def _setup_data(self, latents, text) -> None:
         """Train/validation split, datasets, the bucket loader, and the resume state."""
         cfg, acc = self.cfg, self.accelerator
-        data = builders.build_data(self.manifest, cfg, latents, text, acc.num_processes, acc.process_index,
-                                   kind=self.models.kind)
+        data = builders.build_data(self.manifest, latents, text, cfg.dataset, cfg.training, cfg.loss, cfg.validation,
+                                   acc.num_processes, acc.process_index, kind=self.models.kind)
         self.manifest, self.dataset, self.val_dataset, self.loader, self.sampler = data
         self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
                                      dataset_hash=dataset_hash(self.manifest))
