@@ -137,7 +137,8 @@ def _forbidden_imports(graph: dict[str, set[str]], where: dict[str, str], table)
         paths, allowed, every_above = table[row]
         for target in sorted(targets):
             other = row_of(target)
-            if not (other == row or _under(where[target], allowed) or (every_above and other is not None and other < row)):
+            above = every_above and other is not None and other < row
+            if not (other == row or above or _under(where[target], allowed)):
                 wrong.append(f"{name} imports {target}: {paths[0]} may not import {where[target]}")
     return wrong
 

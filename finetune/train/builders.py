@@ -18,7 +18,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from finetune.adapters.inject import add_text_encoder_adapters, add_unet_adapter, block_pattern
 from finetune.adapters.load import load_adapter_weights
 from finetune.adapters.save import lora_layers
-from finetune.config import DatasetConfig, LoraConfig, LossConfig, MemoryConfig, OptimizerConfig, TrainingConfig, ValidationConfig
+from finetune.config import (DatasetConfig, LoraConfig, LossConfig, MemoryConfig, OptimizerConfig, TrainingConfig,
+                             ValidationConfig)
 from finetune.dtypes import DTYPES
 from finetune.errors import ConfigError
 from finetune.memory.activations import enable_checkpointing, saved_activations
