@@ -1,9 +1,10 @@
 """Benchmark the toolkit's own SDXL training step per memory profile against a diffusers-style baseline.
 
 Builds the UNet from the bundled SDXL config (or the tiny model with --tiny) with random weights,
-directly on the device, and times the same code `finetune train` runs (`prepare_unet`,
-`build_optimizer`, `diffusion_step_loss`) on synthetic cached latents and embeddings. Prints one
-JSON line per row, then the data-side rows (bucket planning and cache build throughput).
+directly on the device, and times the trainer's own step: a `Recipe` whose parts `build_trained_parts`
+made runs `Recipe.micro_step` and `Recipe.optimizer_step` (NaN checks, clipping, LR schedule
+included) on synthetic cached latents and embeddings. Prints one JSON line per row, then the
+data-side rows (bucket planning and cache build throughput).
 
     python scripts/benchmark.py                      # all rows, 1024², batch 1 (GPU)
     python scripts/benchmark.py --profile fast --batch-size 4
@@ -14,13 +15,16 @@ JSON line per row, then the data-side rows (bucket planning and cache build thro
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -52,14 +56,14 @@ def build_unet(tiny: bool, device: torch.device):
 
 
 def synthetic_batch(unet, batch_size: int, resolution: int, device: torch.device) -> dict:
-    """What the cache hands the trainer: latents, both text embeddings, micro-conditioning."""
+    """What the data loader hands the trainer from the caches: latents, both text embeddings, micro-conditioning."""
     g = torch.Generator(device="cpu").manual_seed(0)
     pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
     side = resolution // 8
     return {
-        "latents": torch.randn(batch_size, 4, side, side, generator=g).to(device),
+        "latents_mean": torch.randn(batch_size, 4, side, side, generator=g).to(device),  # no std: used as is
         "prompt_embeds": torch.randn(batch_size, 77, unet.config.cross_attention_dim, generator=g).to(device),
-        "pooled": torch.randn(batch_size, pooled_dim, generator=g).to(device),
+        "pooled_prompt_embeds": torch.randn(batch_size, pooled_dim, generator=g).to(device),
         "add_time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size,
                                      dtype=torch.float32, device=device),
         "loss_weight": torch.ones(batch_size, device=device),
@@ -94,7 +98,6 @@ def toolkit_settings(profile: str, args):
 def toolkit_step(profile: str, unet, args, device):
     """The training step `finetune train` runs, set up as the profile says. Returns (step_fn, note, settings)."""
     from finetune.config import LoraConfig
-    from finetune.train.builders import prepare_unet
 
     training, memory, optim = toolkit_settings(profile, args)
     notes = []
@@ -105,10 +108,47 @@ def toolkit_step(profile: str, unet, args, device):
     if device.type != "cuda" and memory.compile:
         memory.compile = False
         notes.append("torch.compile skipped on the CPU")
-    params = prepare_unet(unet, training, memory, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"), device=device)
-    unet.to(device)
-    step, _ = make_toolkit_step(unet, params, training, memory, optim, args, device)
+    recipe = toolkit_recipe(unet, training, memory, optim, LoraConfig(rank=args.rank, alpha=args.rank, targets="attn"),
+                            Path(args.compile_cache))
+    batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
+    accelerator = recipe.accelerator
+
+    def step():
+        """One optimizer step as `Recipe.train_loop` runs it (accumulation 1: one micro-step per step)."""
+        recipe.state.batch_in_epoch += 1
+        with accelerator.accumulate(*recipe.parts.trained_models):
+            recipe.micro_step(batch)
+            recipe.optimizer_step()  # with fused_backward the weights were stepped inside backward
+
     return step, "; ".join(notes) or None, row_settings(training, memory, optim)
+
+
+def toolkit_recipe(unet, training, memory, optim, lora, compile_dir: Path):
+    """A `Recipe` holding what its step reads, built by the trainer's own builders around `unet`: the
+    accelerator, the trained parts (adapters, optimizer, LR schedule, compile, checkpointing hooks), the
+    noise scheduler. No data, VAE or text encoders: the batch is what the caches would hand the loader."""
+    from finetune.config import LoggingConfig, LossConfig, OutputConfig, TrainConfig
+    from finetune.models.configs import sdxl_scheduler_config
+    from finetune.train import builders
+    from finetune.train.loss import make_noise_scheduler
+    from finetune.train.recipe import Recipe
+
+    # Accumulation 1, so that each timed step is one micro-step and one optimizer step.
+    training = training.model_copy(update={"allow_cpu": True, "gradient_accumulation_steps": 1, "max_steps": 10**6})
+    run_dir = Path(tempfile.gettempdir()) / "finetune-benchmark"
+    # model_construct: a synthetic run has no model files or dataset folder for [model] and [dataset] to check.
+    cfg = TrainConfig.model_construct(training=training, memory=memory, optimizer=optim, lora=lora, loss=LossConfig(),
+                                      output=OutputConfig(dir=run_dir), logging=LoggingConfig())
+    recipe = Recipe(cfg, progress=False)
+    recipe.accelerator = accelerator = builders.make_accelerator(training, cfg.logging, run_dir)
+    recipe.models = SimpleNamespace(unet=unet, vae=None, text_encoders=[])
+    recipe.parts = builders.build_trained_parts(accelerator, recipe.models, training, memory, optim, lora,
+                                                renders=False, compile_dir=compile_dir)
+    recipe.noise_scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=False)
+    recipe.prediction_type = "epsilon"
+    # One process draws every row of the step: the noise generator's (offset, total).
+    recipe.sampler = SimpleNamespace(rows_in_step=lambda index: (0, training.batch_size))
+    return recipe
 
 
 def row_settings(training, memory, optim) -> dict:
@@ -122,43 +162,6 @@ def row_settings(training, memory, optim) -> dict:
     else:
         settings["base_dtype"] = memory.base_dtype
     return settings
-
-
-def make_toolkit_step(unet, params, training, memory, optim, args, device):
-    """Recipe.micro_step without the data loader and the NaN guard, on a prepared UNet and its trained `params`.
-
-    Returns:
-        (step function, the optimizer it steps)
-    """
-    from finetune.memory.activations import saved_activations
-    from finetune.config import LossConfig
-    from finetune.train.loss import make_noise_scheduler
-    from finetune.models.configs import sdxl_scheduler_config
-    from finetune.train.builders import build_training_optimizer, compile_unet
-    from finetune.train.step import diffusion_step_loss
-    from finetune.rng import step_generator
-
-    optimizer = build_training_optimizer([{"params": params}], training, memory, optim)
-    model = compile_unet(unet, Path(args.compile_cache), memory.compile_mode) if memory.compile else unet
-    scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=False)
-    loss_cfg = LossConfig()
-    batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    counter = iter(range(10**9))
-    activations = saved_activations(memory.gradient_checkpointing, memory.checkpointing_mode, device, unet)
-
-    def step():
-        generator = step_generator(0, next(counter), 0, 0, device)
-        with autocast, activations:
-            loss = diffusion_step_loss(model, scheduler, batch["latents"], batch["prompt_embeds"], batch["pooled"],
-                                       batch["add_time_ids"], batch["loss_weight"], loss_cfg, "epsilon", generator)
-        loss.backward()  # with fused_backward this is also the optimizer step
-        if not memory.fused_backward:
-            torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, optimizer
 
 
 def baseline_step(unet, args, device):
@@ -194,13 +197,13 @@ def baseline_step(unet, args, device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
-        latents = batch["latents"]
+        latents = batch["latents_mean"]
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with autocast:
             pred = unet(noisy, timesteps, batch["prompt_embeds"], added_cond_kwargs={
-                "text_embeds": batch["pooled"], "time_ids": batch["add_time_ids"]}).sample
+                "text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["add_time_ids"]}).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -305,6 +308,7 @@ def run_row(name: str, args, device) -> dict:
         row = {"profile": name, "error": "out of memory", "vram_gib": args.vram_gib}
     finally:
         unet = step = None  # release the model before the next row builds its own
+        gc.collect()  # the row's Recipe and Accelerator may sit in reference cycles: free them now
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if note:

@@ -1,10 +1,9 @@
 """Trace the peak GPU memory and the FLOPs of the toolkit's SDXL training step, on a machine without a GPU.
 
 The UNet is built on the meta device and set up by the trainer's own code (`prepare_unet`, then
-benchmark.py's `make_toolkit_step`: `build_training_optimizer`, `saved_activations`,
-`diffusion_step_loss`). Its weights then become fake tensors (torch's `FakeTensorMode`: shapes and
-dtypes, no data) and two training steps run while the bytes of every live tensor storage are
-counted. The second step is reported: by then the optimizer state exists, as in a long run.
+`make_toolkit_step` below: `build_training_optimizer`, `saved_activations`, `diffusion_step_loss`).
+Its weights then become fake tensors (torch's `FakeTensorMode`: shapes and dtypes, no data) and two
+training steps run while the bytes of every live tensor storage are counted. The second step is reported: by then the optimizer state exists, as in a long run.
 
 What is counted is what `torch.cuda.max_memory_allocated` counts, with autocast following CUDA's
 rules (group_norm and layer_norm in fp32). It leaves out what only a GPU shows: the CUDA context,
@@ -41,9 +40,9 @@ from benchmark import (  # noqa: E402
     PROFILE_ROWS,
     build_unet,
     flop_counter,
-    make_toolkit_step,
     row_settings,
     source_commit,
+    synthetic_batch,
     toolkit_settings,
 )
 
@@ -155,6 +154,47 @@ def optimizer_state(optimizer) -> list[torch.Tensor]:
     """An optimizer's state tensors (each inner optimizer's, for the fused backward)."""
     inner = getattr(optimizer, "optimizers", (optimizer,))
     return [t for opt in inner for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+
+
+def make_toolkit_step(unet, params, training, memory, optim, args, device):
+    """The step of `Recipe.micro_step` and `Recipe.optimizer_step` without the Accelerator, which fake
+    tensors cannot pass through, on a prepared UNet and its trained `params`. (benchmark.py times the
+    recipe's own step; the GPU test in tests/scripts/test_memory_trace.py checks this one's peak.)
+
+    Returns:
+        (step function, the optimizer it steps)
+    """
+    from finetune.config import LossConfig
+    from finetune.memory.activations import saved_activations
+    from finetune.models.configs import sdxl_scheduler_config
+    from finetune.rng import step_generator
+    from finetune.train.builders import build_training_optimizer, compile_unet
+    from finetune.train.loss import make_noise_scheduler
+    from finetune.train.step import diffusion_step_loss
+
+    optimizer = build_training_optimizer([{"params": params}], training, memory, optim)
+    model = compile_unet(unet, args.compile_cache, memory.compile_mode) if memory.compile else unet
+    scheduler = make_noise_scheduler(sdxl_scheduler_config(), zero_terminal_snr=False)
+    loss_cfg = LossConfig()
+    batch = synthetic_batch(unet, args.batch_size, args.resolution, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    counter = iter(range(10**9))
+    activations = saved_activations(memory.gradient_checkpointing, memory.checkpointing_mode, device, unet)
+
+    def step():
+        generator = step_generator(0, next(counter), 0, 0, device)
+        with autocast, activations:
+            loss = diffusion_step_loss(model, scheduler, batch["latents_mean"], batch["prompt_embeds"],
+                                       batch["pooled_prompt_embeds"], batch["add_time_ids"], batch["loss_weight"],
+                                       loss_cfg, "epsilon", generator)
+        loss.backward()  # with fused_backward this is also the optimizer step
+        if not memory.fused_backward:
+            torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, optimizer
+
 
 
 def trace_prepared(unet, training, memory, optim, args, fake: bool = True) -> dict:

@@ -106,6 +106,61 @@ def test_rooms_import_only_what_docs_architecture_allows():
             assert not {i for i in imported if i.startswith("finetune.studio")}, f"{name} imports the studio"
 
 
+def _room_table() -> list[tuple[tuple[str, ...], tuple[str, ...], bool]]:
+    """docs/architecture.md's room table, top to bottom: (the row's paths, the paths it may import, whether
+    it may import every room above)."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("## Rooms and what they may import", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            rows.append((tuple(re.findall(r"`([\w./]+)`", cells[0])), tuple(re.findall(r"`([\w./]+)`", cells[-1])),
+                         "every room above" in cells[-1]))
+    return rows
+
+
+def _under(rel: str, paths) -> bool:
+    return any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in paths)
+
+
+def _forbidden_imports(graph: dict[str, set[str]], where: dict[str, str], table) -> list[str]:
+    """Each `module -> import` the room table does not allow; `where` gives each module's file (relative)."""
+    def row_of(name: str) -> int | None:
+        return next((i for i, (paths, _, _) in enumerate(table) if _under(where[name], paths)), None)
+
+    wrong = [f"{name}: {where[name]} is in no row of the room table" for name in graph if row_of(name) is None]
+    for name, targets in sorted(graph.items()):
+        row = row_of(name)
+        if row is None:
+            continue
+        paths, allowed, every_above = table[row]
+        for target in sorted(targets):
+            other = row_of(target)
+            above = every_above and other is not None and other < row
+            if not (other == row or above or _under(where[target], allowed)):
+                wrong.append(f"{name} imports {target}: {paths[0]} may not import {where[target]}")
+    return wrong
+
+
+def test_each_room_imports_only_what_the_room_table_in_docs_architecture_allows():
+    table = _room_table()
+    assert len(table) >= 10 and table[-1][0] == ("scripts/",)
+    # Rooms point one way: a row may name only rows above it, so the rooms form layers, never a cycle.
+    for i, (paths, allowed, _) in enumerate(table):
+        above = [p for earlier, _, _ in table[:i] for p in earlier]
+        assert all(_under(a, above) for a in allowed), f"{paths[0]} names a room that is not above it: {allowed}"
+    modules = _modules()
+    modules.update({f"scripts.{p.stem}": p for p in (ROOT / "scripts").glob("*.py")})
+    graph = {name: _imports(path, name, modules) for name, path in modules.items()}
+    where = {name: path.relative_to(ROOT).as_posix() for name, path in modules.items()}
+    assert not _forbidden_imports(graph, where, table), "\n".join(_forbidden_imports(graph, where, table))
+    # The check catches an import the table forbids (train importing tools, the cycle this table ended).
+    planted = {**graph, "finetune.train.recipe": graph["finetune.train.recipe"] | {"finetune.tools.sample"}}
+    assert _forbidden_imports(planted, where, table) == [
+        "finetune.train.recipe imports finetune.tools.sample: finetune/train/ may not import finetune/tools/sample.py"]
+
+
 # What a lazy import may defer: libraries that take a second or more to import (measured on the CPU
 # machine after torch: diffusers 1.7 s, datasets 0.8 s, transformers 0.6 s), optional extras, and
 # torch itself in the modules that run without it.

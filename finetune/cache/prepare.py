@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 
 from bucketing.manifest import load_manifest
 from finetune.adapters.embeddings import mentions
 from finetune.cache.latents import LatentCache, build_latent_cache, latent_keys_for_manifest
 from finetune.cache.text import TextCache, build_text_cache
+from finetune.config import CacheConfig, DatasetConfig, EmbeddingConfig
 from finetune.dataset import build_dataset
 from finetune.models.load import load_models
 
 
-def prepare_caches(cfg, manifest, models, accelerator, progress: bool = True):
-    """Build (or reuse) the latent and text caches; return row/caption lookups and build stats.
+def prepare_caches(manifest, models, accelerator, cache_cfg: CacheConfig, cache_dir: Path, dataset: DatasetConfig,
+                   embeddings: Sequence[EmbeddingConfig] = (), progress: bool = True):
+    """Build (or reuse) the latent and text caches under `cache_dir`; return row/caption lookups and build stats.
+
+    `dataset` gives the alpha colour and how captions are encoded; captions naming an `embeddings`
+    word are left out (they are encoded every step).
 
     Returns:
         (latent_lookup or None, text_lookup or None, [CacheStats...])
@@ -21,28 +29,28 @@ def prepare_caches(cfg, manifest, models, accelerator, progress: bool = True):
     stats = []
     latent_lookup = text_lookup = None
     device = accelerator.device
-    if cfg.cache.latents:
+    if cache_cfg.latents:
         models.vae.to(device)
         stats.append(build_latent_cache(
-            manifest, models.vae, cfg.cache_dir / "latents", dtype=cfg.cache.dtype, store_std=cfg.cache.latent_std,
-            batch_size=cfg.cache.batch_size, alpha_color=tuple(cfg.dataset.alpha_color),
+            manifest, models.vae, cache_dir / "latents", dtype=cache_cfg.dtype, store_std=cache_cfg.latent_std,
+            batch_size=cache_cfg.batch_size, alpha_color=tuple(dataset.alpha_color),
             accelerator=accelerator, progress=progress,
         ))
-        keys = latent_keys_for_manifest(manifest, models.vae, dtype=cfg.cache.dtype, store_std=cfg.cache.latent_std,
-                                        alpha_color=tuple(cfg.dataset.alpha_color))
-        cache = LatentCache(cfg.cache_dir / "latents", in_memory=cfg.cache.in_memory)
-        latent_lookup = _RowLookup(cache, keys)
-    if cfg.cache.text:
+        keys = latent_keys_for_manifest(manifest, models.vae, dtype=cache_cfg.dtype, store_std=cache_cfg.latent_std,
+                                        alpha_color=tuple(dataset.alpha_color))
+        latents = LatentCache(cache_dir / "latents", in_memory=cache_cfg.in_memory)
+        latent_lookup = _RowLookup(latents, keys)
+    if cache_cfg.text:
         for encoder in models.text_encoders:
             encoder.to(device)
         # Captions holding a trained word ([[embeddings]]) are encoded every step, never cached.
-        captions = [c for c in sorted(set(manifest["caption"]) | {""}) if not mentions(c, cfg.embeddings)]
+        captions = [c for c in sorted(set(manifest["caption"]) | {""}) if not mentions(c, embeddings)]
         stats.append(build_text_cache(
-            captions, models.tokenizers, models.text_encoders, cfg.cache_dir / "text",
-            dtype=cfg.cache.dtype, long_captions=cfg.dataset.long_captions, batch_size=cfg.cache.batch_size,
-            accelerator=accelerator, progress=progress, weighted=cfg.dataset.weighted_captions,
+            captions, models.tokenizers, models.text_encoders, cache_dir / "text",
+            dtype=cache_cfg.dtype, long_captions=dataset.long_captions, batch_size=cache_cfg.batch_size,
+            accelerator=accelerator, progress=progress, weighted=dataset.weighted_captions,
         ))
-        text_lookup = TextCache(cfg.cache_dir / "text", in_memory=cfg.cache.in_memory).get
+        text_lookup = TextCache(cache_dir / "text", in_memory=cache_cfg.in_memory).get
     return latent_lookup, text_lookup, stats
 
 
@@ -80,5 +88,5 @@ def build_caches(cfg, accelerator) -> list[str]:
     accelerator.wait_for_everyone()
     manifest = load_manifest(cfg.output.manifest_dir)
     models = load_models(cfg.model, dtype=torch.float32)
-    _, _, stats = prepare_caches(cfg, manifest, models, accelerator)
+    _, _, stats = prepare_caches(manifest, models, accelerator, cfg.cache, cfg.cache_dir, cfg.dataset, cfg.embeddings)
     return [str(s) for s in stats]  # "latents: E encoded, R reused", "text: E encoded, R reused"

@@ -18,6 +18,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectCon
 from finetune.adapters.inject import add_text_encoder_adapters, add_unet_adapter, block_pattern
 from finetune.adapters.load import load_adapter_weights
 from finetune.adapters.save import lora_layers
+from finetune.config import (DatasetConfig, LoraConfig, LossConfig, MemoryConfig, OptimizerConfig, TrainingConfig,
+                             ValidationConfig)
 from finetune.dtypes import DTYPES
 from finetune.errors import ConfigError
 from finetune.memory.activations import enable_checkpointing, saved_activations
@@ -252,7 +254,8 @@ def prepare_text_encoders(text_encoders, training, memory, lora_cfg) -> list:
     return params
 
 
-def prepare_trained_models(models, cfg, device: torch.device | None, words=None) -> tuple[list[dict], list]:
+def prepare_trained_models(models, training: TrainingConfig, memory: MemoryConfig, lora_cfg: LoraConfig,
+                           device: torch.device | None, words=None) -> tuple[list[dict], list]:
     """Adapters (or trainable weights) on the UNet and, with training.train_text_encoder, both text
     encoders; their parameters as optimizer groups (block LR scales, LoRA+ applied). `words`
     (NewWords, [[embeddings]]): their rows join as a group at training.embedding_lr.
@@ -260,15 +263,14 @@ def prepare_trained_models(models, cfg, device: torch.device | None, words=None)
     Returns:
         (param groups, the text encoders' trained parameters)
     """
-    training, memory = cfg.training, cfg.memory
-    prepare_unet(models.unet, training, memory, cfg.lora, device=device)
+    prepare_unet(models.unet, training, memory, lora_cfg, device=device)
     groups = unet_param_groups(models.unet, training.learning_rate, training.block_lr_scale)
     te_params = []
     if training.train_text_encoder:
-        te_params = prepare_text_encoders(models.text_encoders, training, memory, cfg.lora)
+        te_params = prepare_text_encoders(models.text_encoders, training, memory, lora_cfg)
         groups.append({"params": te_params, "lr": training.text_encoder_lr or training.learning_rate})
-    if cfg.lora.plus_ratio and training.method == "lora":
-        groups = lora_plus_groups(groups, [models.unet, *models.text_encoders], cfg.lora.plus_ratio)
+    if lora_cfg.plus_ratio and training.method == "lora":
+        groups = lora_plus_groups(groups, [models.unet, *models.text_encoders], lora_cfg.plus_ratio)
     if words is not None:
         te_params = te_params + words.trained_parameters()
         groups.append({"params": words.trained_parameters(), "lr": training.embedding_lr or training.learning_rate})
@@ -283,21 +285,22 @@ class TrainData(NamedTuple):
     sampler: object  # BucketBatchSampler: its position is part of every checkpoint
 
 
-def build_data(manifest, cfg, latents, text, num_replicas: int, rank: int, kind: str = "base") -> TrainData:
+def build_data(manifest, latents, text, dataset_cfg: DatasetConfig, training: TrainingConfig, loss: LossConfig,
+               validation: ValidationConfig, num_replicas: int, rank: int, kind: str = "base") -> TrainData:
     """Hold out validation rows (validation.split), build both datasets and this process's bucket loader.
 
     `kind` ("base" or "refiner") picks the micro-conditioning the datasets read from the rows."""
-    train_rows, val_rows = split_rows(list(manifest["fingerprint"]), cfg.validation.split, cfg.training.seed)
+    train_rows, val_rows = split_rows(list(manifest["fingerprint"]), validation.split, training.seed)
 
     def dataset_for(rows):
-        return TrainDataset(manifest.select(rows), cfg.dataset, seed=cfg.training.seed,
-                            prior_loss_weight=cfg.loss.prior_loss_weight, masked=cfg.loss.masked,
+        return TrainDataset(manifest.select(rows), dataset_cfg, seed=training.seed,
+                            prior_loss_weight=loss.prior_loss_weight, masked=loss.masked,
                             latents=latents.subset(rows) if latents else None, text=text, kind=kind)
 
     rows = manifest.select(train_rows) if val_rows else manifest
     dataset = dataset_for(train_rows)
-    loader, sampler = build_dataloader(dataset, rows, cfg.dataset, batch_size=cfg.training.batch_size,
-                                       seed=cfg.training.seed, num_replicas=num_replicas, rank=rank)
+    loader, sampler = build_dataloader(dataset, rows, dataset_cfg, batch_size=training.batch_size,
+                                       seed=training.seed, num_replicas=num_replicas, rank=rank)
     return TrainData(rows, dataset, dataset_for(val_rows) if val_rows else None, loader, sampler)
 
 
@@ -329,26 +332,32 @@ class TrainedParts:
     norm_bounded: list = field(default_factory=list)  # lora.max_norm: the LoRA layers it bounds
 
 
-def build_trained_parts(cfg, acc, models, words=None) -> TrainedParts:
+def build_trained_parts(acc, models, training: TrainingConfig, memory: MemoryConfig, optimizer_cfg: OptimizerConfig,
+                        lora_cfg: LoraConfig, *, renders: bool, compile_dir: Path, words=None) -> TrainedParts:
     """Adapters (or full weights), optimizer, LR schedule, EMA; Accelerate wraps them and registers
-    what a checkpoint must hold besides the models and the optimizer."""
-    training, memory = cfg.training, cfg.memory
+    what a checkpoint must hold besides the models and the optimizer.
+
+    Args:
+        renders: the run renders samples or computes a validation loss (FSDP refuses both).
+        compile_dir: where torch.compile keeps its kernels (memory.compile).
+        words: NewWords, the [[embeddings]] rows, or None.
+    """
     fsdp = acc.distributed_type == DistributedType.FSDP
     check_parallelism(training, memory, fsdp_version=acc.state.fsdp_plugin.fsdp_version if fsdp else None,
-                      num_processes=acc.num_processes, renders=bool(cfg.sample.prompts) or cfg.validation.split > 0,
-                      embeddings=bool(cfg.embeddings))
-    groups, te_params = prepare_trained_models(models, cfg, device=None if fsdp else acc.device, words=words)
+                      num_processes=acc.num_processes, renders=renders, embeddings=words is not None)
+    groups, te_params = prepare_trained_models(models, training, memory, lora_cfg,
+                                               device=None if fsdp else acc.device, words=words)
     if not fsdp:
         # On the device before the optimizer: AdamW picks its fused CUDA kernel there, and the fused
         # backward's fp32 stand-ins sit beside their weights. (FSDP places the shards itself.)
         models.unet.to(acc.device)
-    optimizer = build_training_optimizer(groups, training, memory, cfg.optimizer)
+    optimizer = build_training_optimizer(groups, training, memory, optimizer_cfg)
     # The recipe steps the LR scheduler once per optimizer step; `prepare` would step it once per
     # process. Registered, it is still saved and restored with the Accelerate state.
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.optimizer, training.max_steps)
+    lr_scheduler = build_lr_scheduler(optimizer, optimizer_cfg, training.max_steps)
     unet = models.unet
     if memory.compile and acc.device.type == "cuda":
-        unet = compile_unet(unet, cfg.cache_dir / "compile", memory.compile_mode)
+        unet = compile_unet(unet, compile_dir, memory.compile_mode)
     elif memory.compile:
         acc.print("memory.compile is CUDA-only: running eagerly on the CPU")
     unet, prepared = acc.prepare(unet, optimizer)
@@ -369,7 +378,7 @@ def build_trained_parts(cfg, acc, models, words=None) -> TrainedParts:
         acc.register_for_checkpointing(parts.ema)
     if not fsdp:  # FSDP saves its shards itself; a full fine-tune trains every weight anyway
         ckpt.register_trainable_only_hooks(acc)
-    if cfg.lora.max_norm and training.method == "lora":
+    if lora_cfg.max_norm and training.method == "lora":
         bare = acc.unwrap_model(unet, keep_torch_compile=False)
         parts.norm_bounded = lora_layers_of([bare, *(models.text_encoders if training.train_text_encoder else ())])
     return parts

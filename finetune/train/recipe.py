@@ -25,7 +25,6 @@ from finetune.errors import FinetuneError
 from finetune.memory.profiles import out_of_memory_message
 from finetune.models.load import check_unet_inputs, load_models, model_kind
 from finetune.rng import shared_step_generator
-from finetune.tools.sample import log_sample_grids, render_training_samples
 from finetune.train import builders
 from finetune.train import checkpoint as ckpt
 from finetune.train.batches import TrainDataset
@@ -39,6 +38,7 @@ from finetune.train.plan import print_plan
 from finetune.train.refiner import refiner_run_config
 from finetune.train.resume import (ResumePoint, check_config, check_process_count, finished, resume_point,
                                    run_manifest, schedule_change)
+from finetune.train.samples import log_sample_grids, render_training_samples
 from finetune.train.stop import StopFlag
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss, epoch_window
 from finetune.train.trouble import nan_stop_message
@@ -162,9 +162,11 @@ class Recipe:
         latents, text = self._setup_models()  # caches are built here, so the models can leave the GPU
         self._setup_data(latents, text)  # needs the cache lookups
         # training.max_epochs needs the batch count; the LR schedule needs the length.
-        self.cfg = builders.length_in_steps(self.cfg, len(self.loader), acc.print)
+        self.cfg = cfg = builders.length_in_steps(self.cfg, len(self.loader), acc.print)
         # Adapters (or full weights), optimizer, LR schedule, EMA, as Accelerate prepared them.
-        self.parts = builders.build_trained_parts(self.cfg, acc, self.models, self.words)
+        self.parts = builders.build_trained_parts(
+            acc, self.models, cfg.training, cfg.memory, cfg.optimizer, cfg.lora, words=self.words,
+            renders=bool(cfg.sample.prompts) or cfg.validation.split > 0, compile_dir=cfg.cache_dir / "compile")
         if point is not None:  # the checkpoint's Accelerate state and TrainState; a new length is said and kept
             longer = schedule_change(point, self.cfg.training, self.cfg.optimizer)
             self.last_checkpoint = ckpt.restore(acc, point.folder, point.state, self.state,
@@ -184,7 +186,8 @@ class Recipe:
         # Before the caches are built (minutes), not at the first step.
         timestep_range(models.noise_scheduler.config.num_train_timesteps, cfg.loss.min_timestep, cfg.loss.max_timestep)
         self.phase = "caching"
-        latents, text, _ = prepare_caches(cfg, self.manifest, models, acc, progress=self.progress)
+        latents, text, _ = prepare_caches(self.manifest, models, acc, cfg.cache, cfg.cache_dir, cfg.dataset,
+                                          cfg.embeddings, progress=self.progress)
         self.phase = "setup"
         # With both caches, only the UNet trains on the GPU (new words keep the text encoders there:
         # their captions are encoded every step).
@@ -198,8 +201,8 @@ class Recipe:
     def _setup_data(self, latents, text) -> None:
         """Train/validation split, datasets, the bucket loader, and the resume state."""
         cfg, acc = self.cfg, self.accelerator
-        data = builders.build_data(self.manifest, cfg, latents, text, acc.num_processes, acc.process_index,
-                                   kind=self.models.kind)
+        data = builders.build_data(self.manifest, latents, text, cfg.dataset, cfg.training, cfg.loss, cfg.validation,
+                                   acc.num_processes, acc.process_index, kind=self.models.kind)
         self.manifest, self.dataset, self.val_dataset, self.loader, self.sampler = data
         self.state = ckpt.TrainState(seed=cfg.training.seed, num_processes=acc.num_processes,
                                      dataset_hash=dataset_hash(self.manifest))
@@ -373,8 +376,8 @@ class Recipe:
         """The sample grid at this step (the main process renders it), sent to the tracker if any."""
         acc, cfg = self.accelerator, self.cfg
         if acc.is_main_process:
-            paths = render_training_samples(self.bare_unet(), self.models, cfg, self.state.step, acc.device,
-                                            progress=self.progress, words=self.words)
+            paths = render_training_samples(self.bare_unet(), self.models, cfg.sample, cfg.output, cfg.dataset.resolution,
+                                            self.state.step, acc.device, progress=self.progress, words=self.words)
             if cfg.logging.report_to != "none":
                 log_sample_grids(acc.get_tracker(cfg.logging.report_to), paths, self.state.step)
         self.rendered_step = self.state.step

@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark  # noqa: E402
 
 
 @pytest.mark.slow
@@ -48,3 +52,25 @@ def test_tiny_benchmark_overrides_checkpointing_and_base_precision():
     assert (row["profile"], row["checkpointing"], row["base_dtype"]) == ("low_vram", "offload", "fp8")
     assert row["step_ms"] > 0
     assert row["trace"]["top_ops_ms_per_step"] and all(v >= 0 for v in row["trace"]["top_ops_ms_per_step"].values())
+
+
+def test_toolkit_rows_time_the_recipes_own_micro_step_and_optimizer_step(monkeypatch):
+    from finetune.train.recipe import Recipe
+
+    calls = []
+    for name in ("micro_step", "optimizer_step"):
+        def counted(self, *args, _name=name, _method=getattr(Recipe, name)):
+            calls.append(_name)
+            return _method(self, *args)
+        monkeypatch.setattr(Recipe, name, counted)
+    args = benchmark.parse_args(["--tiny", "--resolution", "64", "--no-data"])
+    device = torch.device("cpu")
+    unet = benchmark.build_unet(True, device)
+    step, _, settings = benchmark.toolkit_step("balanced", unet, args, device)
+    ups = [p for name, p in unet.named_parameters() if "lora_B" in name]
+    assert ups and not any(p.any() for p in ups)  # LoRA starts as a no-op
+    step()
+    step()
+    assert calls == ["micro_step", "optimizer_step"] * 2
+    assert any(p.any() for p in ups)  # the recipe's optimizer step moved the adapter
+    assert settings["checkpointing"] == "transformer"  # the row runs its profile's settings

@@ -114,8 +114,6 @@ def test_script_prints_json_rows():
 @pytest.mark.parametrize("profile", ["fast", "low_vram", "full"])
 def test_trace_matches_what_the_cuda_allocator_holds(profile):
     """The trace stands in for `torch.cuda.max_memory_allocated`: the same step on a GPU peaks within 10 %."""
-    from benchmark import make_toolkit_step
-
     from finetune.config import LoraConfig
     from finetune.train.builders import prepare_unet
 
@@ -130,7 +128,7 @@ def test_trace_matches_what_the_cuda_allocator_holds(profile):
         if device.type == "meta":
             peaks["traced"] = memory_trace.trace_prepared(unet, training, memory, optim, args)["peak"]
             continue
-        step, _ = make_toolkit_step(unet, params, training, memory, optim, args, device)
+        step, _ = memory_trace.make_toolkit_step(unet, params, training, memory, optim, args, device)
         step()  # the optimizer state exists from here on, as in the trace's second step
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.tools.sample import grid, render
+from finetune.sampling.pipelines import grid, render
 
 
 @pytest.fixture(scope="module")

@@ -117,3 +117,20 @@ def test_lora_plus_gives_the_up_matrices_of_every_group_ratio_times_its_rate():
     assert all(n.startswith("mid_block.") for n in by_lr[0.5e-4] | by_lr[8e-4])
     trained = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert set().union(*by_lr.values()) == trained and sum(len(v) for v in by_lr.values()) == len(trained)
+
+
+def test_trained_parts_are_built_from_the_tables_they_read_not_the_whole_config(tmp_path):
+    from types import SimpleNamespace
+
+    from finetune.config import LoggingConfig, LoraConfig, MemoryConfig, OptimizerConfig, TrainingConfig
+    from finetune.train.builders import build_trained_parts, make_accelerator
+
+    training = TrainingConfig(allow_cpu=True, mixed_precision="no", max_steps=4, learning_rate=1e-3)
+    acc = make_accelerator(training, LoggingConfig(), tmp_path)
+    models = SimpleNamespace(unet=tiny_unet(), text_encoders=[])  # the UNet trains alone
+    parts = build_trained_parts(acc, models, training, MemoryConfig(gradient_checkpointing=False),
+                                OptimizerConfig(name="adamw"), LoraConfig(rank=4, alpha=4, max_norm=1.0),
+                                renders=False, compile_dir=tmp_path / "compile")
+    assert parts.params and all(p.requires_grad and p.dtype == torch.float32 for p in parts.params)
+    assert parts.norm_bounded  # lora.max_norm reached the builder through the [lora] table
+    assert parts.lr_scheduler.get_last_lr() == [pytest.approx(1e-3)] * len(parts.lr_scheduler.get_last_lr())

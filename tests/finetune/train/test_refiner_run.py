@@ -174,7 +174,8 @@ def test_full_fine_tune_trains_and_resumes_bitwise(tmp_path, tiny_refiner_dir, s
 
 
 def test_two_stage_sample_runs_and_changes_with_the_refiner_lora(lora_run, tiny_model_dir, tiny_refiner_dir):
-    from finetune.tools.refine import load_pair, two_stage
+    from finetune.sampling.pipelines import two_stage
+    from finetune.tools.refine import load_pair
 
     _, result = lora_run
     args = dict(seed=0, steps=5, switch=0.8, guidance_scale=1.0, height=64, width=64, output_type="latent")
@@ -214,7 +215,7 @@ def test_training_samples_of_a_refiner_run_refine_a_dataset_image_or_follow_the_
     from PIL import Image
 
     from finetune.models.load import load_models
-    from finetune.tools.sample import render_training_samples
+    from finetune.train.samples import render_training_samples
 
     cfg, _ = lora_run
     cfg = cfg.model_copy(deep=True)
@@ -222,7 +223,8 @@ def test_training_samples_of_a_refiner_run_refine_a_dataset_image_or_follow_the_
     models = load_models(cfg.model)
     for base in (None, tiny_model_dir):
         cfg.sample.base = base
-        (path,) = render_training_samples(models.unet, models, cfg, 7, "cpu")
+        (path,) = render_training_samples(models.unet, models, cfg.sample, cfg.output, cfg.dataset.resolution, 7,
+                                            "cpu")
         # Without a base the dataset image is refined at its bucket's size; with one, at the sample size.
         # (Widths only: the grid adds a label strip under each tile.)
         assert Image.open(path).size[0] == (128 if base is None else 64)
