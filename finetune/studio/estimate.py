@@ -1,12 +1,12 @@
 """The pre-flight memory estimate for a config on a card of a given size, as `finetune train` prints it.
 
-The estimate itself is `finetune.memory.estimate.config_peak_gib` (a meta-device UNet: no weights, no GPU).
+The estimate itself is `finetune.train.estimate.config_peak_gib` (a meta-device UNet: no weights, no GPU).
 """
 
 from __future__ import annotations
 
 from finetune.errors import ConfigError
-from finetune.memory.estimate import config_peak_gib
+from finetune.train.estimate import config_peak_gib
 
 CARD_SIZES_GIB = (8, 12, 16, 24)
 

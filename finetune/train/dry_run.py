@@ -12,7 +12,7 @@ import os
 
 from finetune.config import TrainConfig, check_output_dir, dump_config
 from finetune.dataset import dataset_hash, format_scan, scan_dataset
-from finetune.memory.estimate import config_peak_gib
+from finetune.train.estimate import config_peak_gib
 from finetune.memory.profiles import apply_memory_profile
 from finetune.models.load import check_unet_inputs, model_kind
 from finetune.plan import run_plan, split_rows

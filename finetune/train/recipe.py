@@ -41,8 +41,7 @@ from finetune.train.resume import (ResumePoint, check_config, check_process_coun
 from finetune.train.samples import log_sample_grids, render_training_samples
 from finetune.train.stop import StopFlag
 from finetune.train.step import batch_latents, batch_text, diffusion_step_loss, epoch_window
-from finetune.train.trouble import nan_stop_message
-from finetune.train.trouble import out_of_memory_message as trouble_oom_message
+from finetune.train.trouble import nan_stop_message, out_of_memory_message as trouble_oom_message
 from finetune.train.validation import validation_loss
 from finetune.train.words import cached_text, freeze_after, setup_words, text_encoder_fn
 
@@ -86,8 +85,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True, *,
         return recipe.finish(interrupted)
     except torch.OutOfMemoryError:
         recipe.fail("out of GPU memory")
-        if recipe.phase != "training":
-            raise FinetuneError(out_of_memory_message(recipe.phase)) from None
         raise FinetuneError(recipe.out_of_memory()) from None
     except BaseException as err:
         recipe.fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
@@ -401,6 +398,8 @@ class Recipe:
     def out_of_memory(self) -> str:
         """Out of memory inside a step: save the last completed optimizer step when that is safe (one
         process, no optimizer stepping inside backward), and say how to continue with less memory."""
+        if self.phase != "training":
+            return out_of_memory_message(self.phase)
         folder = self.last_checkpoint
         if self.parts is not None and self.parts.fused is None and self.accelerator.num_processes == 1:
             self.parts.optimizer.zero_grad(set_to_none=True)  # the unfinished window's gradients
