@@ -181,7 +181,7 @@ def cmd_sample(args) -> None:
                                refiner_loras=[_lora_arg(item) for item in args.refiner_lora or []],
                                switch=args.switch, seed=args.seed, steps=args.steps, guidance_scale=args.guidance,
                                height=args.height, width=args.width, negative_prompt=args.negative,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, dtype=args.dtype)
         print(f"written {out}")
         return
     from finetune.tools.sample import render_from_model
@@ -189,7 +189,7 @@ def cmd_sample(args) -> None:
     out = render_from_model(Path(args.model), args.prompt, Path(args.out), seed=args.seed, steps=args.steps,
                             guidance_scale=args.guidance, height=args.height, width=args.width,
                             negative_prompt=args.negative, loras=[_lora_arg(item) for item in args.lora or []],
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, dtype=args.dtype)
     print(f"written {out}")
 
 
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--height", type=int, default=1024, help="image height in pixels")
     p.add_argument("--width", type=int, default=1024, help="image width in pixels")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="weights' precision (default: fp16 on a GPU, the VAE decoding in fp32; fp32 on the CPU)")
     p.add_argument("--refiner", help="an SDXL refiner: the base denoises to --switch, the refiner finishes")
     p.add_argument("--refiner-lora", action="append", metavar="FILE[:SCALE]", help="a LoRA for the refiner; repeatable")
     p.add_argument("--switch", type=float, default=0.8, help="fraction of the schedule the base denoises")

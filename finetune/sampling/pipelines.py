@@ -14,11 +14,30 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from finetune.errors import ModelError
+from finetune.errors import ConfigError, ModelError
 
 # diffusers is imported where a pipeline is built: importing it takes seconds.
 
 NEGATIVE_AESTHETIC_SCORE = 2.5  # diffusers' default for the negative prompt (and ComfyUI's)
+
+
+SAMPLING_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def sampling_dtype(name: str | None, cuda: bool) -> torch.dtype:
+    """The precision `finetune sample` loads SDXL in: fp16 on a GPU unless told (half the memory of fp32;
+    diffusers decodes with the VAE upcast to fp32, as SDXL's VAE config asks), fp32 on the CPU.
+
+    Raises:
+        ConfigError: fp16 asked for without a GPU, or an unknown name.
+    """
+    if name is None:
+        return torch.float16 if cuda else torch.float32
+    if name not in SAMPLING_DTYPES:
+        raise ConfigError(f"--dtype {name}: choose one of {', '.join(SAMPLING_DTYPES)}")
+    if name == "fp16" and not cuda:
+        raise ConfigError("--dtype fp16 needs a CUDA GPU; on the CPU use bf16 or fp32")
+    return SAMPLING_DTYPES[name]
 
 
 def check_switch(switch: float) -> None:

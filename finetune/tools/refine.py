@@ -13,7 +13,7 @@ from finetune.config import ModelConfig
 from finetune.errors import ConfigError, ModelError
 from finetune.io import atomic_file, check_output, read_safetensors_header
 from finetune.models.load import load_models
-from finetune.sampling.pipelines import base_pipeline, check_switch, refiner_pipeline, two_stage
+from finetune.sampling.pipelines import base_pipeline, check_switch, refiner_pipeline, sampling_dtype, two_stage
 
 MAX_STEPS = 1000  # the noise schedule's length: diffusers' schedulers refuse more
 
@@ -35,11 +35,12 @@ def check_lora_files(loras) -> None:
         read_safetensors_header(Path(path))
 
 
-def load_pair(base: Path, refiner: Path, loras=(), refiner_loras=(), device=None, progress: bool = True):
-    """(base pipeline, refiner pipeline) from saved models, with their (file, scale) LoRAs applied unmerged."""
+def load_pair(base: Path, refiner: Path, loras=(), refiner_loras=(), device=None, progress: bool = True,
+              dtype: torch.dtype = torch.float32):
+    """(base pipeline, refiner pipeline) from saved models in `dtype`, with their (file, scale) LoRAs applied unmerged."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base_models = load_models(ModelConfig(pretrained=base, kind="base"))
-    refiner_models = load_models(ModelConfig(pretrained=refiner, kind="refiner"))
+    base_models = load_models(ModelConfig(pretrained=base, kind="base"), dtype=dtype)
+    refiner_models = load_models(ModelConfig(pretrained=refiner, kind="refiner"), dtype=dtype)
     base_pipe = base_pipeline(base_models, base_models.unet, device, progress)
     refiner_pipe = refiner_pipeline(refiner_models, refiner_models.unet, device, progress)
     for pipe, files, kind in ((base_pipe, loras, "base"), (refiner_pipe, refiner_loras, "refiner")):
@@ -62,7 +63,8 @@ def check_lora_for(path: Path, kind: str) -> None:
 
 def render_two_stage(base: Path, refiner: Path, prompt: str, out: Path, *, loras=(), refiner_loras=(),
                      switch: float = 0.8, seed: int = 0, steps: int = 40, guidance_scale: float = 5.0,
-                     height: int = 1024, width: int = 1024, negative_prompt: str = "", overwrite: bool = False) -> Path:
+                     height: int = 1024, width: int = 1024, negative_prompt: str = "", overwrite: bool = False,
+                     dtype: str | None = None) -> Path:
     """`finetune sample BASE --refiner REFINER`: one PNG rendered in two stages.
 
     Raises:
@@ -74,7 +76,8 @@ def render_two_stage(base: Path, refiner: Path, prompt: str, out: Path, *, loras
     check_sampling(steps, height, width)
     check_switch(switch)
     check_lora_files([*loras, *refiner_loras])
-    base_pipe, refiner_pipe = load_pair(base, refiner, loras, refiner_loras)
+    weights_dtype = sampling_dtype(dtype, torch.cuda.is_available())  # fp16 on a GPU unless told
+    base_pipe, refiner_pipe = load_pair(base, refiner, loras, refiner_loras, dtype=weights_dtype)
     image = two_stage(base_pipe, refiner_pipe, prompt, seed=seed, steps=steps, switch=switch,
                       guidance_scale=guidance_scale, height=height, width=width, negative_prompt=negative_prompt)
     with atomic_file(out) as tmp:

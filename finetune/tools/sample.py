@@ -14,16 +14,16 @@ from finetune.config import ModelConfig
 from finetune.errors import ModelError
 from finetune.io import atomic_file, check_output
 from finetune.models.load import load_models
-from finetune.sampling.pipelines import base_pipeline, render
+from finetune.sampling.pipelines import base_pipeline, render, sampling_dtype
 from finetune.tools.refine import check_lora_files, check_sampling
 
 
 def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0, steps: int = 20,
                       guidance_scale: float = 5.0, height: int = 1024, width: int = 1024,
                       negative_prompt: str = "", loras: list[tuple[Path, float]] = (), progress: bool = True,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, dtype: str | None = None) -> Path:
     """Load a saved SDXL (diffusers folder or single file), apply `loras` (file, scale) without merging,
-    and render one PNG.
+    and render one PNG, in `dtype` ("fp16", "bf16", "fp32"; default: fp16 on a GPU, fp32 on the CPU).
 
     Raises:
         ConfigError: `out` exists without `overwrite` or is an input; steps or sizes out of range
@@ -33,10 +33,12 @@ def render_from_model(model_path: Path, prompt: str, out: Path, *, seed: int = 0
     check_output(Path(out), overwrite=overwrite, inputs=[Path(model_path), *(Path(p) for p, _ in loras)])
     check_sampling(steps, height, width)
     check_lora_files(loras)
+    cuda = torch.cuda.is_available()
+    weights_dtype = sampling_dtype(dtype, cuda)
     if progress:
         print(f"loading {model_path}", flush=True)
-    models = load_models(ModelConfig(pretrained=model_path))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = load_models(ModelConfig(pretrained=model_path), dtype=weights_dtype)
+    device = "cuda" if cuda else "cpu"
     pipe = base_pipeline(models, models.unet, device)  # a refiner here: one line naming --refiner
     words = apply_loras(pipe, loras)
     image = render(pipe, [expand_prompt(prompt, words)], [seed], steps=steps, guidance_scale=guidance_scale,

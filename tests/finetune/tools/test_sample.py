@@ -78,3 +78,26 @@ def test_a_refiner_given_as_the_model_is_one_line_naming_the_refiner_option(tiny
         render_from_model(tiny_refiner_dir, "a red circle", tmp_path / "x.png", steps=1, height=64, width=64,
                           progress=False)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sampling_precision_is_half_on_a_gpu_unless_told_and_fp16_needs_one():
+    from finetune.errors import ConfigError
+    from finetune.sampling.pipelines import sampling_dtype
+
+    assert sampling_dtype(None, cuda=True) == torch.float16  # SDXL in fp32 would take ~13 GiB of a card
+    assert sampling_dtype(None, cuda=False) == torch.float32
+    assert sampling_dtype("bf16", cuda=False) == torch.bfloat16
+    assert sampling_dtype("fp32", cuda=True) == torch.float32
+    with pytest.raises(ConfigError, match="--dtype fp16 needs a CUDA GPU"):
+        sampling_dtype("fp16", cuda=False)
+
+
+def test_render_from_model_loads_the_weights_in_the_chosen_precision(tiny_model_dir, tmp_path, monkeypatch):
+    from finetune.tools import sample
+
+    seen = []
+    real = sample.load_models
+    monkeypatch.setattr(sample, "load_models", lambda cfg, dtype: seen.append(dtype) or real(cfg, dtype=dtype))
+    out = sample.render_from_model(tiny_model_dir, "a red circle", tmp_path / "x.png", steps=1, height=64, width=64,
+                                   progress=False, dtype="bf16")
+    assert out.is_file() and seen == [torch.bfloat16]
