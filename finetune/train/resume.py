@@ -237,6 +237,7 @@ def run_manifest(acc, cfg: TrainConfig, point: ResumePoint | None, allow_changes
     manifest = load_manifest(folder)
     if point is None:
         return manifest, []
+    acc.wait_for_everyone()  # every process has read the staged manifest before it is moved or removed
     train_rows, val_rows = split_rows(list(manifest["fingerprint"]), cfg.validation.split, cfg.training.seed)
     rows_hash = dataset_hash(manifest.select(train_rows) if val_rows else manifest)
     try:
