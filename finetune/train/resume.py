@@ -47,7 +47,7 @@ def resume_point(checkpoints_dir: Path, resume: str) -> ResumePoint:
     folder = _find_folder(Path(checkpoints_dir), resume)
     try:
         state = TrainState.from_file(folder / STATE_FILE)
-    except (OSError, ValueError, TypeError) as err:  # ValueError: JSONDecodeError; TypeError: a non-object
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # JSONDecodeError; a non-object
         raise CheckpointError(f"{folder / STATE_FILE}: cannot be read ({err}); resume from an earlier checkpoint "
                               f"with --resume {folder.parent}/step-NNNNNN") from None
     try:
