@@ -33,9 +33,9 @@ def record_run(cfg: TrainConfig, config: Path | None, overrides: list[str]) -> N
     """
     folder = Path(cfg.output.dir)
     write_text_atomic(folder / RESOLVED_CONFIG, dump_config(cfg))
-    started_from = _recorded(folder).get("config") or (str(Path(config).resolve()) if config else None)
-    if started_from is None:
+    if config is None:  # called from Python without a command: run.json (if any) stays as the CLI wrote it
         return
+    started_from = _recorded(folder).get("config") or str(Path(config).resolve())
     record = {"config": started_from, "overrides": resolved_overrides(cfg, overrides)}
     write_text_atomic(folder / COMMAND_FILE, json.dumps(record, indent=2) + "\n")
 

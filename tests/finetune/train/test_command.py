@@ -107,3 +107,12 @@ def test_resume_by_run_folder_or_checkpoint_folder(tmp_path):
     assert run_config_of(str(step)) == (run / "config.resolved.toml", str(step))
     with pytest.raises(ConfigError, match="finetune train CONFIG --resume"):
         run_config_of(str(tmp_path / "i"))
+
+
+def test_a_run_resumed_from_python_without_a_command_keeps_run_json(tmp_path):
+    path = _config(tmp_path)
+    cfg = load_config(path, ["training.max_steps=12"])
+    record_run(cfg, path, ["training.max_steps=12"])
+    before = (tmp_path / "output" / "run.json").read_text()
+    record_run(cfg, None, [])  # train(cfg, resume="latest") called from Python
+    assert (tmp_path / "output" / "run.json").read_text() == before
