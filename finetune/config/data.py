@@ -117,6 +117,11 @@ class DatasetConfig(Section):
                 data = {**data, "min_side": data.get("min_side") or low, "max_side": data.get("max_side") or high}
         return data
 
+    @property
+    def largest_resolution(self) -> int:
+        """The largest pixel budget any subset trains at (the memory peak's image size is its square)."""
+        return max([self.resolution] + [r for s in self.subsets for r in s.resolutions or []])
+
     @model_validator(mode="after")
     def _sides(self) -> DatasetConfig:
         if self.min_side > self.max_side:

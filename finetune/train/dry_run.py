@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 
 from finetune.config import TrainConfig, check_output_dir, dump_config
-from finetune.dataset import dataset_hash, format_scan, scan_dataset
-from finetune.train.estimate import config_peak_gib
+from finetune.dataset import format_scan, scan_dataset
 from finetune.memory.profiles import apply_memory_profile
 from finetune.models.load import check_unet_inputs, model_kind
-from finetune.plan import run_plan, split_rows
+from finetune.plan import run_plan
 from finetune.train import checkpoint as ckpt
 from finetune.train.builders import length_in_steps
+from finetune.train.estimate import config_peak_gib
 from finetune.train.refiner import refiner_run_config
 from finetune.train.resume import (check_config, check_dataset, check_process_count, finished, resume_point,
-                                   with_checkpoint_profile)
+                                   training_rows_hash, with_checkpoint_profile)
 
 DEFAULT_GPU_GIB = 24.0  # the card planned for on a machine without a GPU
 
@@ -64,11 +64,8 @@ def dry_run(cfg: TrainConfig, resume: str | None = None, allow_changes: bool = F
     if point is not None:
         check_process_count(point, num_processes)
         changes = check_config(point, resolved, allow_changes)
-        manifest = scanned.dataset
-        train_rows, val_rows = split_rows(list(manifest["fingerprint"]), resolved.validation.split,
-                                          resolved.training.seed)
-        changes += check_dataset(point, dataset_hash(manifest.select(train_rows) if val_rows else manifest),
-                                 resolved.output.name, allow_changes)
+        rows_hash = training_rows_hash(scanned.dataset, resolved.validation.split, resolved.training.seed)
+        changes += check_dataset(point, rows_hash, resolved.output.name, allow_changes)
         out.append(f"resume: {point.folder} (step {point.state.step}) can be continued"
                    + "".join(f"\n  accepted with --allow-changes: {change}" for change in changes))
     plan = run_plan(scanned.dataset, resolved.dataset, resolved.training, resolved.validation.split, num_processes)
@@ -80,7 +77,7 @@ def dry_run(cfg: TrainConfig, resume: str | None = None, allow_changes: bool = F
 
 
 def _memory_line(cfg: TrainConfig, gpu_gib: float) -> str:
-    largest = max([cfg.dataset.resolution] + [r for s in cfg.dataset.subsets for r in s.resolutions or []])
+    largest = cfg.dataset.largest_resolution
     try:
         gib = config_peak_gib(cfg, largest**2)
     except Exception as err:  # noqa: BLE001 - e.g. nf4 needs real tensors: say so, the other checks stand

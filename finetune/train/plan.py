@@ -15,7 +15,7 @@ def print_plan(acc, cfg: TrainConfig, batches: int, rows: int, params, unet, sam
     `dataset inspect` and `--dry-run` print it) and its warnings; with `sampler` and `manifest`, one line per subset
     when subsets mix budgets, batch sizes or shares."""
     trained = sum(p.numel() for p in params)
-    largest = max([cfg.dataset.resolution] + [r for s in cfg.dataset.subsets for r in s.resolutions or []])
+    largest = cfg.dataset.largest_resolution
     estimate = estimate_run_gib(unet, params, cfg.training, cfg.memory, cfg.optimizer.name, largest**2)
     free = free_gpu_gib()
     if free is not None:

@@ -142,6 +142,13 @@ def check_config(point: ResumePoint, cfg: TrainConfig, allow_changes: bool = Fal
     return _accept(point, changes, cfg.output.name, allow_changes)
 
 
+def training_rows_hash(manifest, validation_split: float, seed: int) -> str:
+    """The data identity a checkpoint records (`TrainState.dataset_hash`): the manifest's training rows,
+    the validation hold-out left out as `builders.build_data` leaves it out."""
+    train_rows, val_rows = split_rows(list(manifest["fingerprint"]), validation_split, seed)
+    return dataset_hash(manifest.select(train_rows) if val_rows else manifest)
+
+
 def check_dataset(point: ResumePoint, dataset_hash: str, output_name: str, allow_changes: bool = False) -> list[str]:
     """Refuse a resume whose training rows (images, captions, crops, order) changed since the checkpoint."""
     changed = bool(point.state.dataset_hash) and point.state.dataset_hash != dataset_hash
@@ -238,10 +245,9 @@ def run_manifest(acc, cfg: TrainConfig, point: ResumePoint | None, allow_changes
     if point is None:
         return manifest, []
     acc.wait_for_everyone()  # every process has read the staged manifest before it is moved or removed
-    train_rows, val_rows = split_rows(list(manifest["fingerprint"]), cfg.validation.split, cfg.training.seed)
-    rows_hash = dataset_hash(manifest.select(train_rows) if val_rows else manifest)
     try:
-        changes = check_dataset(point, rows_hash, cfg.output.name, allow_changes)
+        changes = check_dataset(point, training_rows_hash(manifest, cfg.validation.split, cfg.training.seed),
+                                cfg.output.name, allow_changes)
     except CheckpointError:
         if acc.is_main_process:
             shutil.rmtree(folder, ignore_errors=True)
