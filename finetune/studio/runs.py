@@ -35,6 +35,8 @@ _LAUNCHED: dict[Path, subprocess.Popen] = {}
 # A start or resume that fails its checks (config, checkpoint, data) exits within seconds: the studio
 # waits up to this long, so it can say "failed" with the error line instead of "started".
 SETTLE_S = 10.0
+# How `finetune train` ends without an error: done, or stopped by Ctrl-C/SIGINT after saving a checkpoint.
+CLEAN_EXITS = (0, 130, -signal.SIGINT)
 
 
 class RunFailed(FinetuneError):
@@ -157,7 +159,7 @@ def run_state(folder: Path) -> RunState:
     metrics_step = (read_metrics(folder) or [{"step": 0}])[-1]["step"]
     max_steps = resolved_config(folder).get("training", {}).get("max_steps")
     proc = _LAUNCHED.get(folder.resolve())
-    if proc is not None and proc.poll() not in (None, 0, 130, -signal.SIGINT) and (status or {}).get("pid") != proc.pid:
+    if proc is not None and proc.poll() not in (None, *CLEAN_EXITS) and (status or {}).get("pid") != proc.pid:
         # Our latest start exited with an error before writing its own status: the older status.json is stale.
         return RunState(folder, "failed", last_ckpt, max_steps, error_line(folder) or f"exit code {proc.returncode}")
     if status is not None:
@@ -175,7 +177,7 @@ def run_state(folder: Path) -> RunState:
     step = max(metrics_step, last_ckpt)
     if proc is not None and proc.poll() is None:
         return RunState(folder, "running", step, max_steps, pid=proc.pid)
-    if proc is not None and proc.returncode not in (0, 130, -signal.SIGINT):
+    if proc is not None and proc.returncode not in CLEAN_EXITS:
         return RunState(folder, "failed", step, max_steps, error_line(folder) or f"exit code {proc.returncode}")
     final = next(folder.glob("*.safetensors"), None)
     if final is not None and checkpoints and max_steps and last_ckpt >= max_steps:
@@ -300,7 +302,7 @@ def _settle(proc: subprocess.Popen, out: Path, settle_s: float) -> None:
     while time.monotonic() < deadline:
         code = proc.poll()
         if code is not None:
-            if code not in (0, 130, -signal.SIGINT):
+            if code not in CLEAN_EXITS:
                 raise RunFailed(f"{out.name}: finetune train exited with code {code}: "
                                 f"{error_line(out) or 'see ' + str(out / CONSOLE_LOG)}")
             return
