@@ -224,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    def config_cmd(name, func, help_text, parent=sub, config_help="the TOML config (copy train_config.toml and edit it)"):
+    def config_cmd(name, func, help_text, parent=sub, optional_because: str = ""):
         p = command(name, func, help_text, parent)
-        p.add_argument("config", nargs="?" if "optional" in config_help else None, help=config_help)
+        p.add_argument("config", nargs="?" if optional_because else None,
+                       help="the TOML config (copy train_config.toml and edit it)" + optional_because)
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. training.max_steps=500 or dataset.subsets.0.repeats=2 "
                             "(repeatable)")
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
     p = config_cmd("train", cmd_train, "train a LoRA or the full UNet as the config says",
-                   config_help="the TOML config (copy train_config.toml and edit it); optional with --resume RUN_DIR")
+                   optional_because="; optional with --resume RUN_DIR")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint (or the given step-NNNNNN folder), with the "
                         "--set overrides the run was started with; without CONFIG, a run folder (or one of its "
